@@ -1,0 +1,113 @@
+"""The one settings object of lora-rag.
+
+Everything configurable is read here, from environment variables and `.env` (copy `.env.lora`),
+and validated at start-up. Nothing else in the code base reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_BASE_MODEL = "embedded:SmolLM2-135M-Instruct"
+EMBEDDED_EMBEDDING_MODEL = "embedded:all-MiniLM-L6-v2"
+OLLAMA_EMBEDDING_PREFIX = "ollama:"
+
+
+class Settings(BaseSettings):
+    """Service, model, retrieval and generation settings (see `.env.lora` for every variable)."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    # Models
+    base_model_name: str = Field(
+        EMBEDDED_BASE_MODEL,
+        description="HF hub id or local folder of the base model; the default is the embedded SmolLM2.",
+    )
+    lora_model_path: Path = Field(Path("./lora_adapters"), description="folder of the LoRA adapter")
+    cache_dir: Path | None = Field(None, description="where models are downloaded / converted to")
+    use_lora_default: bool = True
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    enable_quantization: bool = False
+    quantization_type: Literal["int8"] = "int8"
+    num_threads: int = Field(0, ge=0, le=256, description="torch CPU threads; 0 = torch's default")
+
+    # Generation
+    max_new_tokens: int = Field(512, ge=1, le=8192)
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+
+    # Ollama
+    ollama_base_url: str = "http://localhost:11434"
+    ollama_model: str = "qwen3:4b"
+    ollama_connect_timeout: float = Field(5.0, gt=0)
+    ollama_read_timeout: float = Field(120.0, gt=0)
+
+    # Retrieval
+    embedding_model: str = EMBEDDED_EMBEDDING_MODEL
+    vector_store_path: Path = Path("./vector_store")
+    sample_corpus_path: Path = Path("./docs")
+    retrieval_top_k: int = Field(4, ge=1, le=50)
+    chunk_size: int = Field(500, ge=50, le=8000, description="characters per chunk")
+    chunk_overlap: int = Field(80, ge=0, le=2000)
+
+    # Server
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8001, ge=1, le=65535)
+    max_query_chars: int = Field(4000, ge=1, le=100_000)
+    max_concurrent_generations: int = Field(1, ge=1, le=64)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    verbose: bool = False
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("device", "torch_dtype", "quantization_type", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("ollama_base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @property
+    def ollama_embedding_model(self) -> str | None:
+        """The Ollama model name when EMBEDDING_MODEL is `ollama:<name>`, else None."""
+        if self.embedding_model.startswith(OLLAMA_EMBEDDING_PREFIX):
+            return self.embedding_model[len(OLLAMA_EMBEDDING_PREFIX) :]
+        return None
+
+
+class SettingsError(Exception):
+    """Settings that cannot be used; the message is one line per bad variable."""
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per invalid variable, naming it in upper case with what is allowed."""
+    lines = []
+    for item in error.errors():
+        variable = str(item["loc"][0]).upper() if item["loc"] else "settings"
+        allowed = item.get("ctx", {}).get("expected")
+        detail = f"allowed: {allowed}" if allowed else item["msg"]
+        lines.append(f"{variable}={item.get('input')!r} is invalid: {detail}")
+    return "\n".join(lines)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment and `.env`; raise SettingsError with readable lines."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise SettingsError(describe_validation_error(error)) from None

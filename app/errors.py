@@ -1,0 +1,89 @@
+"""One family of domain errors, each carrying its HTTP status and a stable error code.
+
+`app.api.errors` turns them into JSON `{"error": code, "message": text}` in one place; foreign
+errors (httpx, torch, peft, faiss) are converted into these where they occur.
+"""
+
+from __future__ import annotations
+
+
+class AppError(Exception):
+    """Base of every error the service reports to a caller."""
+
+    status_code: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class BadRequestError(AppError):
+    """The caller sent something the service cannot use."""
+
+    status_code = 400
+    code = "bad_request"
+
+
+class ValidationFailedError(AppError):
+    """The request body does not match its schema."""
+
+    status_code = 422
+    code = "validation_error"
+
+
+class NotFoundError(AppError):
+    """The thing asked for does not exist."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class ConflictError(AppError):
+    """The operation clashes with one already running."""
+
+    status_code = 409
+    code = "conflict"
+
+
+class BackendUnavailableError(AppError):
+    """The generation backend cannot answer now (Ollama down, model missing, model failed to load)."""
+
+    status_code = 503
+    code = "backend_unavailable"
+
+
+class ServiceBusyError(AppError):
+    """Too many generations in flight and queued."""
+
+    status_code = 503
+    code = "busy"
+
+
+class BackendTimeoutError(AppError):
+    """The backend did not answer within the deadline."""
+
+    status_code = 504
+    code = "backend_timeout"
+
+
+class VectorStoreError(AppError):
+    """The vector store is missing, tampered with or unreadable."""
+
+    status_code = 503
+    code = "vector_store_unavailable"
+
+
+class ModelLoadError(AppError):
+    """A model or adapter could not be loaded."""
+
+    status_code = 503
+    code = "model_load_failed"
+
+
+class AdapterError(AppError):
+    """An adapter folder is invalid, unsafe or does not fit the base model."""
+
+    status_code = 400
+    code = "invalid_adapter"
