@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     api_port: int = Field(8001, ge=1, le=65535)
     max_query_chars: int = Field(4000, ge=1, le=100_000)
     max_concurrent_generations: int = Field(1, ge=1, le=64)
+    max_queued_requests: int = Field(16, ge=0, le=10_000, description="waiting beyond capacity before 503")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     verbose: bool = False
 

@@ -1,0 +1,12 @@
+"""Dependencies that hand routers the services built in the app's lifespan."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from app.rag.service import RAGService
+
+
+def get_rag_service(request: Request) -> RAGService:
+    service: RAGService = request.app.state.rag_service
+    return service

@@ -1,0 +1,39 @@
+"""POST /switch_model and GET /model_info."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+
+from app.api.deps import get_rag_service
+from app.api.schemas import ErrorResponse, ModelInfo, SwitchModelRequest, SwitchModelResponse
+from app.rag.service import RAGService
+
+router = APIRouter(tags=["models"])
+
+
+@router.post(
+    "/switch_model",
+    response_model=SwitchModelResponse,
+    responses={status: {"model": ErrorResponse} for status in (400, 422, 503)},  # type: ignore[misc]
+)
+async def switch_model(
+    request: SwitchModelRequest, service: Annotated[RAGService, Depends(get_rag_service)]
+) -> SwitchModelResponse:
+    """Make the LoRA model (`use_lora: true`) or Ollama (`false`) the default for later requests.
+
+    Requests already generating finish on the backend they started with.
+    """
+    active = await service.models.switch(request.use_lora)
+    return SwitchModelResponse(
+        using_lora=active == "lora",
+        active_backend=active,  # type: ignore[arg-type]
+        message=f"later requests use the {active} backend",
+    )
+
+
+@router.get("/model_info", response_model=ModelInfo)
+async def model_info(service: Annotated[RAGService, Depends(get_rag_service)]) -> ModelInfo:
+    """The base model, the adapter, the active backend and where models and the vector store live."""
+    return ModelInfo(**service.model_info())

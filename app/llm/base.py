@@ -1,0 +1,66 @@
+"""The one small interface every generation backend implements.
+
+The RAG chain talks only to `GenerationBackend`; it does not know whether a local PEFT model or an
+Ollama server produces the text.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypedDict
+
+ModelUsed = Literal["lora", "base", "ollama"]
+
+
+class ChatMessage(TypedDict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    model_used: ModelUsed
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class ComponentHealth:
+    """Whether a component can serve now, and a sentence for the operator when it cannot."""
+
+    ok: bool
+    detail: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class GenerationBackend(ABC):
+    """A chat model that turns messages into text."""
+
+    #: registry name, also the value of `model_used` when no adapter distinction applies
+    name: str
+
+    @abstractmethod
+    async def generate(self, messages: list[ChatMessage], params: GenerationParams) -> GenerationResult:
+        """Generate a reply; raise an `AppError` subclass when the backend cannot answer."""
+
+    @abstractmethod
+    async def health(self) -> ComponentHealth:
+        """Check, cheaply, that the backend can answer now."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """Facts for /model_info (model names, device, quantization)."""
+
+    async def close(self) -> None:
+        """Release resources held by the backend (default: nothing to release)."""

@@ -1,0 +1,124 @@
+"""The one owner of generation backends and of which one is active.
+
+Routers never load models: they ask this object for a backend. A request keeps the backend object it
+was handed, so /switch_model changes only what later requests get; a request already generating
+finishes on the backend it started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio
+
+from app.config import Settings
+from app.errors import AppError, BadRequestError, ModelLoadError
+from app.llm.base import ComponentHealth, GenerationBackend
+
+logger = logging.getLogger(__name__)
+
+BackendLoader = Callable[[Settings], GenerationBackend]
+LORA, OLLAMA = "lora", "ollama"
+
+
+def _load_hf_backend(settings: Settings) -> GenerationBackend:
+    from app.llm.hf_backend import HFLoraBackend
+
+    return HFLoraBackend.load(settings)
+
+
+def _load_ollama_backend(settings: Settings) -> GenerationBackend:
+    from app.llm.ollama_backend import OllamaBackend
+
+    return OllamaBackend(settings)
+
+
+BACKEND_LOADERS: Mapping[str, BackendLoader] = {LORA: _load_hf_backend, OLLAMA: _load_ollama_backend}
+
+
+class ModelManager:
+    """Loads backends on first use (off the event loop) and switches the active one under a lock."""
+
+    def __init__(self, settings: Settings, loaders: Mapping[str, BackendLoader] = BACKEND_LOADERS) -> None:
+        self._settings = settings
+        self._loaders = loaders
+        self._backends: dict[str, GenerationBackend] = {}
+        self._load_errors: dict[str, str] = {}
+        self._active = LORA if settings.use_lora_default else OLLAMA
+        self._lock = asyncio.Lock()
+
+    @property
+    def active(self) -> str:
+        return self._active
+
+    async def start(self) -> None:
+        """Load the active backend now, so the first /ask does not pay for it."""
+        await self.backend(self._active)
+
+    async def backend_for(self, use_lora: bool | None) -> GenerationBackend:
+        """The backend a request runs on: the active one, or the one `use_lora` asks for."""
+        return await self.backend(self._active if use_lora is None else (LORA if use_lora else OLLAMA))
+
+    async def backend(self, name: str) -> GenerationBackend:
+        if name not in self._loaders:
+            raise BadRequestError(f"unknown backend '{name}'; valid: {', '.join(sorted(self._loaders))}")
+        loaded = self._backends.get(name)
+        if loaded is not None:
+            return loaded
+        async with self._lock:
+            return await self._load_locked(name)
+
+    async def switch(self, use_lora: bool) -> str:
+        """Make LoRA or Ollama the default for later requests; loads it first if needed."""
+        name = LORA if use_lora else OLLAMA
+        async with self._lock:
+            await self._load_locked(name)
+            if self._active != name:
+                logger.info("active backend switched: %s -> %s", self._active, name)
+            self._active = name
+        return name
+
+    async def _load_locked(self, name: str) -> GenerationBackend:
+        loaded = self._backends.get(name)
+        if loaded is not None:
+            return loaded
+        try:
+            backend = await anyio.to_thread.run_sync(self._loaders[name], self._settings)
+        except AppError as error:
+            self._load_errors[name] = error.message
+            raise
+        except (ImportError, OSError, RuntimeError, ValueError) as error:
+            self._load_errors[name] = f"{type(error).__name__}: {error}"
+            logger.exception("loading the %s backend failed", name)
+            raise ModelLoadError(f"the {name} backend could not be loaded: {type(error).__name__}") from None
+        self._load_errors.pop(name, None)
+        self._backends[name] = backend
+        return backend
+
+    def loaded(self, name: str) -> GenerationBackend | None:
+        return self._backends.get(name)
+
+    async def component_health(self, name: str) -> ComponentHealth:
+        """Health of one backend without loading it (an unloaded one loads on first use)."""
+        backend = self._backends.get(name)
+        if backend is not None:
+            return await backend.health()
+        if name in self._load_errors:
+            return ComponentHealth(ok=False, detail=f"failed to load: {self._load_errors[name]}")
+        if name == OLLAMA:
+            # Ollama's client is cheap to make; asking the server is the only meaningful check.
+            return await (await self.backend(OLLAMA)).health()
+        return ComponentHealth(ok=True, detail="not loaded yet (loads on first use)")
+
+    def describe(self) -> dict[str, Any]:
+        facts: dict[str, Any] = {}
+        for backend in self._backends.values():
+            facts.update(backend.describe())
+        return facts
+
+    async def close(self) -> None:
+        for backend in self._backends.values():
+            await backend.close()

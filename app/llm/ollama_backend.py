@@ -1,0 +1,99 @@
+"""The Ollama backend, through langchain-ollama, with errors that say what to run."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import httpx
+
+from app.config import Settings
+from app.errors import AppError, BackendTimeoutError, BackendUnavailableError
+from app.llm.base import ChatMessage, ComponentHealth, GenerationBackend, GenerationParams, GenerationResult
+
+logger = logging.getLogger(__name__)
+
+_THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
+_HEALTH_TIMEOUT_SECONDS = 3.0
+
+
+class OllamaBackend(GenerationBackend):
+    """Chat with OLLAMA_MODEL on the server at OLLAMA_BASE_URL."""
+
+    name = "ollama"
+
+    def __init__(self, settings: Settings) -> None:
+        from langchain_ollama import ChatOllama
+
+        self.base_url = settings.ollama_base_url
+        self.model = settings.ollama_model
+        self._timeout = httpx.Timeout(settings.ollama_read_timeout, connect=settings.ollama_connect_timeout)
+        self._chat = ChatOllama(
+            model=self.model, base_url=self.base_url, client_kwargs={"timeout": self._timeout}
+        )
+
+    async def generate(self, messages: list[ChatMessage], params: GenerationParams) -> GenerationResult:
+        from langchain_core.messages import AIMessage
+
+        options: dict[str, Any] = {
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "num_predict": params.max_new_tokens,
+        }
+        if params.stop:
+            options["stop"] = list(params.stop)
+        try:
+            reply = await self._chat.ainvoke(
+                [(m["role"], m["content"]) for m in messages], options=options
+            )
+        except Exception as error:  # foreign errors become ours here, at the boundary
+            raise self._translate(error) from None
+        if not isinstance(reply, AIMessage) or not isinstance(reply.content, str):
+            raise BackendUnavailableError(f"Ollama at {self.base_url} answered something that is not a chat reply")
+        usage = reply.usage_metadata or {}
+        done_reason = reply.response_metadata.get("done_reason")
+        return GenerationResult(
+            text=_THINK_BLOCK.sub("", reply.content).strip(),
+            model_used="ollama",
+            prompt_tokens=int(usage.get("input_tokens", 0)),
+            completion_tokens=int(usage.get("output_tokens", 0)),
+            finish_reason="length" if done_reason == "length" else "stop",
+        )
+
+    def _translate(self, error: Exception) -> AppError:
+        import ollama
+
+        if isinstance(error, ollama.ResponseError):
+            if error.status_code == 404:
+                return BackendUnavailableError(
+                    f"the Ollama model '{self.model}' is not available: run `ollama pull {self.model}`"
+                )
+            return BackendUnavailableError(f"Ollama answered an error ({error.status_code}): {error.error}")
+        if isinstance(error, httpx.TimeoutException) and not isinstance(error, httpx.ConnectTimeout):
+            return BackendTimeoutError(f"Ollama at {self.base_url} did not answer in time")
+        if isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout, ConnectionError)):
+            return BackendUnavailableError(
+                f"Ollama is not reachable at {self.base_url}: start it with `ollama serve`"
+                f" and make sure the model is pulled (`ollama pull {self.model}`)"
+            )
+        logger.warning("Ollama call failed: %s: %s", type(error).__name__, error)
+        return BackendUnavailableError(f"Ollama at {self.base_url} gave an unusable answer ({type(error).__name__})")
+
+    async def health(self) -> ComponentHealth:
+        """Reachable, and OLLAMA_MODEL is among the pulled models (`/api/tags`)."""
+        try:
+            async with httpx.AsyncClient(timeout=_HEALTH_TIMEOUT_SECONDS) as client:
+                response = await client.get(f"{self.base_url}/api/tags")
+                response.raise_for_status()
+                names = {m.get("name") for m in response.json().get("models", [])}
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return ComponentHealth(
+                ok=False, detail=f"not reachable at {self.base_url}: start it with `ollama serve`"
+            )
+        if self.model not in names and f"{self.model}:latest" not in names:
+            return ComponentHealth(ok=False, detail=f"model '{self.model}' not pulled: run `ollama pull {self.model}`")
+        return ComponentHealth(ok=True, detail="reachable, model available")
+
+    def describe(self) -> dict[str, Any]:
+        return {"ollama_model": self.model, "ollama_base_url": self.base_url}

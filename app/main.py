@@ -1,0 +1,52 @@
+"""The app factory: `create_app(settings)` builds a FastAPI app whose models load in its lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import FastAPI
+
+from app.api import ask_router, health_router, model_router
+from app.api.errors import install_error_handlers
+from app.config import Settings
+from app.llm.manager import BACKEND_LOADERS, BackendLoader, ModelManager
+from app.rag.embeddings import create_embedder
+from app.rag.service import RAGService, Retriever
+
+logger = logging.getLogger(__name__)
+
+
+async def build_rag_service(settings: Settings, loaders: Mapping[str, BackendLoader]) -> RAGService:
+    """Load the embedder, the vector store and the active backend (all off the event loop)."""
+    embedder = await anyio.to_thread.run_sync(create_embedder, settings)
+    retriever = Retriever(embedder, settings.vector_store_path)
+    await anyio.to_thread.run_sync(retriever.reload)
+    models = ModelManager(settings, loaders)
+    await models.start()
+    return RAGService(settings, models, retriever)
+
+
+def create_app(settings: Settings, loaders: Mapping[str, BackendLoader] = BACKEND_LOADERS) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = await build_rag_service(settings, loaders)
+        app.state.rag_service = service
+        logger.info("lora-rag ready: active backend %s", service.models.active)
+        try:
+            yield
+        finally:
+            await service.models.close()
+
+    app = FastAPI(
+        title="lora-rag",
+        description="Questions answered from your documents by a LoRA-adapted local model or Ollama.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    for module in (ask_router, model_router, health_router):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,95 @@
+"""Text embedders: a local sentence-transformers model (the embedded default) or an Ollama model.
+
+Vectors are L2-normalised float32, so FAISS inner product is cosine similarity.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import httpx
+import numpy as np
+
+from app.config import Settings
+from app.errors import BackendUnavailableError, ModelLoadError
+from app.llm.model_source import resolve_embedding_model
+
+logger = logging.getLogger(__name__)
+
+EMBED_BATCH_SIZE = 32
+
+
+def _normalise(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+class Embedder(ABC):
+    """Turns texts into normalised vectors of a fixed dimension."""
+
+    #: the EMBEDDING_MODEL value; stored in the vector store's manifest to catch a model change
+    name: str
+
+    @abstractmethod
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Shape (len(texts), dimension), float32, unit length."""
+
+
+class SentenceTransformerEmbedder(Embedder):
+    def __init__(self, name: str, device: str = "cpu") -> None:
+        from sentence_transformers import SentenceTransformer
+
+        self.name = name
+        source = resolve_embedding_model(name)
+        try:
+            self._model = SentenceTransformer(source, device=device, trust_remote_code=False)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"cannot load the embedding model '{name}': {error}") from None
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        vectors = self._model.encode(
+            list(texts), batch_size=EMBED_BATCH_SIZE, normalize_embeddings=True, show_progress_bar=False
+        )
+        return _normalise(vectors)
+
+
+class OllamaEmbedder(Embedder):
+    """Embeddings from Ollama's `/api/embed` (EMBEDDING_MODEL=ollama:<name>)."""
+
+    def __init__(self, settings: Settings, model: str) -> None:
+        self.name = settings.embedding_model
+        self._model = model
+        self._url = f"{settings.ollama_base_url}/api/embed"
+        self._timeout = httpx.Timeout(settings.ollama_read_timeout, connect=settings.ollama_connect_timeout)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        try:
+            response = httpx.post(
+                self._url, json={"model": self._model, "input": list(texts)}, timeout=self._timeout
+            )
+        except httpx.HTTPError:
+            raise BackendUnavailableError(
+                f"Ollama embeddings are not reachable at {self._url}: start it with `ollama serve`"
+            ) from None
+        if response.status_code == 404:
+            raise BackendUnavailableError(
+                f"the Ollama embedding model '{self._model}' is not available: run `ollama pull {self._model}`"
+            )
+        try:
+            response.raise_for_status()
+            vectors = response.json()["embeddings"]
+        except (httpx.HTTPStatusError, ValueError, KeyError, TypeError):
+            raise BackendUnavailableError(f"Ollama at {self._url} gave an unusable embedding answer") from None
+        if len(vectors) != len(texts):
+            raise BackendUnavailableError(f"Ollama returned {len(vectors)} embeddings for {len(texts)} texts")
+        return _normalise(np.asarray(vectors))
+
+
+def create_embedder(settings: Settings) -> Embedder:
+    ollama_model = settings.ollama_embedding_model
+    if ollama_model:
+        return OllamaEmbedder(settings, ollama_model)
+    return SentenceTransformerEmbedder(settings.embedding_model)

@@ -1,0 +1,195 @@
+"""Build or update the vector store from a folder of documents.
+
+Unchanged files (same sha256) keep their chunks and stored vectors; changed and new files are chunked
+and embedded; files gone from the folder are dropped. The result is written as a new store version.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from app.config import Settings
+from app.errors import BadRequestError, ConflictError, VectorStoreError
+from app.rag.chunking import chunk_text
+from app.rag.embeddings import EMBED_BATCH_SIZE, Embedder, create_embedder
+from app.rag.loaders import SUPPORTED_SUFFIXES, DocumentReadError, read_document
+from app.rag.vector_store import FileEntry, StoredChunk, VectorStore, build_index, load_store, store_exists, write_store
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = ".ingest.lock"
+
+
+@dataclass
+class IngestReport:
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    chunks_embedded: int = 0
+    chunk_count: int = 0
+    version: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.updated or self.removed)
+
+
+@contextmanager
+def ingestion_lock(store_path: Path) -> Iterator[None]:
+    """One ingestion at a time per store; a second one gets ConflictError at once instead of waiting."""
+    store_path.mkdir(parents=True, exist_ok=True)
+    with (store_path / LOCK_FILE).open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConflictError("another ingestion is writing this vector store; try again when it ends") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def find_documents(source: Path) -> list[Path]:
+    """Supported files under `source`, hidden files and folders skipped, in a stable order."""
+    return sorted(
+        path
+        for path in source.rglob("*")
+        if path.is_file()
+        and path.suffix.lower() in SUPPORTED_SUFFIXES
+        and not any(part.startswith(".") for part in path.relative_to(source).parts)
+    )
+
+
+def _source_name(source: Path, path: Path) -> str:
+    """The `source` metadata: the path under the ingested folder, prefixed with that folder's name
+    (`docs/guide/api.md`), so answers can cite files the way a user sees them."""
+    return (Path(source.resolve().name) / path.relative_to(source)).as_posix()
+
+
+@dataclass
+class _Pending:
+    """A file whose chunks are new and still need vectors."""
+
+    source: str
+    sha256: str
+    chunks: list[StoredChunk]
+
+
+def ingest_folder(
+    source: Path,
+    store_path: Path,
+    embedder: Embedder,
+    *,
+    chunk_size: int,
+    chunk_overlap: int,
+    rebuild: bool = False,
+    show_progress: bool = True,
+) -> IngestReport:
+    if not source.is_dir():
+        raise BadRequestError(f"the document folder '{source}' does not exist or is not a folder")
+    started = time.perf_counter()
+    report = IngestReport()
+    with ingestion_lock(store_path):
+        previous = _previous_store(store_path, embedder.name, rebuild)
+        kept_chunks: list[StoredChunk] = []
+        kept_vectors: list[np.ndarray] = []
+        kept_files: dict[str, FileEntry] = {}
+        pending: list[_Pending] = []
+        documents = find_documents(source)
+        for path in tqdm(documents, desc="reading documents", unit="file", disable=not show_progress):
+            name = _source_name(source, path)
+            data = path.read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            old_entry = previous.files.get(name) if previous else None
+            if previous and old_entry and old_entry.sha256 == digest:
+                kept_files[name] = FileEntry(digest, list(range(len(kept_chunks), len(kept_chunks) + len(old_entry.chunk_ids))))
+                kept_chunks.extend(previous.chunks[i] for i in old_entry.chunk_ids)
+                kept_vectors.append(previous.vectors(old_entry.chunk_ids))
+                report.unchanged.append(name)
+                continue
+            try:
+                text = read_document(path, data)
+            except DocumentReadError as error:
+                report.failed[name] = str(error)
+                logger.warning("skipped %s: %s", name, error)
+                continue
+            chunks = [
+                StoredChunk(text=c.text, metadata={"source": name, "chunk_index": c.index, "start_char": c.start})
+                for c in chunk_text(text, chunk_size, chunk_overlap)
+            ]
+            pending.append(_Pending(name, digest, chunks))
+            (report.updated if old_entry else report.added).append(name)
+        seen = {_source_name(source, path) for path in documents}
+        report.removed = sorted(set(previous.files) - seen) if previous else []
+
+        if previous is not None and not report.changed and not report.failed:
+            report.version, report.chunk_count = previous.version, previous.size
+            report.seconds = time.perf_counter() - started
+            return report
+
+        new_vectors = _embed_pending(embedder, pending, show_progress)
+        chunks, files = kept_chunks, kept_files
+        for item in pending:
+            files[item.source] = FileEntry(item.sha256, list(range(len(chunks), len(chunks) + len(item.chunks))))
+            chunks = chunks + item.chunks
+        vectors = np.concatenate([*kept_vectors, new_vectors]) if chunks else np.zeros((0, 1), np.float32)
+        dimension = int(vectors.shape[1]) if len(vectors) else _dimension(embedder)
+        store = VectorStore(build_index(vectors, dimension), chunks, files, embedder.name)
+        report.version = write_store(store_path, store)
+        report.chunks_embedded = len(new_vectors)
+        report.chunk_count = len(chunks)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _previous_store(store_path: Path, embedding_model: str, rebuild: bool) -> VectorStore | None:
+    if rebuild or not store_exists(store_path):
+        return None
+    try:
+        return load_store(store_path, expected_embedding_model=embedding_model)
+    except VectorStoreError as error:
+        logger.warning("rebuilding the vector store from scratch: %s", error.message)
+        return None
+
+
+def _embed_pending(embedder: Embedder, pending: list[_Pending], show_progress: bool) -> np.ndarray:
+    texts = [chunk.text for item in pending for chunk in item.chunks]
+    batches = []
+    with tqdm(total=len(texts), desc="embedding chunks", unit="chunk", disable=not show_progress) as bar:
+        for start in range(0, len(texts), EMBED_BATCH_SIZE):
+            batch = texts[start : start + EMBED_BATCH_SIZE]
+            batches.append(embedder.embed(batch))
+            bar.update(len(batch))
+    return np.concatenate(batches) if batches else np.zeros((0, _dimension(embedder)), np.float32)
+
+
+def _dimension(embedder: Embedder) -> int:
+    return int(embedder.embed(["dimension probe"]).shape[1])
+
+
+def ingest_with_settings(
+    settings: Settings, source: Path, *, rebuild: bool = False, show_progress: bool = True
+) -> IngestReport:
+    """Ingest `source` into VECTOR_STORE_PATH with the configured embedder and chunking."""
+    return ingest_folder(
+        source,
+        settings.vector_store_path,
+        create_embedder(settings),
+        chunk_size=settings.chunk_size,
+        chunk_overlap=settings.chunk_overlap,
+        rebuild=rebuild,
+        show_progress=show_progress,
+    )

@@ -1,0 +1,214 @@
+"""A FAISS vector store with no pickle: vectors in FAISS's own format, text and metadata in JSON.
+
+Layout of VECTOR_STORE_PATH:
+    CURRENT              name of the live version folder, replaced atomically
+    v000001/ v000002/    index.faiss + docstore.json + manifest.json (sha256 of the other two)
+A version folder is complete before CURRENT names it, so a crash at any point leaves the previous
+version live; a tampered or half-written version is refused on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.errors import VectorStoreError
+
+logger = logging.getLogger(__name__)
+
+CURRENT_FILE = "CURRENT"
+INDEX_FILE = "index.faiss"
+DOCSTORE_FILE = "docstore.json"
+MANIFEST_FILE = "manifest.json"
+STORE_FORMAT = 1
+KEEP_VERSIONS = 3
+
+
+@dataclass(frozen=True)
+class StoredChunk:
+    text: str
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    chunk_ids: list[int]
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    chunk: StoredChunk
+    score: float
+
+
+@dataclass
+class VectorStore:
+    """One loaded, immutable version of the store."""
+
+    index: Any  # faiss.Index
+    chunks: list[StoredChunk]
+    files: dict[str, FileEntry]
+    embedding_model: str
+    version: str = ""
+    created_at: str = field(default="")
+
+    @property
+    def size(self) -> int:
+        return len(self.chunks)
+
+    def search(self, query_vector: np.ndarray, k: int) -> list[SearchHit]:
+        if not self.chunks:
+            return []
+        scores, ids = self.index.search(np.ascontiguousarray(query_vector.reshape(1, -1), dtype=np.float32), k)
+        return [
+            SearchHit(chunk=self.chunks[int(i)], score=float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0
+        ]
+
+    def vectors(self, chunk_ids: list[int]) -> np.ndarray:
+        """Stored vectors of these chunks, so unchanged files are not embedded again."""
+        if not chunk_ids:
+            return np.zeros((0, self.index.d), dtype=np.float32)
+        return np.stack([self.index.reconstruct(int(i)) for i in chunk_ids])
+
+
+def build_index(vectors: np.ndarray, dimension: int) -> Any:
+    import faiss
+
+    index = faiss.IndexFlatIP(dimension)
+    if len(vectors):
+        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return index
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with path.open("wb") as stream:
+        stream.write(data)
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+def current_version(store_path: Path) -> str | None:
+    try:
+        name = (store_path / CURRENT_FILE).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    return name or None
+
+
+def store_exists(store_path: Path) -> bool:
+    return current_version(store_path) is not None
+
+
+def load_store(store_path: Path, expected_embedding_model: str | None = None) -> VectorStore:
+    """Load and verify the live version; raise VectorStoreError saying what is wrong."""
+    import faiss
+
+    version = current_version(store_path)
+    if version is None:
+        raise VectorStoreError(
+            f"no vector store at {store_path.name}/: build it with `python scripts/ingest.py --source <folder>`"
+        )
+    folder = store_path / version
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+        for name, checksum in manifest["checksums"].items():
+            if _sha256(folder / name) != checksum:
+                raise VectorStoreError(f"vector store {version}: {name} does not match its checksum (tampered?)")
+        payload = json.loads((folder / DOCSTORE_FILE).read_text(encoding="utf-8"))
+        index = faiss.read_index(str(folder / INDEX_FILE))
+    except VectorStoreError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise VectorStoreError(f"vector store {version} is unreadable ({type(error).__name__})") from None
+    chunks = [StoredChunk(text=c["text"], metadata=c["metadata"]) for c in payload["chunks"]]
+    if index.ntotal != len(chunks) or manifest.get("format") != STORE_FORMAT:
+        raise VectorStoreError(f"vector store {version} is inconsistent: {index.ntotal} vectors, {len(chunks)} chunks")
+    model = manifest["embedding_model"]
+    if expected_embedding_model is not None and model != expected_embedding_model:
+        raise VectorStoreError(
+            f"the vector store was built with EMBEDDING_MODEL={model}, not {expected_embedding_model}: "
+            "rebuild it with `python scripts/ingest.py --source <folder> --rebuild`"
+        )
+    # Single queries on a flat index are faster on one OpenMP thread than on several (measured here).
+    faiss.omp_set_num_threads(1)
+    files = {name: FileEntry(**entry) for name, entry in payload["files"].items()}
+    return VectorStore(index, chunks, files, model, version=version, created_at=manifest.get("created_at", ""))
+
+
+def write_store(store_path: Path, store: VectorStore) -> str:
+    """Write a new version folder, then point CURRENT at it atomically; return the version name."""
+    import faiss
+
+    store_path.mkdir(parents=True, exist_ok=True)
+    version = _next_version(store_path)
+    staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=store_path))
+    try:
+        faiss.write_index(store.index, str(staging / INDEX_FILE))
+        payload = {
+            "chunks": [{"text": c.text, "metadata": c.metadata} for c in store.chunks],
+            "files": {name: {"sha256": e.sha256, "chunk_ids": e.chunk_ids} for name, e in store.files.items()},
+        }
+        _fsync_write(staging / DOCSTORE_FILE, json.dumps(payload, ensure_ascii=False).encode("utf-8"))
+        manifest = {
+            "format": STORE_FORMAT,
+            "version": version,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "embedding_model": store.embedding_model,
+            "dimension": int(store.index.d),
+            "chunk_count": len(store.chunks),
+            "checksums": {name: _sha256(staging / name) for name in (INDEX_FILE, DOCSTORE_FILE)},
+        }
+        _fsync_write(staging / MANIFEST_FILE, json.dumps(manifest, indent=2).encode("utf-8"))
+        staging.chmod(0o755)
+        staging.rename(store_path / version)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    pointer = store_path / f".{CURRENT_FILE}.tmp"
+    _fsync_write(pointer, (version + "\n").encode("utf-8"))
+    os.replace(pointer, store_path / CURRENT_FILE)
+    _fsync_directory(store_path)
+    _prune_old_versions(store_path, keep=KEEP_VERSIONS)
+    return version
+
+
+def _next_version(store_path: Path) -> str:
+    numbers = [int(p.name[1:]) for p in store_path.glob("v[0-9]*") if p.name[1:].isdigit()]
+    return f"v{max(numbers, default=0) + 1:06d}"
+
+
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _prune_old_versions(store_path: Path, keep: int) -> None:
+    live = current_version(store_path)
+    versions = sorted(p for p in store_path.glob("v[0-9]*") if p.is_dir())
+    for old in versions[:-keep]:
+        if old.name != live:
+            shutil.rmtree(old, ignore_errors=True)
+    for leftover in store_path.glob(".writing-*"):
+        shutil.rmtree(leftover, ignore_errors=True)

@@ -1,0 +1,47 @@
+"""Build or update the FAISS vector store from a folder of documents (.md, .txt, .html, .pdf).
+
+Unchanged files are skipped (by content hash), removed files are dropped, and the new store version
+is switched in atomically. Settings come from the environment and `.env` (see `.env.lora`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from app.cli import fail, settings_or_exit  # noqa: E402
+from app.errors import AppError  # noqa: E402
+from app.logging_config import configure_logging  # noqa: E402
+from app.rag.ingestion import ingest_with_settings  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", type=Path, help="folder of documents (default: SAMPLE_CORPUS_PATH, ./docs)")
+    parser.add_argument("--store", type=Path, help="vector store folder (default: VECTOR_STORE_PATH, ./vector_store)")
+    parser.add_argument("--rebuild", action="store_true", help="re-embed every file instead of only changed ones")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+
+    settings = settings_or_exit(vector_store_path=args.store)
+    configure_logging(settings)
+    source = args.source or settings.sample_corpus_path
+    try:
+        report = ingest_with_settings(settings, source, rebuild=args.rebuild, show_progress=not args.quiet)
+    except AppError as error:
+        fail(error.message)
+    print(
+        f"vector store {report.version} at {settings.vector_store_path}: {report.chunk_count} chunks "
+        f"({len(report.added)} files added, {len(report.updated)} updated, {len(report.unchanged)} unchanged, "
+        f"{len(report.removed)} removed; {report.chunks_embedded} chunks embedded in {report.seconds:.1f}s)"
+    )
+    for name, reason in report.failed.items():
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
