@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass
 
 # A sentence ends after Chinese 。！？； (no space follows them), after English .!?; followed by
-# whitespace, or at a blank line / line break.
-_SENTENCE_END = re.compile(r"(?<=[。！？；])|(?<=[.!?;])\s+|\n\s*\n|\n")
+# whitespace, or at a line break.
+_SENTENCE_END = re.compile(r"(?<=[。！？；])|(?<=[.!?;])\s+|\n")
 
 
 @dataclass(frozen=True)
@@ -17,65 +17,79 @@ class Chunk:
     start: int  # character offset of the chunk in the source text
 
 
+@dataclass(frozen=True)
+class _Sentence:
+    start: int
+    text: str
+    joiner: str  # what goes between the previous sentence and this one: "\n", " " or "" (CJK)
+
+
 def split_sentences(text: str) -> list[tuple[int, str]]:
-    """(offset, sentence) pairs; whitespace-only pieces are dropped."""
+    """(offset, sentence) pairs, stripped; whitespace-only pieces are dropped."""
     pieces, position = [], 0
     for match in _SENTENCE_END.finditer(text):
         if match.end() == 0:
             continue
-        piece = text[position : match.start()] if match.group() else text[position : match.end()]
-        if piece.strip():
-            pieces.append((position, piece))
+        _append_stripped(pieces, position, text[position : match.start()])
         position = match.end()
-    if text[position:].strip():
-        pieces.append((position, text[position:]))
+    _append_stripped(pieces, position, text[position:])
     return pieces
 
 
-def _hard_split(offset: int, sentence: str, size: int) -> list[tuple[int, str]]:
-    """A sentence longer than a chunk (a table row, a wall of CJK without punctuation) is cut by length."""
-    return [(offset + i, sentence[i : i + size]) for i in range(0, len(sentence), size)]
+def _append_stripped(pieces: list[tuple[int, str]], offset: int, piece: str) -> None:
+    stripped = piece.strip()
+    if stripped:
+        pieces.append((offset + len(piece) - len(piece.lstrip()), stripped))
+
+
+def _sentences(text: str, max_length: int) -> list[_Sentence]:
+    sentences: list[_Sentence] = []
+    previous_end = 0
+    for offset, sentence in split_sentences(text):
+        # A sentence longer than a chunk (a table row, CJK without punctuation) is cut by length.
+        for cut in range(0, len(sentence), max_length):
+            start = offset + cut
+            gap = text[previous_end:start]
+            joiner = "\n" if "\n" in gap else ("" if not gap or _is_cjk(text[start - 1 : start]) else " ")
+            sentences.append(_Sentence(start, sentence[cut : cut + max_length], joiner))
+            previous_end = start + len(sentence[cut : cut + max_length])
+    return sentences
 
 
 def chunk_text(text: str, chunk_size: int, overlap: int) -> list[Chunk]:
     """Pack whole sentences into chunks of at most `chunk_size` characters; each chunk repeats the tail
     sentences of the previous one, up to `overlap` characters, so an answer spanning a boundary is kept."""
-    sentences: list[tuple[int, str]] = []
-    for offset, sentence in split_sentences(text):
-        sentence_text = sentence.strip()
-        offset += len(sentence) - len(sentence.lstrip())
-        sentences.extend(_hard_split(offset, sentence_text, chunk_size))
     chunks: list[Chunk] = []
-    current: list[tuple[int, str]] = []
-    for offset, sentence in sentences:
-        if current and _joined_length(current + [(offset, sentence)]) > chunk_size:
+    current: list[_Sentence] = []
+    for sentence in _sentences(text, chunk_size):
+        if current and _length(current) + 1 + len(sentence.text) > chunk_size:
             chunks.append(_make_chunk(current, len(chunks)))
-            current = _tail_within(current, overlap, chunk_size - len(sentence) - 1)
-        current.append((offset, sentence))
+            current = _tail_within(current, min(overlap, chunk_size - len(sentence.text) - 1))
+        current.append(sentence)
     if current:
         chunks.append(_make_chunk(current, len(chunks)))
     return chunks
 
 
-def _joined_length(sentences: list[tuple[int, str]]) -> int:
-    return sum(len(s) for _, s in sentences) + max(len(sentences) - 1, 0)
+def _length(sentences: list[_Sentence]) -> int:
+    return len(_join(sentences))
 
 
-def _tail_within(sentences: list[tuple[int, str]], overlap: int, room: int) -> list[tuple[int, str]]:
-    tail: list[tuple[int, str]] = []
-    for item in reversed(sentences):
-        if _joined_length([item, *tail]) > min(overlap, room):
+def _tail_within(sentences: list[_Sentence], limit: int) -> list[_Sentence]:
+    tail: list[_Sentence] = []
+    for sentence in reversed(sentences):
+        if _length([sentence, *tail]) > limit:
             break
-        tail.insert(0, item)
+        tail.insert(0, sentence)
     return tail
 
 
-def _make_chunk(sentences: list[tuple[int, str]], index: int) -> Chunk:
-    # CJK sentences are joined without a space, as they are written.
-    parts = [sentences[0][1]]
-    for _, sentence in sentences[1:]:
-        parts.append(sentence if _is_cjk(parts[-1][-1:]) else " " + sentence)
-    return Chunk(text="".join(parts), index=index, start=sentences[0][0])
+def _join(sentences: list[_Sentence]) -> str:
+    return sentences[0].text + "".join(s.joiner + s.text for s in sentences[1:]) if sentences else ""
+
+
+def _make_chunk(sentences: list[_Sentence], index: int) -> Chunk:
+    return Chunk(text=_join(sentences), index=index, start=sentences[0].start)
 
 
 def _is_cjk(character: str) -> bool:

@@ -1,0 +1,78 @@
+"""Shared fixtures: settings isolated from the developer's `.env`, a real ingested corpus, and a real
+uvicorn server on loopback in a thread."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from app.config import Settings
+from app.rag.embeddings import Embedder, SentenceTransformerEmbedder
+from app.rag.ingestion import ingest_folder
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CORPUS = Path(__file__).parent / "fixtures" / "corpus"
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    """Settings for a test: nothing read from `.env`, small generations, greedy decoding."""
+    values: dict[str, Any] = {
+        "vector_store_path": tmp_path / "store",
+        "lora_model_path": tmp_path / "no-adapter",
+        "max_new_tokens": 24,
+        "temperature": 0.0,
+        "ollama_base_url": f"http://127.0.0.1:{closed_port()}",
+        "ollama_connect_timeout": 2.0,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def closed_port() -> int:
+    """A loopback port with nothing listening on it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def embedder() -> Embedder:
+    return SentenceTransformerEmbedder("embedded:all-MiniLM-L6-v2")
+
+
+@pytest.fixture(scope="session")
+def corpus_store(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder) -> Path:
+    """The fixture corpus ingested once; copy it before changing it."""
+    store = tmp_path_factory.mktemp("corpus-store")
+    ingest_folder(CORPUS, store, embedder, chunk_size=300, chunk_overlap=50, show_progress=False)
+    return store
+
+
+@contextmanager
+def running_server(app: FastAPI) -> Iterator[str]:
+    """Serve `app` with uvicorn on 127.0.0.1:<free port> in a thread; yield its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 180
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the server failed to start (see the log above)")
+        if time.monotonic() > deadline:
+            raise TimeoutError("the server did not start within 180 s")
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

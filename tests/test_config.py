@@ -1,0 +1,59 @@
+"""Invalid settings stop start-up with one clear line naming the variable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from app.config import SettingsError, load_settings
+from tests.conftest import REPO_ROOT
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("DEVICE", "gpu", "DEVICE='gpu' is invalid: allowed: 'cpu', 'cuda' or 'auto'"),
+        ("API_PORT", "70000", "API_PORT='70000' is invalid"),
+        ("TEMPERATURE", "-1", "TEMPERATURE='-1' is invalid"),
+        ("USE_LORA_DEFAULT", "maybe", "USE_LORA_DEFAULT='maybe' is invalid"),
+        ("OLLAMA_BASE_URL", "localhost:11434", "OLLAMA_BASE_URL='localhost:11434' is invalid"),
+    ],
+)
+def test_invalid_variable_is_named(monkeypatch: pytest.MonkeyPatch, variable: str, value: str, expected: str) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings(_env_file=None)
+    assert expected in str(caught.value)
+    assert len(str(caught.value).splitlines()) == 1
+
+
+def test_defaults_match_the_documented_table() -> None:
+    settings = load_settings(_env_file=None)
+    assert settings.device == "cpu"
+    assert (settings.max_new_tokens, settings.temperature, settings.top_p) == (512, 0.7, 0.9)
+    assert (settings.api_host, settings.api_port) == ("127.0.0.1", 8001)
+    assert settings.ollama_base_url == "http://localhost:11434" and settings.ollama_model == "qwen3:4b"
+    assert settings.retrieval_top_k == 4 and settings.use_lora_default is True
+
+
+def test_every_setting_is_in_the_env_template() -> None:
+    from app.config import Settings
+
+    template = (REPO_ROOT / ".env.lora").read_text(encoding="utf-8")
+    missing = [name.upper() for name in Settings.model_fields if f"{name.upper()}=" not in template]
+    assert missing == []
+
+
+def test_launcher_refuses_bad_values_with_one_line_per_variable() -> None:
+    env = {**os.environ, "DEVICE": "gpu", "API_PORT": "70000", "TEMPERATURE": "-1"}
+    result = subprocess.run(
+        [sys.executable, "start_lora_rag.py", "--config-check"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    for variable in ("DEVICE", "API_PORT", "TEMPERATURE"):
+        assert sum(line.startswith(f"{variable}=") for line in result.stderr.splitlines()) == 1
