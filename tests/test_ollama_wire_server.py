@@ -7,6 +7,7 @@ import math
 import socket
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -285,17 +286,27 @@ def test_stop_is_prompt_and_releases_the_port() -> None:
 # -- langchain-ollama --------------------------------------------------------------------------
 
 
-def test_langchain_chat_ollama_invoke_and_stream(server: OllamaWireServer) -> None:
-    llm = ChatOllama(model=MODEL, base_url=server.base_url, temperature=0.2, num_predict=64)
-    messages = [SystemMessage("Answer from the context."), HumanMessage(QUESTION)]
+@contextmanager
+def _chat_ollama(**kwargs: Any) -> Iterator[ChatOllama]:
+    llm = ChatOllama(**kwargs)
+    try:
+        yield llm
+    finally:
+        # ChatOllama has no public close(); its pooled httpx sockets would otherwise leak ResourceWarnings.
+        llm._client.close()
 
-    result = llm.invoke(messages)
+
+def test_langchain_chat_ollama_invoke_and_stream(server: OllamaWireServer) -> None:
+    messages = [SystemMessage("Answer from the context."), HumanMessage(QUESTION)]
+    with _chat_ollama(model=MODEL, base_url=server.base_url, temperature=0.2, num_predict=64) as llm:
+        result = llm.invoke(messages)
+        streamed = list(llm.stream(messages))
+
     expected = default_reply(MODEL, [{"role": "user", "content": QUESTION}])
     assert result.content == expected
     assert result.response_metadata["done_reason"] == "stop"
     assert result.usage_metadata is not None and result.usage_metadata["output_tokens"] == len(split_tokens(expected))
 
-    streamed = list(llm.stream(messages))
     assert "".join(str(c.content) for c in streamed) == expected
     assert len(streamed) > 2
 
@@ -308,7 +319,6 @@ def test_langchain_chat_ollama_invoke_and_stream(server: OllamaWireServer) -> No
 
 
 def test_langchain_missing_model_surfaces_404(server: OllamaWireServer) -> None:
-    llm = ChatOllama(model="absent:1b", base_url=server.base_url)
-    with pytest.raises(ollama.ResponseError) as info:
+    with _chat_ollama(model="absent:1b", base_url=server.base_url) as llm, pytest.raises(ollama.ResponseError) as info:
         llm.invoke("hi")
     assert info.value.status_code == 404
