@@ -17,7 +17,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -136,7 +136,7 @@ class OllamaWireServer:
         self.fail_with = fail_with
         self.garbage = garbage
         # (after_n_tokens, message): stream N tokens, then an in-band {"error": message} line, as Ollama
-        # does when the runner dies mid-generation.
+        # does when the runner dies mid-generation; with stream=false it becomes a 500.
         self.fail_mid_stream = fail_mid_stream
         self.fail_paths: frozenset[str] = frozenset(fail_paths)
         self.context_length = context_length
@@ -636,9 +636,3 @@ class _OllamaHandler(BaseHTTPRequestHandler):
             self.owner._note_aborted()
             self.close_connection = True
 
-
-def iter_ndjson(raw: bytes) -> Iterator[dict[str, Any]]:
-    """Parse an NDJSON body (handy for tests using a raw HTTP client)."""
-    for line in raw.splitlines():
-        if line.strip():
-            yield json.loads(line)

@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.errors import AdapterError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -76,3 +79,32 @@ def inspect_adapter(folder: Path) -> AdapterInfo:
         target_modules=sorted(str(t) for t in targets),
         size_bytes=weights_path.stat().st_size,
     )
+
+
+_PEFT_KEY_PREFIX = "base_model.model."
+
+
+def check_adapter_fits(model: nn.Module, adapter: AdapterInfo) -> None:
+    """Compare the adapter's LoRA matrix shapes with the base model's layers before PEFT touches the model
+    (PEFT injects layers first and fails half-way, leaving the model modified)."""
+    from safetensors import safe_open
+    from torch import nn
+
+    modules = dict(model.named_modules())
+    with safe_open(str(adapter.path / ADAPTER_WEIGHTS_FILE), framework="pt") as weights:
+        for key in weights.keys():
+            module_path, _, matrix = key.removeprefix(_PEFT_KEY_PREFIX).rpartition(".lora_")
+            target = modules.get(module_path)
+            shape = tuple(weights.get_slice(key).get_shape())
+            if not isinstance(target, nn.Linear):
+                raise AdapterError(
+                    f"adapter '{adapter.path.name}' targets '{module_path}', which the base model does not have "
+                    f"as a Linear layer (trained for {adapter.base_model_name_or_path!r})"
+                )
+            expected_dim = target.in_features if matrix.startswith("A") else target.out_features
+            actual_dim = shape[1] if matrix.startswith("A") else shape[0]
+            if actual_dim != expected_dim:
+                raise AdapterError(
+                    f"adapter '{adapter.path.name}' does not fit the base model: '{module_path}' has size "
+                    f"{expected_dim}, the adapter expects {actual_dim} (trained for {adapter.base_model_name_or_path!r})"
+                )

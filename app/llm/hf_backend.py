@@ -15,7 +15,7 @@ import anyio
 
 from app.config import Settings
 from app.errors import AdapterError, BadRequestError, ModelLoadError
-from app.llm.adapters import AdapterInfo, has_adapter_files, inspect_adapter
+from app.llm.adapters import AdapterInfo, check_adapter_fits, has_adapter_files, inspect_adapter
 from app.llm.base import ChatMessage, ComponentHealth, GenerationBackend, GenerationParams, GenerationResult
 from app.llm.model_source import resolve_base_model
 
@@ -112,8 +112,10 @@ class HFLoraBackend(GenerationBackend):
         adapter, adapter_error = None, None
         if has_adapter_files(settings.lora_model_path):
             try:
-                adapter = inspect_adapter(settings.lora_model_path)
-                model = _attach_adapter(model, adapter)
+                info = inspect_adapter(settings.lora_model_path)
+                check_adapter_fits(model, info)
+                model = _attach_adapter(model, info)
+                adapter = info
             except AdapterError as error:
                 adapter_error = error.message
                 logger.error("LoRA adapter not used, serving the base model: %s", error.message)
