@@ -1,0 +1,85 @@
+"""`start_lora_rag.py` as a user runs it: a real process, real port, real HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import CORPUS, REPO_ROOT, closed_port
+from tests.ollama_wire_server import OllamaWireServer
+
+
+def _env(tmp_path: Path, **variables: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "VECTOR_STORE_PATH": str(tmp_path / "store"),
+        "SAMPLE_CORPUS_PATH": str(CORPUS),
+        "LORA_MODEL_PATH": str(tmp_path / "no-adapter"),
+        "MAX_NEW_TOKENS": "16",
+        "OLLAMA_BASE_URL": f"http://127.0.0.1:{closed_port()}",
+        **variables,
+    }
+
+
+def _config_check(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "start_lora_rag.py", "--config-check", *args],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_config_check_reports_each_part_and_exit_status_follows_the_active_backend(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    lora = _config_check(env)
+    assert lora.returncode == 0, lora.stdout + lora.stderr
+    lines = lora.stdout.splitlines()
+    for name in ("base model", "LoRA adapter", "vector store", "embedding model", "Ollama"):
+        assert any(name in line for line in lines), name
+    assert any(line.startswith("[FAIL] Ollama") and "ollama serve" in line for line in lines)
+    ollama_down = _config_check(env, "--use-lora", "false")
+    assert ollama_down.returncode == 1 and "cannot serve" in ollama_down.stdout
+    with OllamaWireServer(models=["qwen3:4b"]) as ollama:
+        ollama_up = _config_check({**env, "OLLAMA_BASE_URL": ollama.base_url}, "--use-lora", "false")
+    assert ollama_up.returncode == 0 and "[OK  ] Ollama" in ollama_up.stdout
+
+
+def test_bad_use_lora_value_is_a_usage_error(tmp_path: Path) -> None:
+    result = _config_check(_env(tmp_path), "--use-lora", "maybe")
+    assert result.returncode == 2 and "expected true or false" in result.stderr
+
+
+@pytest.mark.slow
+def test_service_starts_builds_its_store_and_answers(tmp_path: Path) -> None:
+    port = closed_port()
+    process = subprocess.Popen(
+        [sys.executable, "start_lora_rag.py", "--port", str(port)],
+        cwd=REPO_ROOT, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while True:
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            try:
+                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the service did not become ready"
+            time.sleep(0.5)
+        answer = httpx.post(f"{url}/ask", json={"query": "Which cables are used for brakes?"}, timeout=120)
+        assert answer.status_code == 200
+        assert answer.json()["answer"].strip()
+        assert answer.json()["source_documents"][0]["metadata"]["source"] == "corpus/bicycles.txt"
+        assert (tmp_path / "store" / "CURRENT").is_file()
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    assert process.returncode == 0
