@@ -17,6 +17,17 @@ EMBEDDED_EMBEDDING_MODEL = "embedded:all-MiniLM-L6-v2"
 OLLAMA_EMBEDDING_PREFIX = "ollama:"
 
 
+def parse_name_path_list(text: str) -> dict[str, Path]:
+    """`sql=/path/a,code=/path/b` (lmdeploy style) as {name: path}."""
+    entries: dict[str, Path] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, separator, path = item.partition("=")
+        if not separator or not name.strip() or not path.strip():
+            raise ValueError(f"'{item}' is not name=path (expected e.g. sql=/path/a,code=/path/b)")
+        entries[name.strip()] = Path(path.strip())
+    return entries
+
+
 class Settings(BaseSettings):
     """Service, model, retrieval and generation settings (see `.env.lora` for every variable)."""
 
@@ -30,6 +41,10 @@ class Settings(BaseSettings):
         description="HF hub id or local folder of the base model; the default is the embedded SmolLM2.",
     )
     lora_model_path: Path = Field(Path("./lora_adapters"), description="folder of the LoRA adapter")
+    lora_adapters_dir: Path = Field(Path("./lora_adapters"), description="each sub-folder is a named adapter")
+    lora_adapters: str = Field("", description="more named adapters: name=path,name=path")
+    default_adapter: str = Field("", description="adapter used when a request names none")
+    max_loaded_adapters: int = Field(8, ge=1, le=1000)
     cache_dir: Path | None = Field(None, description="where models are downloaded / converted to")
     use_lora_default: bool = True
     device: Literal["cpu", "cuda", "auto"] = "cpu"
@@ -61,7 +76,9 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8001, ge=1, le=65535)
     max_query_chars: int = Field(4000, ge=1, le=100_000)
-    max_concurrent_generations: int = Field(1, ge=1, le=64)
+    max_concurrent_generations: int = Field(8, ge=1, le=256)
+    max_batch_size: int = Field(8, ge=1, le=64, description="requests decoded together in one batch")
+    batch_window_ms: float = Field(5.0, ge=0, le=1000, description="wait this long for more requests to batch")
     max_queued_requests: int = Field(16, ge=0, le=10_000, description="waiting beyond capacity before 503")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     verbose: bool = False
@@ -80,6 +97,17 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_default(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("lora_adapters")
+    @classmethod
+    def _name_path_list(cls, value: str) -> str:
+        parse_name_path_list(value)
+        return value
+
+    @property
+    def named_adapters(self) -> dict[str, Path]:
+        """LORA_ADAPTERS as {name: path}."""
+        return parse_name_path_list(self.lora_adapters)
 
     @field_validator("ollama_base_url")
     @classmethod

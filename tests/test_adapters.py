@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from app.errors import AdapterError
 from app.llm.adapters import inspect_adapter
-from app.llm.base import GenerationParams
+from app.llm.base import AdapterSpec, GenerationParams, GenerationResult
 from app.llm.hf_backend import HFLoraBackend
 from app.llm.model_source import resolve_base_model
 from tests.conftest import make_settings
@@ -43,7 +44,11 @@ def _next_token_logits(backend: HFLoraBackend) -> torch.Tensor:
     import torch
 
     with torch.inference_mode():
-        return backend._model(**backend._encode(MESSAGES)).logits[0, -1].float()
+        return backend.adapters.model(torch.tensor([backend.encode(MESSAGES)])).logits[0, -1].float()
+
+
+def _reply(backend: HFLoraBackend, adapters: AdapterSpec | None = None) -> GenerationResult:
+    return asyncio.run(backend.generate(MESSAGES, GREEDY, adapters))
 
 
 @pytest.fixture(scope="module")
@@ -99,36 +104,38 @@ def test_unsafe_or_invalid_config_is_refused(random_adapter: Path, tmp_path: Pat
 def test_adapter_is_served_and_changes_the_answer(random_adapter: Path, tmp_path: Path) -> None:
     base = HFLoraBackend.load(make_settings(tmp_path))
     adapted = HFLoraBackend.load(make_settings(tmp_path, lora_model_path=random_adapter))
-    base_reply, adapted_reply = base.generate_blocking(MESSAGES, GREEDY), adapted.generate_blocking(MESSAGES, GREEDY)
+    base_reply, adapted_reply = _reply(base), _reply(adapted)
     assert base_reply.model_used == "base" and adapted_reply.model_used == "lora"
-    assert adapted_reply.text
+    assert adapted_reply.text and adapted_reply.adapters == "default"
     assert not _next_token_logits(adapted).allclose(_next_token_logits(base), atol=1e-3)
-    assert adapted.describe()["adapter_rank"] == 8
+    assert adapted.describe()["adapters"][0]["rank"] == 8
+    assert _reply(adapted, ()).model_used == "base"  # the base model alone, on the same instance
 
 
 @pytest.mark.slow
 def test_adapter_for_another_base_model_is_reported_not_crashed(foreign_adapter: Path, tmp_path: Path) -> None:
     backend = HFLoraBackend.load(make_settings(tmp_path, lora_model_path=foreign_adapter))
-    assert backend.facts.adapter is None
-    assert "does not fit the base model" in str(backend.facts.adapter_error)
-    assert backend.generate_blocking(MESSAGES, GREEDY).model_used == "base"
+    assert backend.adapters.names() == []
+    assert "does not fit the base model" in backend.adapter_errors["default"]
+    assert _reply(backend).model_used == "base"
 
 
 @pytest.mark.slow
-def test_int8_keeps_the_adapter_live(random_adapter: Path, tmp_path: Path) -> None:
+def test_int8_keeps_adapters_attachable_and_live(random_adapter: Path, tmp_path: Path) -> None:
     import torch
 
-    settings = make_settings(tmp_path, lora_model_path=random_adapter, enable_quantization=True)
-    backend = HFLoraBackend.load(settings)
+    from app.llm.quantization import Int8Linear
+
+    backend = HFLoraBackend.load(make_settings(tmp_path, lora_model_path=random_adapter, enable_quantization=True))
     assert backend.describe()["quantization"] == "int8-dynamic"
-    reply = backend.generate_blocking(MESSAGES, GREEDY)
+    model = backend.adapters.model
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 30 * 7  # every base Linear of 30 blocks
+    reply = _reply(backend)
     assert reply.model_used == "lora" and reply.text
-    quantized = [m for m in backend._model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
-    assert len(quantized) == 30 * 7  # every base Linear of the 30 blocks; lora_A/B stay float
-    # The adapter still acts: turning it off changes the logits.
-    inputs = backend._encode(MESSAGES)
-    with torch.inference_mode():
-        with_adapter = backend._model(**inputs).logits
-        with backend._model.disable_adapter():
-            without = backend._model(**inputs).logits
+    # A second adapter attaches to the quantized base at run time, and adapters still act.
+    asyncio.run(backend.load_adapter("second", random_adapter))
+    assert _reply(backend, (("second", 1.0),)).model_used == "lora"
+    with_adapter = _next_token_logits(backend)
+    with model.disable_adapter():
+        without = _next_token_logits(backend)
     assert not torch.allclose(with_adapter, without)

@@ -2,29 +2,61 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
+from fastapi.responses import StreamingResponse
 
 from app.api.deps import get_rag_service
 from app.api.schemas import AskRequest, AskResponse, ErrorResponse, SourceDocument, Usage
-from app.rag.service import RAGService
+from app.api.streaming import PieceStream, start_streaming
+from app.errors import AppError
+from app.rag.service import AskResult, RAGService
 
 router = APIRouter(tags=["questions"])
 
-_ERRORS = {
-    status: {"model": ErrorResponse} for status in (400, 404, 413, 422, 429, 503, 504)
-}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 413, 422, 429, 503, 504)}
 
 
-@router.post("/ask", response_model=AskResponse, responses=_ERRORS)  # type: ignore[arg-type]
-async def ask(request: AskRequest, service: Annotated[RAGService, Depends(get_rag_service)]) -> AskResponse:
+@router.post(
+    "/ask",
+    response_model=AskResponse,
+    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},  # type: ignore[dict-item]
+)
+async def ask(
+    request: AskRequest, service: Annotated[RAGService, Depends(get_rag_service)]
+) -> AskResponse | StreamingResponse:
     """Answer `query` from the indexed documents, returning the passages used as `source_documents`.
 
     `use_lora` picks the backend for this request only (true: the local LoRA model, false: Ollama).
-    `model_used` says what answered: `lora`, `base` (no adapter is installed) or `ollama`.
+    `adapter` / `adapter_id` / `lora_adapter_ids` / `adapters` pick LoRA adapters for this request
+    (null or `"__base__"`: the base model alone). `model_used` says what answered: `lora`, `base` or `ollama`.
+    With `stream: true` the answer arrives as Server-Sent Events: `delta` events with pieces of text,
+    then one `done` event carrying the full response (or an `error` event).
     """
-    result = await service.ask(request.query, use_lora=request.use_lora)
+    spec = request.adapter_spec()
+    if not request.stream:
+        return _response(await service.ask(request.query, request.use_lora, spec))
+    stream = await start_streaming(lambda on_text: service.ask(request.query, request.use_lora, spec, on_text))
+    return StreamingResponse(_events(stream), media_type="text/event-stream")
+
+
+async def _events(stream: PieceStream[AskResult]) -> AsyncIterator[str]:
+    async for piece in stream.pieces():
+        yield _event("delta", {"delta": piece})
+    try:
+        yield _event("done", _response(stream.result).model_dump())
+    except AppError as error:
+        yield _event("error", {"error": error.code, "message": error.message})
+
+
+def _event(name: str, data: object) -> str:
+    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _response(result: AskResult) -> AskResponse:
     return AskResponse(
         answer=result.answer,
         source_documents=[
@@ -32,6 +64,7 @@ async def ask(request: AskRequest, service: Annotated[RAGService, Depends(get_ra
             for hit in result.sources
         ],
         model_used=result.model_used,
+        adapters=result.adapters,
         processing_time=round(result.processing_time, 4),
         usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
     )

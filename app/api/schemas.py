@@ -4,13 +4,68 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
+
+from app.errors import ValidationFailedError
+from app.llm.base import AdapterSpec
 
 
-class AskRequest(BaseModel):
+BASE_ADAPTER = "__base__"
+
+
+class AdapterWeight(BaseModel):
+    name: StrictStr = Field(..., min_length=1, max_length=64)
+    weight: float = Field(1.0, ge=-10, le=10, allow_inf_nan=False)
+
+
+class AdapterFields(BaseModel):
+    """The ways a request can pick LoRA adapters (ours, and those of the proxies users come from)."""
+
+    adapter: StrictStr | None = Field(
+        None, description='an adapter name; null or "__base__": the base model alone; omitted: the server default'
+    )
+    adapter_id: StrictStr | None = Field(None, description="same as `adapter` (LoRAX style)")
+    lora_adapter_ids: list[StrictStr] | None = Field(
+        None, max_length=8, description="one adapter, or several combined with equal weights"
+    )
+    adapters: list[AdapterWeight] | None = Field(
+        None, max_length=8, description='weighted mix, e.g. [{"name": "sql", "weight": 0.7}, {"name": "code", "weight": 0.3}]'
+    )
+
+    @model_validator(mode="after")
+    def _one_way_only(self) -> AdapterFields:
+        given = [name for name in ("adapter", "adapter_id", "lora_adapter_ids", "adapters") if name in self.model_fields_set]
+        if len(given) > 1:
+            raise ValueError(f"give only one of {', '.join(given)}")
+        return self
+
+    def adapter_spec(self) -> AdapterSpec | None:
+        """None: the server default; (): the base model; else (name, weight) pairs."""
+        fields = self.model_fields_set
+        if "adapters" in fields and self.adapters is not None:
+            pairs = [(a.name, a.weight) for a in self.adapters]
+        elif "lora_adapter_ids" in fields and self.lora_adapter_ids is not None:
+            pairs = [(name, 1.0 / len(self.lora_adapter_ids)) for name in self.lora_adapter_ids]
+        elif "adapter" in fields or "adapter_id" in fields:
+            name = self.adapter if "adapter" in fields else self.adapter_id
+            pairs = [] if name in (None, BASE_ADAPTER) else [(name, 1.0)]
+        else:
+            return None
+        names = [name for name, _ in pairs]
+        if len(set(names)) != len(names):
+            raise ValidationFailedError("an adapter is named twice")
+        if len(pairs) == 1 and "adapters" not in fields:
+            return ((pairs[0][0], 1.0),)
+        return tuple(pairs)
+
+
+class AskRequest(AdapterFields):
     query: StrictStr = Field(..., description="the question, in any language", examples=["How do I switch models?"])
     use_lora: StrictBool | None = Field(
         None, description="true: the LoRA model, false: Ollama, for this request only; omitted: the active backend"
+    )
+    stream: StrictBool = Field(
+        False, description="true: Server-Sent Events, `delta` events with the answer's pieces, then the full response"
     )
 
 
@@ -29,6 +84,7 @@ class AskResponse(BaseModel):
     answer: str
     source_documents: list[SourceDocument]
     model_used: Literal["lora", "base", "ollama"]
+    adapters: str = Field("", description="the adapter (or weighted mix) that answered; empty for none")
     processing_time: float = Field(..., description="seconds")
     usage: Usage
 

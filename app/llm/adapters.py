@@ -90,11 +90,14 @@ def check_adapter_fits(model: nn.Module, adapter: AdapterInfo) -> None:
     from safetensors import safe_open
     from torch import nn
 
-    modules = dict(model.named_modules())
+    # Once adapters are attached, the model is a PeftModel whose targets wrap the original Linear.
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    modules = dict(root.named_modules())
     with safe_open(str(adapter.path / ADAPTER_WEIGHTS_FILE), framework="pt") as weights:
         for key in weights.keys():
             module_path, _, matrix = key.removeprefix(_PEFT_KEY_PREFIX).rpartition(".lora_")
             target = modules.get(module_path)
+            target = getattr(target, "base_layer", target)
             shape = tuple(weights.get_slice(key).get_shape())
             if not isinstance(target, nn.Linear):
                 raise AdapterError(

@@ -7,10 +7,16 @@ Ollama server produces the text.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict
 
 ModelUsed = Literal["lora", "base", "ollama"]
+FinishReason = Literal["stop", "length", "cancelled"]
+#: A request's adapter choice: () is the base model alone, else (name, weight) pairs; None: server default.
+AdapterSpec = tuple[tuple[str, float], ...]
+#: Receives each new piece of text as it is generated (streaming), on the event loop.
+TextCallback = Callable[[str], None]
 
 
 class ChatMessage(TypedDict):
@@ -32,7 +38,8 @@ class GenerationResult:
     model_used: ModelUsed
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
+    adapters: str = ""  # the adapter key that answered (`sql`, `sql*0.7+code*0.3`), empty when none
 
 
 @dataclass(frozen=True)
@@ -51,8 +58,15 @@ class GenerationBackend(ABC):
     name: str
 
     @abstractmethod
-    async def generate(self, messages: list[ChatMessage], params: GenerationParams) -> GenerationResult:
-        """Generate a reply; raise an `AppError` subclass when the backend cannot answer."""
+    async def generate(
+        self,
+        messages: list[ChatMessage],
+        params: GenerationParams,
+        adapters: AdapterSpec | None = None,
+        on_text: TextCallback | None = None,
+    ) -> GenerationResult:
+        """Generate a reply, calling `on_text` with each new piece when given; raise an `AppError`
+        subclass when the backend cannot answer. `adapters` applies to backends with LoRA adapters."""
 
     @abstractmethod
     async def health(self) -> ComponentHealth:

@@ -1,4 +1,4 @@
-"""The local backend: a HuggingFace causal LM with an optional PEFT LoRA adapter.
+"""The local backend: a HuggingFace causal LM with named PEFT LoRA adapters, served by a batching engine.
 
 Heavy imports (torch, transformers, peft) happen inside `load`, so importing this module is cheap and
 the app can start on the Ollama backend without them.
@@ -6,22 +6,33 @@ the app can start on the Ollama backend without them.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from app.config import Settings
-from app.errors import AdapterError, BadRequestError, ModelLoadError
-from app.llm.adapters import AdapterInfo, check_adapter_fits, has_adapter_files, inspect_adapter
-from app.llm.base import ChatMessage, ComponentHealth, GenerationBackend, GenerationParams, GenerationResult
+from app.errors import AppError, BadRequestError, ModelLoadError
+from app.llm.adapter_manager import AdapterManager, AdapterRecord, discover_adapters, spec_key
+from app.llm.base import (
+    AdapterSpec,
+    ChatMessage,
+    ComponentHealth,
+    GenerationBackend,
+    GenerationParams,
+    GenerationResult,
+    TextCallback,
+)
 from app.llm.model_source import resolve_base_model
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from app.llm.engine import GenerationEngine
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +53,7 @@ def resolve_dtype(requested: str, device: str, quantize: bool) -> torch.dtype:
     import torch
 
     if quantize and device == "cpu":
-        # torch's dynamic int8 Linear takes float32 activations.
+        # torch's dynamic int8 kernel takes float32 activations.
         return torch.float32
     if requested == "auto":
         return torch.bfloat16 if device == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
@@ -55,33 +66,35 @@ class LoadedModelFacts:
     device: str
     dtype: str
     quantization: str
-    adapter: AdapterInfo | None
-    adapter_error: str | None
+    max_position_embeddings: int | None
 
 
 class HFLoraBackend(GenerationBackend):
-    """Base model plus the LoRA adapter found at LORA_MODEL_PATH (or the base model alone)."""
+    """One base model in memory with any number of named LoRA adapters, chosen per request."""
 
     name = "lora"
 
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, facts: LoadedModelFacts
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        adapters: AdapterManager,
+        engine: GenerationEngine,
+        facts: LoadedModelFacts,
+        adapter_errors: dict[str, str],
     ) -> None:
-        self._model = model
         self._tokenizer = tokenizer
+        self.adapters = adapters
+        self._engine = engine
         self.facts = facts
-        # One forward pass at a time: the model's modules are shared, and 2 cores gain nothing from more.
-        self._generate_lock = threading.Lock()
-
-    @property
-    def has_adapter(self) -> bool:
-        return self.facts.adapter is not None
+        self.adapter_errors = adapter_errors
 
     @classmethod
     def load(cls, settings: Settings) -> HFLoraBackend:
-        """Load tokenizer, base model and adapter (blocking; call it off the event loop)."""
+        """Load tokenizer, base model and the adapters found at start (blocking; call it off the event loop)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from app.llm.engine import GenerationEngine
 
         device = resolve_device(settings.device)
         quantize = settings.enable_quantization
@@ -108,100 +121,92 @@ class HFLoraBackend(GenerationBackend):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         _make_lm_head_input_contiguous(model)
-
-        adapter, adapter_error = None, None
-        if has_adapter_files(settings.lora_model_path):
-            try:
-                info = inspect_adapter(settings.lora_model_path)
-                check_adapter_fits(model, info)
-                model = _attach_adapter(model, info)
-                adapter = info
-            except AdapterError as error:
-                adapter_error = error.message
-                logger.error("LoRA adapter not used, serving the base model: %s", error.message)
-        else:
-            logger.warning(
-                "no LoRA adapter at LORA_MODEL_PATH=%s: serving the base model", settings.lora_model_path
-            )
         quantization = "none"
         if quantize:
-            quantization = "int8-bitsandbytes" if device == "cuda" else _quantize_base_linears_int8(model)
+            quantization = "int8-bitsandbytes" if device == "cuda" else _quantize_cpu_int8(model)
+
+        manager = AdapterManager(
+            model, max_loaded=settings.max_loaded_adapters, default_adapter=settings.default_adapter or None
+        )
+        adapter_errors = _load_initial_adapters(manager, settings)
+        engine = GenerationEngine(
+            tokenizer,
+            manager.prepare_batch,
+            max_batch_size=settings.max_batch_size,
+            batch_window_seconds=settings.batch_window_ms / 1000,
+        )
         facts = LoadedModelFacts(
             base_model=settings.base_model_name,
             device=device,
             dtype=str(dtype).removeprefix("torch."),
             quantization=quantization,
-            adapter=adapter,
-            adapter_error=adapter_error,
+            max_position_embeddings=getattr(model.config, "max_position_embeddings", None),
         )
         logger.info(
-            "model ready: base=%s adapter=%s device=%s dtype=%s quantization=%s",
-            facts.base_model,
-            adapter.path if adapter else None,
-            device,
-            facts.dtype,
-            quantization,
+            "model ready: base=%s adapters=%s default=%s device=%s dtype=%s quantization=%s",
+            facts.base_model, manager.names(), manager.default_name, device, facts.dtype, quantization,
         )
-        return cls(model, tokenizer, facts)
+        return cls(tokenizer, manager, engine, facts, adapter_errors)
 
-    async def generate(self, messages: list[ChatMessage], params: GenerationParams) -> GenerationResult:
-        return await anyio.to_thread.run_sync(self.generate_blocking, messages, params)
+    async def generate(
+        self,
+        messages: list[ChatMessage],
+        params: GenerationParams,
+        adapters: AdapterSpec | None = None,
+        on_text: TextCallback | None = None,
+    ) -> GenerationResult:
+        from app.llm.engine import GenerationJob
 
-    def generate_blocking(self, messages: list[ChatMessage], params: GenerationParams) -> GenerationResult:
-        import torch
-
-        inputs = self._encode(messages)
-        prompt_tokens = int(inputs["input_ids"].shape[1])
-        sampling: dict[str, Any] = {"do_sample": params.temperature > 0}
-        if params.temperature > 0:
-            sampling.update(temperature=params.temperature, top_p=params.top_p)
-        if params.stop:
-            sampling.update(stop_strings=list(params.stop), tokenizer=self._tokenizer)
-        with self._generate_lock, torch.inference_mode():
-            output = self._model.generate(
-                **inputs,
-                max_new_tokens=params.max_new_tokens,
-                pad_token_id=self._tokenizer.pad_token_id,
-                **sampling,
-            )
-        new_tokens = output[0, prompt_tokens:]
-        text = self._tokenizer.decode(new_tokens, skip_special_tokens=True)
-        for stop in params.stop:
-            text = text.split(stop, 1)[0]
-        completion_tokens = int(new_tokens.shape[0])
-        ended_by_eos = completion_tokens > 0 and int(new_tokens[-1]) in self._eos_token_ids()
+        spec = self.adapters.resolve(adapters)
+        loop = asyncio.get_running_loop()
+        job = GenerationJob(
+            input_ids=self.encode(messages),
+            params=params,
+            adapter_key=spec_key(spec),
+            on_text=(lambda piece: loop.call_soon_threadsafe(on_text, piece)) if on_text else None,
+        )
+        self._engine.submit(job)
+        try:
+            await asyncio.wrap_future(job.future)
+        except asyncio.CancelledError:
+            job.cancelled.set()  # the engine drops the row at its next step
+            raise
         return GenerationResult(
-            text=text.strip(),
-            model_used="lora" if self.has_adapter else "base",
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            finish_reason="length" if completion_tokens >= params.max_new_tokens and not ended_by_eos else "stop",
+            text=job.text.strip(),
+            model_used="lora" if spec else "base",
+            prompt_tokens=len(job.input_ids),
+            completion_tokens=len(job.tokens),
+            finish_reason=job.finish_reason or "stop",
+            adapters=spec_key(spec) if spec else "",
         )
 
-    def _encode(self, messages: list[ChatMessage]) -> dict[str, torch.Tensor]:
+    def encode(self, messages: list[ChatMessage]) -> list[int]:
+        """Prompt token ids through the model's chat template (a plain transcript when it has none)."""
         if self._tokenizer.chat_template:
-            encoded = self._tokenizer.apply_chat_template(
-                list(messages), add_generation_prompt=True, return_tensors="pt", return_dict=True
-            )
+            ids = self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+            if not isinstance(ids, list):  # transformers 5 answers a BatchEncoding
+                ids = ids["input_ids"]
         else:
             prompt = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
-            encoded = self._tokenizer(prompt, return_tensors="pt")
-        max_positions = getattr(self._model.config, "max_position_embeddings", None)
-        if max_positions and encoded["input_ids"].shape[1] >= max_positions:
-            raise BadRequestError(
-                f"the prompt is {encoded['input_ids'].shape[1]} tokens, over the model's limit of {max_positions}"
-            )
-        return {key: value.to(self._model.device) for key, value in encoded.items()}
+            ids = self._tokenizer(prompt)["input_ids"]
+        limit = self.facts.max_position_embeddings
+        if limit and len(ids) >= limit:
+            raise BadRequestError(f"the prompt is {len(ids)} tokens, over the model's limit of {limit}")
+        return list(ids)
 
-    def _eos_token_ids(self) -> set[int]:
-        eos = self._model.generation_config.eos_token_id
-        ids = set(eos) if isinstance(eos, list) else {eos} if eos is not None else set()
-        if self._tokenizer.eos_token_id is not None:
-            ids.add(self._tokenizer.eos_token_id)
-        return ids
+    async def load_adapter(self, name: str, path: Path) -> AdapterRecord:
+        record: AdapterRecord = await anyio.to_thread.run_sync(
+            self._engine.call, lambda: self.adapters.load(name, path)
+        )
+        self.adapter_errors.pop(name, None)
+        return record
+
+    async def unload_adapter(self, name: str) -> None:
+        await anyio.to_thread.run_sync(self._engine.call, lambda: self.adapters.unload(name))
 
     async def health(self) -> ComponentHealth:
-        return ComponentHealth(ok=True, detail="loaded", extra={"model_used": "lora" if self.has_adapter else "base"})
+        default = self.adapters.default_name
+        return ComponentHealth(ok=True, detail="loaded", extra={"model_used": "lora" if default else "base"})
 
     def describe(self) -> dict[str, Any]:
         facts = self.facts
@@ -209,28 +214,28 @@ class HFLoraBackend(GenerationBackend):
             "device": facts.device,
             "dtype": facts.dtype,
             "quantization": facts.quantization,
-            "adapter_loaded": facts.adapter is not None,
-            "adapter_error": facts.adapter_error,
-            "adapter_rank": facts.adapter.rank if facts.adapter else None,
-            "adapter_alpha": facts.adapter.alpha if facts.adapter else None,
-            "adapter_target_modules": facts.adapter.target_modules if facts.adapter else None,
+            "default_adapter": self.adapters.default_name,
+            "adapters": self.adapters.describe(),
+            "adapter_errors": dict(self.adapter_errors),
         }
 
+    async def close(self) -> None:
+        await anyio.to_thread.run_sync(self._engine.close)
 
-def _attach_adapter(model: PreTrainedModel, adapter: AdapterInfo) -> PreTrainedModel:
-    """Wrap the base model with the adapter; a base/adapter mismatch becomes an AdapterError."""
-    from peft import PeftModel
 
-    try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter.path), adapter_name="default", is_trainable=False)
-    except (RuntimeError, ValueError, KeyError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise AdapterError(
-            f"the adapter at {adapter.path.name} does not fit the base model "
-            f"(trained for {adapter.base_model_name_or_path!r}): {first_line}"
-        ) from None
-    peft_model.eval()
-    return peft_model  # type: ignore[no-any-return]
+def _load_initial_adapters(manager: AdapterManager, settings: Settings) -> dict[str, str]:
+    """Attach the adapters found at start; one that fails is reported, not fatal."""
+    errors: dict[str, str] = {}
+    found = discover_adapters(settings.lora_model_path, settings.lora_adapters_dir, settings.named_adapters)
+    for name, path in found.items():
+        try:
+            manager.load(name, path)
+        except AppError as error:
+            errors[name] = error.message
+            logger.error("adapter %s not loaded: %s", name, error.message)
+    if not manager.names():
+        logger.warning("no LoRA adapter at LORA_MODEL_PATH=%s: serving the base model", settings.lora_model_path)
+    return errors
 
 
 def _make_lm_head_input_contiguous(model: PreTrainedModel) -> None:
@@ -241,23 +246,10 @@ def _make_lm_head_input_contiguous(model: PreTrainedModel) -> None:
         head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
 
 
-def _quantize_base_linears_int8(model: PreTrainedModel) -> str:
-    """Dynamic int8 for every base nn.Linear, leaving LoRA's own A/B matrices and lm_head in float.
+def _quantize_cpu_int8(model: PreTrainedModel) -> str:
+    from app.llm.quantization import quantize_linears_int8
 
-    Quantizing a whole PeftModel breaks its LoRA layers, and PEFT refuses to attach to an already
-    quantized base; quantizing only the `base_layer` Linears after attaching keeps the adapter live.
-    """
-    import torch
-    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
-
-    head = model.get_output_embeddings()
-    names = {
-        name: default_dynamic_qconfig
-        for name, module in model.named_modules()
-        if type(module) is torch.nn.Linear and "lora_" not in name and module is not head
-    }
-    quantize_dynamic(model, qconfig_spec=names, dtype=torch.qint8, inplace=True)
-    logger.info("int8 dynamic quantization applied to %d Linear layers", len(names))
+    quantize_linears_int8(model)
     return "int8-dynamic"
 
 
@@ -266,8 +258,6 @@ def _bitsandbytes_int8_config() -> Any:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
     except ImportError:
-        raise ModelLoadError(
-            "ENABLE_QUANTIZATION on CUDA needs bitsandbytes: pip install bitsandbytes"
-        ) from None
+        raise ModelLoadError("ENABLE_QUANTIZATION on CUDA needs bitsandbytes: pip install bitsandbytes") from None
     return BitsAndBytesConfig(load_in_8bit=True)
 

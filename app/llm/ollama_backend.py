@@ -9,8 +9,16 @@ from typing import Any
 import httpx
 
 from app.config import Settings
-from app.errors import AppError, BackendTimeoutError, BackendUnavailableError
-from app.llm.base import ChatMessage, ComponentHealth, GenerationBackend, GenerationParams, GenerationResult
+from app.errors import AppError, BackendTimeoutError, BackendUnavailableError, BadRequestError
+from app.llm.base import (
+    AdapterSpec,
+    ChatMessage,
+    ComponentHealth,
+    GenerationBackend,
+    GenerationParams,
+    GenerationResult,
+    TextCallback,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +41,17 @@ class OllamaBackend(GenerationBackend):
             model=self.model, base_url=self.base_url, client_kwargs={"timeout": self._timeout}
         )
 
-    async def generate(self, messages: list[ChatMessage], params: GenerationParams) -> GenerationResult:
+    async def generate(
+        self,
+        messages: list[ChatMessage],
+        params: GenerationParams,
+        adapters: AdapterSpec | None = None,
+        on_text: TextCallback | None = None,
+    ) -> GenerationResult:
         from langchain_core.messages import AIMessage
+
+        if adapters:
+            raise BadRequestError("LoRA adapters apply to the local model only; this request runs on Ollama")
 
         options: dict[str, Any] = {
             "temperature": params.temperature,
@@ -43,10 +60,12 @@ class OllamaBackend(GenerationBackend):
         }
         if params.stop:
             options["stop"] = list(params.stop)
+        prompt = [(m["role"], m["content"]) for m in messages]
         try:
-            reply = await self._chat.ainvoke(
-                [(m["role"], m["content"]) for m in messages], options=options
-            )
+            if on_text is None:
+                reply = await self._chat.ainvoke(prompt, options=options)
+            else:
+                reply = await self._stream(prompt, options, on_text)
         except Exception as error:  # foreign errors become ours here, at the boundary
             raise self._translate(error) from None
         if not isinstance(reply, AIMessage) or not isinstance(reply.content, str):
@@ -60,6 +79,18 @@ class OllamaBackend(GenerationBackend):
             completion_tokens=int(usage.get("output_tokens", 0)),
             finish_reason="length" if done_reason == "length" else "stop",
         )
+
+    async def _stream(self, prompt: list[tuple[str, str]], options: dict[str, Any], on_text: TextCallback) -> Any:
+        """Send each new piece to `on_text` (a reasoning model's <think> block is held back);
+        return the whole reply as one message."""
+        reply, sent = None, 0
+        async for chunk in self._chat.astream(prompt, options=options):
+            reply = chunk if reply is None else reply + chunk
+            visible = _THINK_BLOCK.sub("", str(reply.content)).lstrip()
+            if "<think>" not in visible and len(visible) > sent:
+                on_text(visible[sent:])
+                sent = len(visible)
+        return reply
 
     def _translate(self, error: Exception) -> AppError:
         import ollama

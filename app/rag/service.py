@@ -14,7 +14,7 @@ import anyio
 from app.config import Settings
 from app.errors import ServiceBusyError, ValidationFailedError, VectorStoreError
 from app.llm.adapters import has_adapter_files
-from app.llm.base import ComponentHealth, GenerationParams, ModelUsed
+from app.llm.base import AdapterSpec, ComponentHealth, GenerationParams, ModelUsed, TextCallback
 from app.llm.manager import LORA, OLLAMA, ModelManager
 from app.rag.embeddings import Embedder
 from app.rag.prompts import build_messages
@@ -31,6 +31,7 @@ class AskResult:
     processing_time: float
     prompt_tokens: int
     completion_tokens: int
+    adapters: str
 
 
 class Retriever:
@@ -94,7 +95,13 @@ class RAGService:
         self.retriever = retriever
         self._limiter = GenerationLimiter(settings.max_concurrent_generations, settings.max_queued_requests)
 
-    async def ask(self, query: str, use_lora: bool | None = None) -> AskResult:
+    async def ask(
+        self,
+        query: str,
+        use_lora: bool | None = None,
+        adapters: AdapterSpec | None = None,
+        on_text: TextCallback | None = None,
+    ) -> AskResult:
         started = time.perf_counter()
         query = query.strip()
         if not query:
@@ -103,6 +110,8 @@ class RAGService:
             raise ValidationFailedError(
                 f"query is {len(query)} characters; the limit is MAX_QUERY_CHARS={self._settings.max_query_chars}"
             )
+        if adapters is not None and use_lora is None:
+            use_lora = True  # naming an adapter (or the base model) means the local model
         backend = await self.models.backend_for(use_lora)
         hits = await anyio.to_thread.run_sync(self.retriever.search, query, self._settings.retrieval_top_k)
         params = GenerationParams(
@@ -111,7 +120,7 @@ class RAGService:
             top_p=self._settings.top_p,
         )
         async with self._limiter:
-            result = await backend.generate(build_messages(query, hits), params)
+            result = await backend.generate(build_messages(query, hits), params, adapters, on_text)
         return AskResult(
             answer=result.text,
             sources=hits,
@@ -119,6 +128,7 @@ class RAGService:
             processing_time=time.perf_counter() - started,
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
+            adapters=result.adapters,
         )
 
     def model_info(self) -> dict[str, Any]:

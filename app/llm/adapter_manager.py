@@ -1,0 +1,275 @@
+"""Named LoRA adapters on one base model: discovery, loading, LRU unloading, weighted mixes.
+
+Only the generation engine's thread calls the methods that touch the model (`prepare_batch`, `load`,
+`unload`); the catalogue (`known`, `describe`) is read from the event loop under `_lock`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from app.errors import AdapterError, AppError, NotFoundError
+from app.llm.base import AdapterSpec
+from app.llm.adapters import AdapterInfo, check_adapter_fits, has_adapter_files, inspect_adapter
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from app.llm.engine import GenerationJob, PreparedBatch
+
+logger = logging.getLogger(__name__)
+
+BASE = "__base__"
+DEFAULT_NAME = "default"
+ADAPTER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
+
+
+
+class AdapterNotFoundError(NotFoundError):
+    code = "adapter_not_found"
+
+
+def spec_key(spec: AdapterSpec) -> str:
+    """A stable text key: `__base__`, `sql`, or `sql*0.7+code*0.3` (names sorted)."""
+    if not spec:
+        return BASE
+    if len(spec) == 1 and spec[0][1] == 1.0:
+        return spec[0][0]
+    return "+".join(f"{name}*{weight:g}" for name, weight in sorted(spec))
+
+
+@dataclass
+class AdapterRecord:
+    name: str
+    path: Path
+    info: AdapterInfo
+    loaded: bool = False
+    loaded_at: float | None = None
+    last_used: float = 0.0
+    requests_served: int = 0
+
+
+class AdapterManager:
+    def __init__(self, model: PreTrainedModel, *, max_loaded: int, default_adapter: str | None) -> None:
+        self.model = model  # becomes a PeftModel when the first adapter is attached
+        self._max_loaded = max_loaded
+        self._default_setting = default_adapter
+        self._records: dict[str, AdapterRecord] = {}
+        self._mixes: dict[str, AdapterSpec] = {}
+        self._lru: OrderedDict[str, None] = OrderedDict()  # attached PEFT adapter names, least recent first
+        self._lock = threading.Lock()
+
+    # -- catalogue (any thread) ---------------------------------------------------------------
+
+    @property
+    def default_name(self) -> str | None:
+        with self._lock:
+            if self._default_setting:
+                return self._default_setting if self._default_setting in self._records else None
+            if DEFAULT_NAME in self._records:
+                return DEFAULT_NAME
+            return next(iter(self._records)) if len(self._records) == 1 else None
+
+    def resolve(self, spec: AdapterSpec | None) -> AdapterSpec:
+        """The request's choice made concrete (None: the server default), every name checked."""
+        if spec is None:
+            default = self.default_name
+            return ((default, 1.0),) if default else ()
+        with self._lock:
+            missing = [name for name, _ in spec if name not in self._records]
+            known = sorted(self._records)
+        if missing:
+            raise AdapterNotFoundError(
+                f"adapter '{missing[0]}' is not loaded; available: {', '.join(known) or '(none)'}"
+            )
+        return spec
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._records)
+
+    def describe(self) -> list[dict[str, Any]]:
+        now = time.time()
+        with self._lock:
+            return [
+                {
+                    "name": r.name,
+                    "path": str(r.path),
+                    "status": "loaded" if r.loaded else "unloaded",
+                    "rank": r.info.rank,
+                    "alpha": r.info.alpha,
+                    "target_modules": r.info.target_modules,
+                    "size_bytes": r.info.size_bytes,
+                    "base_model": r.info.base_model_name_or_path,
+                    "loaded_at": r.loaded_at,
+                    "uptime_seconds": round(now - r.loaded_at, 1) if r.loaded_at else None,
+                    "requests_served": r.requests_served,
+                }
+                for r in sorted(self._records.values(), key=lambda r: r.name)
+            ]
+
+    def record(self, name: str) -> AdapterRecord | None:
+        with self._lock:
+            return self._records.get(name)
+
+    # -- model changes (engine thread only) ----------------------------------------------------
+
+    def load(self, name: str, path: Path) -> AdapterRecord:
+        """Register and attach an adapter. Same name and path again: no-op; same name, other path: refused."""
+        if not ADAPTER_NAME_PATTERN.match(name) or name == BASE:
+            raise AdapterError(f"adapter name '{name}' is invalid: use letters, digits, '-' and '_' (max 64)")
+        existing = self.record(name)
+        if existing is not None:
+            if existing.path.resolve() != path.resolve():
+                raise AdapterError(f"an adapter named '{name}' is already loaded from another path")
+            if not existing.loaded:
+                self._attach(existing)
+            return existing
+        info = inspect_adapter(path)
+        record = AdapterRecord(name=name, path=path, info=info)
+        self._attach(record)
+        with self._lock:
+            self._records[name] = record
+        return record
+
+    def unload(self, name: str) -> None:
+        """Forget an adapter (and the mixes built from it); later requests naming it get 404."""
+        with self._lock:
+            record = self._records.pop(name, None)
+            dependent = [key for key, spec in self._mixes.items() if any(n == name for n, _ in spec)]
+            for key in dependent:
+                del self._mixes[key]
+        if record is None:
+            raise AdapterNotFoundError(f"adapter '{name}' is not loaded")
+        for peft_name in [name, *(_mix_peft_name(key) for key in dependent)]:
+            self._detach(peft_name)
+
+    def prepare_batch(self, jobs: list[GenerationJob]) -> PreparedBatch:
+        """Attach every row's adapter (or mix). Rows whose adapter cannot be had fail alone."""
+        from app.llm.engine import PreparedBatch
+
+        wanted = {job.adapter_key for job in jobs}
+        names: dict[str, str] = {}
+        for key in wanted:
+            try:
+                names[key] = self._activate(key, pinned=wanted)
+            except AppError as error:
+                for job in jobs:
+                    if job.adapter_key == key:
+                        job.future.set_exception(error)
+        runnable = [job for job in jobs if job.adapter_key in names]
+        now = time.time()
+        with self._lock:
+            for job in runnable:
+                for part in job.adapter_key.split("+"):
+                    record = self._records.get(part.split("*")[0])
+                    if record is not None:
+                        record.requests_served += 1
+                        record.last_used = now
+        adapter_names = [names[job.adapter_key] for job in runnable] if hasattr(self.model, "peft_config") else None
+        return PreparedBatch(self.model, runnable, adapter_names)
+
+    def _activate(self, key: str, pinned: set[str]) -> str:
+        if key == BASE:
+            return BASE
+        if "*" not in key and "+" not in key:
+            record = self.record(key)
+            if record is None:
+                raise AdapterNotFoundError(f"adapter '{key}' is not loaded")
+            if not record.loaded:
+                self._attach(record, pinned)
+            self._touch(key)
+            return key
+        return self._activate_mix(key, pinned)
+
+    def _activate_mix(self, key: str, pinned: set[str]) -> str:
+        """A weighted combination ΔW = Σ wᵢ·BᵢAᵢ·scalingᵢ, built once (PEFT `cat`: exact) and cached."""
+        peft_name = _mix_peft_name(key)
+        if peft_name in self._lru:
+            self._touch(peft_name)
+            return peft_name
+        spec = tuple((part.split("*")[0], float(part.split("*")[1])) for part in key.split("+"))
+        components = [self._activate(name, pinned | {key}) for name, _ in spec]
+        self._make_room(pinned | set(components))
+        self.model.add_weighted_adapter(  # type: ignore[operator]
+            adapters=components, weights=[w for _, w in spec], adapter_name=peft_name, combination_type="cat"
+        )
+        with self._lock:
+            self._mixes[key] = spec
+        self._touch(peft_name)
+        logger.info("built adapter mix %s", key)
+        return peft_name
+
+    def _attach(self, record: AdapterRecord, pinned: set[str] | None = None) -> None:
+        check_adapter_fits(self.model, record.info)
+        self._make_room(pinned or set())
+        try:
+            if hasattr(self.model, "peft_config"):
+                self.model.load_adapter(str(record.path), adapter_name=record.name, is_trainable=False)  # type: ignore[operator]
+            else:
+                from peft import PeftModel
+
+                self.model = PeftModel.from_pretrained(  # type: ignore[assignment]
+                    self.model, str(record.path), adapter_name=record.name, is_trainable=False
+                )
+        except (RuntimeError, ValueError, KeyError, OSError) as error:
+            raise AdapterError(f"adapter '{record.name}' could not be loaded: {str(error).splitlines()[0]}") from None
+        self.model.eval()
+        record.loaded, record.loaded_at = True, time.time()
+        self._touch(record.name)
+        logger.info("adapter %s attached from %s", record.name, record.path)
+
+    def _make_room(self, pinned: set[str]) -> None:
+        keep = {_mix_peft_name(key) for key in pinned} | {name for key in pinned for name in _component_names(key)}
+        while len(self._lru) >= self._max_loaded:
+            victim = next((name for name in self._lru if name not in keep), None)
+            if victim is None:
+                return  # everything attached is needed by this batch: go over the limit for now
+            self._detach(victim)
+            logger.info("adapter %s unloaded (least recently used)", victim)
+
+    def _detach(self, peft_name: str) -> None:
+        self._lru.pop(peft_name, None)
+        if hasattr(self.model, "peft_config") and peft_name in self.model.peft_config:
+            self.model.delete_adapter(peft_name)  # type: ignore[operator]
+        with self._lock:
+            record = self._records.get(peft_name)
+            if record is not None:
+                record.loaded, record.loaded_at = False, None
+            for key in [k for k in self._mixes if _mix_peft_name(k) == peft_name]:
+                del self._mixes[key]
+
+    def _touch(self, peft_name: str) -> None:
+        self._lru[peft_name] = None
+        self._lru.move_to_end(peft_name)
+
+
+def _component_names(key: str) -> list[str]:
+    return [part.split("*")[0] for part in key.split("+")]
+
+
+def _mix_peft_name(key: str) -> str:
+    # PEFT adapter names become module keys, which may not contain the '.' of a weight.
+    return "mix_" + hashlib.sha1(key.encode()).hexdigest()[:12] if ("*" in key or "+" in key) else key
+
+
+def discover_adapters(lora_model_path: Path, adapters_dir: Path, listed: dict[str, Path]) -> dict[str, Path]:
+    """Adapters known at start: LORA_MODEL_PATH itself as `default`, each adapter sub-folder of the
+    adapters folder by its name, and LORA_ADAPTERS entries (these win on a name clash)."""
+    found: dict[str, Path] = {}
+    if has_adapter_files(lora_model_path):
+        found[DEFAULT_NAME] = lora_model_path
+    if adapters_dir.is_dir():
+        for folder in sorted(p for p in adapters_dir.iterdir() if p.is_dir() and has_adapter_files(p)):
+            if ADAPTER_NAME_PATTERN.match(folder.name):
+                found.setdefault(folder.name, folder)
+    found.update(listed)
+    return found

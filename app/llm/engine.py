@@ -1,0 +1,281 @@
+"""Batched generation on one worker thread.
+
+Every use of the model happens on this thread: generation batches and, between them, control tasks such as
+loading or unloading an adapter. So an adapter is never changed under a running forward pass, and no lock
+is held across a generation. Requests waiting together are decoded as one batch, each row with its own
+adapter (PEFT `adapter_names=`), sampling settings, token budget, stop strings and streaming callback.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+import torch
+from transformers import LogitsProcessor, StoppingCriteria
+from transformers.generation.streamers import BaseStreamer
+
+from app.errors import AppError
+from app.llm.base import GenerationParams
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass
+class GenerationJob:
+    """One request's generation; the engine fills the output fields and resolves `future`."""
+
+    input_ids: list[int]
+    params: GenerationParams
+    adapter_key: str  # what the request asked for, resolved to a PEFT adapter name on the engine thread
+    on_text: Callable[[str], None] | None = None
+    future: concurrent.futures.Future[GenerationJob] = field(default_factory=concurrent.futures.Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """What `prepare` hands back: the model to run, the rows that can run (the others already failed),
+    and each row's PEFT adapter name (None when the model has no adapters)."""
+
+    model: PreTrainedModel
+    jobs: list[GenerationJob]
+    adapter_names: list[str] | None
+
+
+class GenerationEngine:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prepare: Callable[[list[GenerationJob]], PreparedBatch],
+        *,
+        max_batch_size: int,
+        batch_window_seconds: float,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._prepare = prepare
+        self._max_batch_size = max_batch_size
+        self._batch_window = batch_window_seconds
+        self._jobs: deque[GenerationJob] = deque()
+        self._controls: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
+        self._wakeup = threading.Condition()
+        self._closed = False
+        self._eos_ids = _eos_token_ids(tokenizer)
+        self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: GenerationJob) -> None:
+        with self._wakeup:
+            if self._closed:
+                raise RuntimeError("the generation engine is closed")
+            self._jobs.append(job)
+            self._wakeup.notify()
+
+    def call(self, function: Callable[[], T]) -> T:
+        """Run `function` on the engine thread between batches and return its result (blocking)."""
+        if threading.current_thread() is self._thread:
+            return function()
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._wakeup:
+            self._controls.append((function, future))
+            self._wakeup.notify()
+        return future.result()
+
+    def close(self) -> None:
+        with self._wakeup:
+            self._closed = True
+            self._wakeup.notify()
+        self._thread.join(timeout=60)
+
+    def _next_work(self) -> tuple[Callable[[], Any], concurrent.futures.Future[Any]] | list[GenerationJob] | None:
+        with self._wakeup:
+            while not (self._jobs or self._controls or self._closed):
+                self._wakeup.wait()
+            if self._closed:
+                for job in self._jobs:
+                    job.future.set_exception(RuntimeError("the server is shutting down"))
+                return None
+            if self._controls:
+                return self._controls.popleft()
+            if len(self._jobs) < self._max_batch_size and self._batch_window > 0:
+                # Let requests that arrive together share a batch.
+                self._wakeup.wait(timeout=self._batch_window)
+            count = min(self._max_batch_size, len(self._jobs))
+            return [self._jobs.popleft() for _ in range(count)]
+
+    def _run(self) -> None:
+        while True:
+            work = self._next_work()
+            if work is None:
+                return
+            if isinstance(work, tuple):
+                function, future = work
+                try:
+                    future.set_result(function())
+                except BaseException as error:  # handed to the caller, who raises it
+                    future.set_exception(error)
+                continue
+            jobs = [job for job in work if not self._skip_cancelled(job)]
+            if jobs:
+                self._run_batch(jobs)
+
+    @staticmethod
+    def _skip_cancelled(job: GenerationJob) -> bool:
+        if job.cancelled.is_set():
+            job.finish_reason = "cancelled"
+            job.future.set_result(job)
+            return True
+        return False
+
+    def _run_batch(self, jobs: list[GenerationJob]) -> None:
+        try:
+            prepared = self._prepare(jobs)
+            if prepared.jobs:
+                self._generate(prepared)
+        except Exception as error:
+            if not isinstance(error, AppError):
+                logger.exception("generation failed for a batch of %d", len(jobs))
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(error)
+            return
+        for job in prepared.jobs:
+            job.future.set_result(job)
+
+    def _generate(self, prepared: PreparedBatch) -> None:
+        jobs = prepared.jobs
+        pad_id = self._tokenizer.pad_token_id
+        width = max(len(job.input_ids) for job in jobs)
+        # Left padding: every row's next token sits in the last column.
+        input_ids = torch.tensor([[pad_id] * (width - len(j.input_ids)) + j.input_ids for j in jobs])
+        attention_mask = torch.tensor([[0] * (width - len(j.input_ids)) + [1] * len(j.input_ids) for j in jobs])
+        device = prepared.model.device
+        kwargs: dict[str, Any] = {}
+        if prepared.adapter_names is not None:
+            kwargs["adapter_names"] = prepared.adapter_names
+        if all(job.params.temperature == 0 for job in jobs):
+            kwargs["do_sample"] = False
+        else:
+            kwargs.update(
+                do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                logits_processor=[_PerRowSampling(jobs, device)],
+            )
+        with torch.inference_mode():
+            prepared.model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max(job.params.max_new_tokens for job in jobs),
+                pad_token_id=pad_id,
+                streamer=_BatchStreamer(jobs, self._tokenizer, self._eos_ids),
+                stopping_criteria=[_RowsFinished(jobs)],
+                **kwargs,
+            )
+
+
+def _eos_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+    return ids | ({end_of_turn} if isinstance(end_of_turn, int) else set())
+
+
+class _PerRowSampling(LogitsProcessor):
+    """Temperature and top-p per row; greedy rows (temperature 0) keep only their argmax."""
+
+    def __init__(self, jobs: list[GenerationJob], device: torch.device) -> None:
+        self._temperature = torch.tensor([[j.params.temperature] for j in jobs], device=device)
+        self._top_p = torch.tensor([[j.params.top_p] for j in jobs], device=device)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.float()
+        scaled = scores / self._temperature.clamp(min=1e-5)
+        sorted_scores, order = scaled.sort(dim=-1, descending=True)
+        probabilities = sorted_scores.softmax(dim=-1)
+        # Drop a token once the tokens before it already reach top_p (the most likely one always stays).
+        drop_sorted = (probabilities.cumsum(dim=-1) - probabilities) >= self._top_p
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        sampled = scaled.masked_fill(drop, float("-inf"))
+        only_argmax = torch.full_like(scores, float("-inf")).scatter(1, scores.argmax(dim=-1, keepdim=True), 0.0)
+        return torch.where(self._temperature == 0, only_argmax, sampled)  # type: ignore[return-value]
+
+
+class _RowsFinished(StoppingCriteria):
+    def __init__(self, jobs: list[GenerationJob]) -> None:
+        self._jobs = jobs
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: Any) -> torch.BoolTensor:
+        done = [job.finish_reason is not None or job.cancelled.is_set() for job in self._jobs]
+        return torch.tensor(done, device=input_ids.device)  # type: ignore[return-value]
+
+
+class _BatchStreamer(BaseStreamer):
+    """Receives each step's new tokens for all rows; keeps each row's text and streams its new part."""
+
+    def __init__(self, jobs: list[GenerationJob], tokenizer: PreTrainedTokenizerBase, eos_ids: set[int]) -> None:
+        self._jobs = jobs
+        self._tokenizer = tokenizer
+        self._eos_ids = eos_ids
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate() first hands over the prompt
+            self._prompt_seen = True
+            return
+        for job, token in zip(self._jobs, value.view(-1).tolist()):
+            if job.finish_reason is not None:
+                continue
+            if job.cancelled.is_set():
+                job.finish_reason = "cancelled"
+            elif token in self._eos_ids:
+                job.finish_reason = "stop"
+            else:
+                job.tokens.append(token)
+                if len(job.tokens) >= job.params.max_new_tokens:
+                    job.finish_reason = "length"
+            self._emit(job)
+
+    def end(self) -> None:
+        for job in self._jobs:
+            if job.finish_reason is None:
+                job.finish_reason = "length"
+            self._emit(job)
+
+    def _emit(self, job: GenerationJob) -> None:
+        text = self._tokenizer.decode(job.tokens, skip_special_tokens=True)
+        for stop in job.params.stop:
+            position = text.find(stop)
+            if position >= 0:
+                text, job.finish_reason = text[:position], "stop"
+        if job.finish_reason is None:
+            # Hold back a half-decoded character and anything that may be the start of a stop string.
+            text = text.rstrip("\ufffd")
+            text = text[: len(text) - _partial_stop_length(text, job.params.stop)]
+        if not text.startswith(job.text):
+            return  # the tokenizer re-joined earlier pieces; wait until the text grows past them
+        delta, job.text = text[len(job.text) :], text
+        if delta and job.on_text is not None:
+            job.on_text(delta)
+
+
+def _partial_stop_length(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that is the beginning of some stop string."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
