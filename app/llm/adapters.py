@@ -7,6 +7,7 @@ is validated: LoRA only, no `auto_mapping` or other hooks that make PEFT import 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,19 @@ PICKLE_WEIGHTS_FILE = "adapter_model.bin"
 # Fields that make PEFT import or execute code named in the file.
 _FORBIDDEN_CONFIG_FIELDS = ("auto_mapping", "custom_modules", "trust_remote_code")
 _MAX_CONFIG_BYTES = 1_000_000
+
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _is_plain_peft_auto_mapping(value: Any) -> bool:
+    """PEFT writes {"base_model_class": "LlamaForCausalLM", "parent_library": "transformers.models..."}."""
+    return (
+        isinstance(value, dict)
+        and set(value) <= {"base_model_class", "parent_library"}
+        and _IDENTIFIER.match(str(value.get("base_model_class", ""))) is not None
+        and str(value.get("parent_library", "")).startswith("transformers.")
+    )
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,8 @@ def inspect_adapter(folder: Path) -> AdapterInfo:
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"adapter '{folder.name}' is not a LoRA adapter (peft_type={config.get('peft_type')!r})")
     forbidden = [name for name in _FORBIDDEN_CONFIG_FIELDS if config.get(name)]
+    if "auto_mapping" in forbidden and _is_plain_peft_auto_mapping(config["auto_mapping"]):
+        forbidden.remove("auto_mapping")  # what PEFT itself writes without task_type; we never import it
     if forbidden:
         raise AdapterError(f"adapter '{folder.name}' sets {', '.join(forbidden)}, which is refused")
     rank, alpha = config.get("r"), config.get("lora_alpha")
@@ -93,21 +109,41 @@ def check_adapter_fits(model: nn.Module, adapter: AdapterInfo) -> None:
     # Once adapters are attached, the model is a PeftModel whose targets wrap the original Linear.
     root = model.get_base_model() if hasattr(model, "get_base_model") else model
     modules = dict(root.named_modules())
-    with safe_open(str(adapter.path / ADAPTER_WEIGHTS_FILE), framework="pt") as weights:
-        for key in weights.keys():
-            module_path, _, matrix = key.removeprefix(_PEFT_KEY_PREFIX).rpartition(".lora_")
-            target = modules.get(module_path)
-            target = getattr(target, "base_layer", target)
-            shape = tuple(weights.get_slice(key).get_shape())
-            if not isinstance(target, nn.Linear):
-                raise AdapterError(
-                    f"adapter '{adapter.path.name}' targets '{module_path}', which the base model does not have "
-                    f"as a Linear layer (trained for {adapter.base_model_name_or_path!r})"
-                )
-            expected_dim = target.in_features if matrix.startswith("A") else target.out_features
-            actual_dim = shape[1] if matrix.startswith("A") else shape[0]
-            if actual_dim != expected_dim:
-                raise AdapterError(
-                    f"adapter '{adapter.path.name}' does not fit the base model: '{module_path}' has size "
-                    f"{expected_dim}, the adapter expects {actual_dim} (trained for {adapter.base_model_name_or_path!r})"
-                )
+    try:
+        with safe_open(str(adapter.path / ADAPTER_WEIGHTS_FILE), framework="pt") as weights:
+            shapes = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
+    except Exception as error:  # safetensors raises its own error type for a damaged file
+        raise AdapterError(f"adapter '{adapter.path.name}': {ADAPTER_WEIGHTS_FILE} is unreadable ({error})") from None
+    for key, shape in shapes.items():
+        path = key.removeprefix(_PEFT_KEY_PREFIX)
+        if ".lora_" not in path:
+            _check_saved_module(modules, adapter, path, shape)
+            continue
+        module_path, _, matrix = path.rpartition(".lora_")
+        target = modules.get(module_path)
+        target = getattr(target, "base_layer", target)
+        if not isinstance(target, nn.Linear):
+            raise AdapterError(
+                f"adapter '{adapter.path.name}' targets '{module_path}', which the base model does not have "
+                f"as a Linear layer (trained for {adapter.base_model_name_or_path!r})"
+            )
+        expected_dim = target.in_features if matrix.startswith("A") else target.out_features
+        actual_dim = shape[1] if matrix.startswith("A") else shape[0]
+        if actual_dim != expected_dim:
+            raise AdapterError(
+                f"adapter '{adapter.path.name}' does not fit the base model: '{module_path}' has size "
+                f"{expected_dim}, the adapter expects {actual_dim} (trained for {adapter.base_model_name_or_path!r})"
+            )
+
+
+def _check_saved_module(modules: dict[str, Any], adapter: AdapterInfo, path: str, shape: tuple[int, ...]) -> None:
+    """A full tensor saved with the adapter (`modules_to_save`, e.g. lm_head.weight) must match the base."""
+    module_path, _, parameter = path.rpartition(".")
+    module = modules.get(module_path)
+    module = getattr(module, "original_module", module)
+    existing = getattr(module, parameter, None)
+    if existing is None or tuple(existing.shape) != shape:
+        raise AdapterError(
+            f"adapter '{adapter.path.name}' does not fit the base model: it saves '{path}' with shape {shape}, "
+            f"which the base model does not have (trained for {adapter.base_model_name_or_path!r})"
+        )

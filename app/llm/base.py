@@ -9,7 +9,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypedDict
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypedDict, runtime_checkable
 
 ModelUsed = Literal["lora", "base", "ollama"]
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -49,6 +50,17 @@ class ComponentHealth:
     ok: bool
     detail: str
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class AdapterHost(Protocol):
+    """A backend whose LoRA adapters can be listed, loaded and unloaded at run time."""
+
+    async def load_adapter(self, name: str, path: Path) -> Any: ...
+
+    async def unload_adapter(self, name: str) -> None: ...
+
+    def adapter_catalogue(self) -> list[dict[str, Any]]: ...
 
 
 class GenerationBackend(ABC):

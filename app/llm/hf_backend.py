@@ -204,6 +204,9 @@ class HFLoraBackend(GenerationBackend):
     async def unload_adapter(self, name: str) -> None:
         await anyio.to_thread.run_sync(self._engine.call, lambda: self.adapters.unload(name))
 
+    def adapter_catalogue(self) -> list[dict[str, Any]]:
+        return self.adapters.describe()
+
     async def health(self) -> ComponentHealth:
         default = self.adapters.default_name
         return ComponentHealth(ok=True, detail="loaded", extra={"model_used": "lora" if default else "base"})
@@ -215,7 +218,7 @@ class HFLoraBackend(GenerationBackend):
             "dtype": facts.dtype,
             "quantization": facts.quantization,
             "default_adapter": self.adapters.default_name,
-            "adapters": self.adapters.describe(),
+            "adapters": self.adapters.names(),
             "adapter_errors": dict(self.adapter_errors),
         }
 

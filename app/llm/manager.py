@@ -16,7 +16,8 @@ import anyio
 
 from app.config import Settings
 from app.errors import AppError, BadRequestError, ModelLoadError
-from app.llm.base import ComponentHealth, GenerationBackend
+from app.llm.adapter_paths import resolve_adapter_path
+from app.llm.base import AdapterHost, ComponentHealth, GenerationBackend
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +91,8 @@ class ModelManager:
         except AppError as error:
             self._load_errors[name] = error.message
             raise
-        except (ImportError, OSError, RuntimeError, ValueError) as error:
-            self._load_errors[name] = f"{type(error).__name__}: {error}"
+        except Exception as error:  # anything else from torch/transformers: logged, reported as 503
+            self._load_errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             logger.exception("loading the %s backend failed", name)
             raise ModelLoadError(f"the {name} backend could not be loaded: {type(error).__name__}") from None
         self._load_errors.pop(name, None)
@@ -100,6 +101,32 @@ class ModelManager:
 
     def loaded(self, name: str) -> GenerationBackend | None:
         return self._backends.get(name)
+
+    async def adapter_host(self) -> AdapterHost:
+        backend = await self.backend(LORA)
+        if not isinstance(backend, AdapterHost):
+            raise BadRequestError("the local backend does not support adapters")
+        return backend
+
+    async def load_adapter(self, name: str, requested_path: str) -> dict[str, Any]:
+        """Load an adapter addressed by a request; the path is checked before anything is read."""
+        settings = self._settings
+        path = resolve_adapter_path(requested_path, settings.lora_adapters_dir, settings.adapter_allowed_root_paths)
+        host = await self.adapter_host()
+        await host.load_adapter(name, path)
+        return next(entry for entry in host.adapter_catalogue() if entry["name"] == name)
+
+    async def unload_adapter(self, name: str) -> None:
+        await (await self.adapter_host()).unload_adapter(name)
+
+    async def adapter_catalogue(self) -> list[dict[str, Any]]:
+        return (await self.adapter_host()).adapter_catalogue()
+
+    def served_model_names(self) -> tuple[str, list[str]]:
+        """The base model's public name and the adapters loaded now (for /v1/models)."""
+        backend = self._backends.get(LORA)
+        adapters = [entry["name"] for entry in backend.adapter_catalogue()] if isinstance(backend, AdapterHost) else []
+        return self._settings.served_model_name, adapters
 
     async def component_health(self, name: str) -> ComponentHealth:
         """Health of one backend without loading it (an unloaded one loads on first use)."""
@@ -111,6 +138,11 @@ class ModelManager:
         if name == OLLAMA:
             # Ollama's client is cheap to make; asking the server is the only meaningful check.
             return await (await self.backend(OLLAMA)).health()
+        from app.checks import check_base_model
+
+        check = check_base_model(self._settings)
+        if not check.ok:
+            return ComponentHealth(ok=False, detail=f"{check.detail}: {check.hint}")
         return ComponentHealth(ok=True, detail="not loaded yet (loads on first use)")
 
     def describe(self) -> dict[str, Any]:

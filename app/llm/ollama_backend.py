@@ -22,7 +22,8 @@ from app.llm.base import (
 
 logger = logging.getLogger(__name__)
 
-_THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
+# A closed <think> block, or an unclosed one cut off by the token budget.
+_THINK_BLOCK = re.compile(r"<think>.*?(</think>\s*|$)", re.DOTALL)
 _HEALTH_TIMEOUT_SECONDS = 3.0
 
 
@@ -37,8 +38,10 @@ class OllamaBackend(GenerationBackend):
         self.base_url = settings.ollama_base_url
         self.model = settings.ollama_model
         self._timeout = httpx.Timeout(settings.ollama_read_timeout, connect=settings.ollama_connect_timeout)
+        # reasoning=False: a thinking model (qwen3) answers directly instead of spending the token budget
+        # on a <think> block that would otherwise end up in the answer.
         self._chat = ChatOllama(
-            model=self.model, base_url=self.base_url, client_kwargs={"timeout": self._timeout}
+            model=self.model, base_url=self.base_url, reasoning=False, client_kwargs={"timeout": self._timeout}
         )
 
     async def generate(

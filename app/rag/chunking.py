@@ -5,9 +5,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# A sentence ends after Chinese 。！？； (no space follows them), after English .!?; followed by
-# whitespace, or at a line break.
-_SENTENCE_END = re.compile(r"(?<=[。！？；])|(?<=[.!?;])\s+|\n")
+# A sentence ends after a run of Chinese 。！？； and the closing quotes or brackets that follow it
+# (no space follows them in Chinese), after English .!?; followed by whitespace, or at a line break.
+_CJK_END = "。！？；"
+_CJK_CLOSERS = "”’」』）》"
+_NOT_FOLLOWED = rf"(?![{_CJK_END}{_CJK_CLOSERS}])"
+_SENTENCE_END = re.compile(
+    rf"(?<=[{_CJK_END}]){_NOT_FOLLOWED}|(?<=[{_CJK_END}][{_CJK_CLOSERS}]){_NOT_FOLLOWED}|(?<=[.!?;])\s+|\n"
+)
 
 
 @dataclass(frozen=True)

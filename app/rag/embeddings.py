@@ -39,13 +39,14 @@ class Embedder(ABC):
 
 
 class SentenceTransformerEmbedder(Embedder):
-    def __init__(self, name: str, device: str = "cpu") -> None:
+    def __init__(self, name: str, cache_dir: str | None = None) -> None:
         from sentence_transformers import SentenceTransformer
 
         self.name = name
         source = resolve_embedding_model(name)
         try:
-            self._model = SentenceTransformer(source, device=device, trust_remote_code=False)
+            # On the CPU: a small encoder gains little from a GPU and would compete with the generator there.
+            self._model = SentenceTransformer(source, device="cpu", cache_folder=cache_dir, trust_remote_code=False)
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"cannot load the embedding model '{name}': {error}") from None
 
@@ -92,4 +93,4 @@ def create_embedder(settings: Settings) -> Embedder:
     ollama_model = settings.ollama_embedding_model
     if ollama_model:
         return OllamaEmbedder(settings, ollama_model)
-    return SentenceTransformerEmbedder(settings.embedding_model)
+    return SentenceTransformerEmbedder(settings.embedding_model, str(settings.cache_dir) if settings.cache_dir else None)

@@ -10,10 +10,11 @@ import fcntl
 import hashlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -36,6 +37,7 @@ class IngestReport:
     updated: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    other_sources: set[str] = field(default_factory=set)  # top folders of files ingested from elsewhere
     failed: dict[str, str] = field(default_factory=dict)
     chunks_embedded: int = 0
     chunk_count: int = 0
@@ -79,6 +81,36 @@ def _source_name(source: Path, path: Path) -> str:
     return (Path(source.resolve().name) / path.relative_to(source)).as_posix()
 
 
+class _KeptChunks:
+    """The next store's content, assembled file by file; unchanged files reuse their stored vectors."""
+
+    def __init__(self, previous: VectorStore | None) -> None:
+        self._previous = previous
+        self.chunks: list[StoredChunk] = []
+        self.files: dict[str, FileEntry] = {}
+        self._vectors: list[np.ndarray] = []
+
+    def keep(self, name: str, entry: FileEntry) -> None:
+        assert self._previous is not None
+        self.add(name, entry.sha256, [self._previous.chunks[i] for i in entry.chunk_ids], self._previous.vectors(entry.chunk_ids))
+
+    def add(self, name: str, sha256: str, chunks: list[StoredChunk], vectors: np.ndarray) -> None:
+        self.files[name] = FileEntry(sha256, list(range(len(self.chunks), len(self.chunks) + len(chunks))))
+        self.chunks.extend(chunks)
+        self._vectors.append(vectors)
+
+    def index(self, dimension_when_empty: Callable[[], int]) -> Any:
+        if not self.chunks:
+            dimension = dimension_when_empty()
+            return build_index(np.zeros((0, dimension), np.float32), dimension)
+        vectors = np.concatenate(self._vectors)
+        return build_index(vectors, int(vectors.shape[1]))
+
+
+def _split(vectors: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    return np.split(vectors, np.cumsum(sizes)[:-1]) if sizes else []
+
+
 @dataclass
 class _Pending:
     """A file whose chunks are new and still need vectors."""
@@ -104,20 +136,21 @@ def ingest_folder(
     report = IngestReport()
     with ingestion_lock(store_path):
         previous = _previous_store(store_path, embedder.name, rebuild)
-        kept_chunks: list[StoredChunk] = []
-        kept_vectors: list[np.ndarray] = []
-        kept_files: dict[str, FileEntry] = {}
+        prefix = _source_name(source, source / "x").removesuffix("x")
+        kept = _KeptChunks(previous)
         pending: list[_Pending] = []
         documents = find_documents(source)
         for path in tqdm(documents, desc="reading documents", unit="file", disable=not show_progress):
             name = _source_name(source, path)
-            data = path.read_bytes()
+            try:
+                data = path.read_bytes()
+            except OSError as error:
+                report.failed[name] = f"cannot read it ({error.strerror})"
+                continue
             digest = hashlib.sha256(data).hexdigest()
             old_entry = previous.files.get(name) if previous else None
-            if previous and old_entry and old_entry.sha256 == digest:
-                kept_files[name] = FileEntry(digest, list(range(len(kept_chunks), len(kept_chunks) + len(old_entry.chunk_ids))))
-                kept_chunks.extend(previous.chunks[i] for i in old_entry.chunk_ids)
-                kept_vectors.append(previous.vectors(old_entry.chunk_ids))
+            if old_entry and old_entry.sha256 == digest:
+                kept.keep(name, old_entry)
                 report.unchanged.append(name)
                 continue
             try:
@@ -133,7 +166,15 @@ def ingest_folder(
             pending.append(_Pending(name, digest, chunks))
             (report.updated if old_entry else report.added).append(name)
         seen = {_source_name(source, path) for path in documents}
-        report.removed = sorted(set(previous.files) - seen) if previous else []
+        if previous is not None:
+            # Files ingested from other folders stay; only this folder's vanished files are dropped.
+            for name, entry in previous.files.items():
+                if not name.startswith(prefix):
+                    kept.keep(name, entry)
+                    report.other_sources.add(name.split("/", 1)[0])
+                elif name not in seen:
+                    report.removed.append(name)
+        report.removed.sort()
 
         if previous is not None and not report.changed and not report.failed:
             report.version, report.chunk_count = previous.version, previous.size
@@ -141,16 +182,12 @@ def ingest_folder(
             return report
 
         new_vectors = _embed_pending(embedder, pending, show_progress)
-        chunks, files = kept_chunks, kept_files
-        for item in pending:
-            files[item.source] = FileEntry(item.sha256, list(range(len(chunks), len(chunks) + len(item.chunks))))
-            chunks = chunks + item.chunks
-        vectors = np.concatenate([*kept_vectors, new_vectors]) if chunks else np.zeros((0, 1), np.float32)
-        dimension = int(vectors.shape[1]) if len(vectors) else _dimension(embedder)
-        store = VectorStore(build_index(vectors, dimension), chunks, files, embedder.name)
+        for item, vectors in zip(pending, _split(new_vectors, [len(item.chunks) for item in pending])):
+            kept.add(item.source, item.sha256, item.chunks, vectors)
+        store = VectorStore(kept.index(lambda: _dimension(embedder)), kept.chunks, kept.files, embedder.name)
         report.version = write_store(store_path, store)
         report.chunks_embedded = len(new_vectors)
-        report.chunk_count = len(chunks)
+        report.chunk_count = len(kept.chunks)
     report.seconds = time.perf_counter() - started
     return report
 

@@ -41,10 +41,9 @@ def _read_pdf(path: Path, data: bytes) -> str:
     import io
 
     from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
 
     try:
         reader = PdfReader(io.BytesIO(data))
         return "\n\n".join(page.extract_text() or "" for page in reader.pages)
-    except (PdfReadError, ValueError, KeyError, TypeError) as error:
-        raise DocumentReadError(f"{path.name}: not a readable PDF ({error})") from None
+    except Exception as error:  # pypdf raises many types for damaged, encrypted or hostile files
+        raise DocumentReadError(f"not a readable PDF ({type(error).__name__}: {error})") from None

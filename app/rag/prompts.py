@@ -12,15 +12,26 @@ SYSTEM_PROMPT = (
 )
 
 
+def context_block(hits: list[SearchHit]) -> str:
+    if not hits:
+        return "Context:\n(no passages were found)"
+    passages = "\n\n".join(
+        f"[{number}] (source: {hit.chunk.metadata.get('source', '?')})\n{hit.chunk.text}"
+        for number, hit in enumerate(hits, start=1)
+    )
+    return f"Context:\n{passages}"
+
+
 def build_messages(question: str, hits: list[SearchHit]) -> list[ChatMessage]:
-    if hits:
-        passages = "\n\n".join(
-            f"[{number}] (source: {hit.chunk.metadata.get('source', '?')})\n{hit.chunk.text}"
-            for number, hit in enumerate(hits, start=1)
-        )
-    else:
-        passages = "(no passages were found)"
     return [
-        {"role": "system", "content": f"{SYSTEM_PROMPT}\n\nContext:\n{passages}"},
+        {"role": "system", "content": f"{SYSTEM_PROMPT}\n\n{context_block(hits)}"},
         {"role": "user", "content": question},
     ]
+
+
+def with_context(messages: list[ChatMessage], hits: list[SearchHit]) -> list[ChatMessage]:
+    """A chat conversation with the retrieved passages added to its system message (one is added if none)."""
+    if messages and messages[0]["role"] == "system":
+        first: ChatMessage = {"role": "system", "content": f"{messages[0]['content']}\n\n{context_block(hits)}"}
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": f"{SYSTEM_PROMPT}\n\n{context_block(hits)}"}, *messages]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -12,12 +13,21 @@ from typing import Any, Literal
 import anyio
 
 from app.config import Settings
-from app.errors import ServiceBusyError, ValidationFailedError, VectorStoreError
+from app.errors import AppError, ServiceBusyError, ValidationFailedError, VectorStoreError
 from app.llm.adapters import has_adapter_files
-from app.llm.base import AdapterSpec, ComponentHealth, GenerationParams, ModelUsed, TextCallback
+from app.llm.base import (
+    AdapterSpec,
+    ChatMessage,
+    ComponentHealth,
+    GenerationParams,
+    GenerationResult,
+    ModelUsed,
+    TextCallback,
+)
 from app.llm.manager import LORA, OLLAMA, ModelManager
+from app.llm.model_source import default_cache_dir
 from app.rag.embeddings import Embedder
-from app.rag.prompts import build_messages
+from app.rag.prompts import build_messages, with_context
 from app.rag.vector_store import SearchHit, VectorStore, load_store
 
 logger = logging.getLogger(__name__)
@@ -32,6 +42,18 @@ class AskResult:
     prompt_tokens: int
     completion_tokens: int
     adapters: str
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    result: GenerationResult
+    sources: list[SearchHit]
+
+
+def _spec_text(spec: AdapterSpec | None) -> str | list[dict[str, float]]:
+    if spec is None:
+        return "server-default"
+    return [{"name": name, "weight": weight} for name, weight in spec] if spec else "base"
 
 
 class Retriever:
@@ -103,24 +125,9 @@ class RAGService:
         on_text: TextCallback | None = None,
     ) -> AskResult:
         started = time.perf_counter()
-        query = query.strip()
-        if not query:
-            raise ValidationFailedError("query must not be empty")
-        if len(query) > self._settings.max_query_chars:
-            raise ValidationFailedError(
-                f"query is {len(query)} characters; the limit is MAX_QUERY_CHARS={self._settings.max_query_chars}"
-            )
-        if adapters is not None and use_lora is None:
-            use_lora = True  # naming an adapter (or the base model) means the local model
-        backend = await self.models.backend_for(use_lora)
-        hits = await anyio.to_thread.run_sync(self.retriever.search, query, self._settings.retrieval_top_k)
-        params = GenerationParams(
-            max_new_tokens=self._settings.max_new_tokens,
-            temperature=self._settings.temperature,
-            top_p=self._settings.top_p,
-        )
-        async with self._limiter:
-            result = await backend.generate(build_messages(query, hits), params, adapters, on_text)
+        query = self._checked_query(query)
+        hits = await self._retrieve(query)
+        result = await self.generate(build_messages(query, hits), self.default_params(), use_lora, adapters, on_text)
         return AskResult(
             answer=result.text,
             sources=hits,
@@ -131,6 +138,75 @@ class RAGService:
             adapters=result.adapters,
         )
 
+    async def chat(
+        self,
+        messages: list[ChatMessage],
+        params: GenerationParams,
+        adapters: AdapterSpec | None,
+        use_rag: bool,
+        on_text: TextCallback | None = None,
+    ) -> ChatResult:
+        """A chat completion on the local model; with `use_rag`, answered from the vector store."""
+        hits: list[SearchHit] = []
+        if use_rag:
+            question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+            hits = await self._retrieve(self._checked_query(question))
+            messages = with_context(messages, hits)
+        result = await self.generate(messages, params, True, adapters, on_text)
+        return ChatResult(result=result, sources=hits)
+
+    def default_params(self) -> GenerationParams:
+        settings = self._settings
+        return GenerationParams(
+            max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p
+        )
+
+    async def generate(
+        self,
+        messages: list[ChatMessage],
+        params: GenerationParams,
+        use_lora: bool | None,
+        adapters: AdapterSpec | None,
+        on_text: TextCallback | None,
+    ) -> GenerationResult:
+        """Generate on the chosen backend within the concurrency bound; log one `model_lora_combination` event."""
+        if adapters is not None and use_lora is None:
+            use_lora = True  # naming an adapter (or the base model) means the local model
+        started = time.perf_counter()
+        event: dict[str, Any] = {"event": "model_lora_combination", "adapters_requested": _spec_text(adapters)}
+        try:
+            backend = await self.models.backend_for(use_lora)
+            event["backend"] = backend.name
+            async with self._limiter:
+                result = await backend.generate(messages, params, adapters, on_text)
+        except AppError as error:
+            event.update(status=error.code, latency_ms=round((time.perf_counter() - started) * 1000, 1))
+            logger.info(json.dumps(event, ensure_ascii=False))
+            raise
+        event.update(
+            status="ok",
+            model_used=result.model_used,
+            adapters=result.adapters,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            latency_ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        logger.info(json.dumps(event, ensure_ascii=False))
+        return result
+
+    def _checked_query(self, query: str) -> str:
+        query = query.strip()
+        if not query:
+            raise ValidationFailedError("query must not be empty")
+        if len(query) > self._settings.max_query_chars:
+            raise ValidationFailedError(
+                f"query is {len(query)} characters; the limit is MAX_QUERY_CHARS={self._settings.max_query_chars}"
+            )
+        return query
+
+    async def _retrieve(self, query: str) -> list[SearchHit]:
+        return await anyio.to_thread.run_sync(self.retriever.search, query, self._settings.retrieval_top_k)
+
     def model_info(self) -> dict[str, Any]:
         settings = self._settings
         return {
@@ -139,7 +215,7 @@ class RAGService:
             "lora_exists": has_adapter_files(settings.lora_model_path),
             "using_lora": self.models.active == LORA,
             "active_backend": self.models.active,
-            "cache_dir": str(settings.cache_dir) if settings.cache_dir else None,
+            "cache_dir": str(settings.cache_dir or default_cache_dir()),
             "vector_store_path": str(settings.vector_store_path),
             "embedding_model": settings.embedding_model,
             "device": settings.device,

@@ -135,14 +135,16 @@ def load_store(store_path: Path, expected_embedding_model: str | None = None) ->
                 raise VectorStoreError(f"vector store {version}: {name} does not match its checksum (tampered?)")
         payload = json.loads((folder / DOCSTORE_FILE).read_text(encoding="utf-8"))
         index = faiss.read_index(str(folder / INDEX_FILE))
+        chunks = [StoredChunk(text=str(c["text"]), metadata=dict(c["metadata"])) for c in payload["chunks"]]
+        files = {name: FileEntry(str(e["sha256"]), [int(i) for i in e["chunk_ids"]]) for name, e in payload["files"].items()}
+        model = str(manifest["embedding_model"])
+        consistent = index.ntotal == len(chunks) and manifest.get("format") == STORE_FORMAT
     except VectorStoreError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as error:
         raise VectorStoreError(f"vector store {version} is unreadable ({type(error).__name__})") from None
-    chunks = [StoredChunk(text=c["text"], metadata=c["metadata"]) for c in payload["chunks"]]
-    if index.ntotal != len(chunks) or manifest.get("format") != STORE_FORMAT:
+    if not consistent:
         raise VectorStoreError(f"vector store {version} is inconsistent: {index.ntotal} vectors, {len(chunks)} chunks")
-    model = manifest["embedding_model"]
     if expected_embedding_model is not None and model != expected_embedding_model:
         raise VectorStoreError(
             f"the vector store was built with EMBEDDING_MODEL={model}, not {expected_embedding_model}: "
@@ -150,7 +152,6 @@ def load_store(store_path: Path, expected_embedding_model: str | None = None) ->
         )
     # Single queries on a flat index are faster on one OpenMP thread than on several (measured here).
     faiss.omp_set_num_threads(1)
-    files = {name: FileEntry(**entry) for name, entry in payload["files"].items()}
     return VectorStore(index, chunks, files, model, version=version, created_at=manifest.get("created_at", ""))
 
 
