@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 import anyio
 from fastapi import FastAPI
 
-from app.api import ask_router, health_router, model_router
+from app.api import admin_router, ask_router, health_router, model_router, openai_router
 from app.api.errors import install_error_handlers
 from app.api.security import RequestGuard
 from app.config import Settings
@@ -51,6 +51,6 @@ def create_app(settings: Settings, loaders: Mapping[str, BackendLoader] = BACKEN
     )
     install_error_handlers(app)
     app.add_middleware(RequestGuard, settings=settings)
-    for module in (ask_router, model_router, health_router):
+    for module in (ask_router, model_router, health_router, admin_router, openai_router):
         app.include_router(module.router)
     return app

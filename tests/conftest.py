@@ -28,6 +28,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "vector_store_path": tmp_path / "store",
         "lora_model_path": tmp_path / "no-adapter",
+        "lora_adapters_dir": tmp_path / "no-adapters",
         "max_new_tokens": 24,
         "temperature": 0.0,
         "ollama_base_url": f"http://127.0.0.1:{closed_port()}",

@@ -132,3 +132,14 @@ class ReadinessResponse(BaseModel):
 class ErrorResponse(BaseModel):
     error: str = Field(..., description="stable machine-readable code")
     message: str = Field(..., description="what went wrong and what to do")
+
+
+class LoadAdapterRequest(BaseModel):
+    lora_name: StrictStr = Field(..., min_length=1, max_length=64, description="name requests will use")
+    lora_path: StrictStr = Field(
+        ..., min_length=1, max_length=1024, description="folder name or path inside the allowed adapter folders"
+    )
+
+
+class UnloadAdapterRequest(BaseModel):
+    lora_name: StrictStr = Field(..., min_length=1, max_length=64)

@@ -137,7 +137,7 @@ class RequestGuard:
                              f"the request body is over the limit of MAX_BODY_BYTES={self._max_body} bytes")
                 return
             scope = _as_json(scope)
-            receive = _replay(body)
+            receive = _replay(body, receive)
         await self._app(scope, receive, send)
 
 
@@ -167,7 +167,9 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _replay(body: bytes) -> Receive:
+def _replay(body: bytes, original: Receive) -> Receive:
+    """Hand the app the body read here, then pass through to the real channel (so a streaming
+    response still learns when the client really disconnects)."""
     sent = False
 
     async def receive() -> Message:
@@ -175,7 +177,7 @@ def _replay(body: bytes) -> Receive:
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        return {"type": "http.disconnect"}
+        return await original()
 
     return receive
 

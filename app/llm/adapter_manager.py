@@ -116,6 +116,11 @@ class AdapterManager:
                 for r in sorted(self._records.values(), key=lambda r: r.name)
             ]
 
+    def mix_keys(self) -> list[str]:
+        """The weighted combinations built and cached so far."""
+        with self._lock:
+            return sorted(self._mixes)
+
     def record(self, name: str) -> AdapterRecord | None:
         with self._lock:
             return self._records.get(name)
@@ -154,7 +159,7 @@ class AdapterManager:
 
     def prepare_batch(self, jobs: list[GenerationJob]) -> PreparedBatch:
         """Attach every row's adapter (or mix). Rows whose adapter cannot be had fail alone."""
-        from app.llm.engine import PreparedBatch
+        from app.llm.engine import PreparedBatch, fail_job
 
         wanted = {job.adapter_key for job in jobs}
         names: dict[str, str] = {}
@@ -164,7 +169,7 @@ class AdapterManager:
             except AppError as error:
                 for job in jobs:
                     if job.adapter_key == key:
-                        job.future.set_exception(error)
+                        fail_job(job, error)
         runnable = [job for job in jobs if job.adapter_key in names]
         now = time.time()
         with self._lock:
@@ -210,7 +215,6 @@ class AdapterManager:
 
     def _attach(self, record: AdapterRecord, pinned: set[str] | None = None) -> None:
         check_adapter_fits(self.model, record.info)
-        self._make_room(pinned or set())
         try:
             if hasattr(self.model, "peft_config"):
                 self.model.load_adapter(str(record.path), adapter_name=record.name, is_trainable=False)  # type: ignore[operator]
@@ -224,12 +228,15 @@ class AdapterManager:
             raise AdapterError(f"adapter '{record.name}' could not be loaded: {str(error).splitlines()[0]}") from None
         self.model.eval()
         record.loaded, record.loaded_at = True, time.time()
+        # Evict after attaching: PEFT cannot delete its only (active) adapter.
+        self._make_room((pinned or set()) | {record.name}, limit=self._max_loaded + 1)
         self._touch(record.name)
         logger.info("adapter %s attached from %s", record.name, record.path)
 
-    def _make_room(self, pinned: set[str]) -> None:
+    def _make_room(self, pinned: set[str], limit: int | None = None) -> None:
+        """Unload least recently used adapters until fewer than `limit` (default MAX_LOADED_ADAPTERS) remain."""
         keep = {_mix_peft_name(key) for key in pinned} | {name for key in pinned for name in _component_names(key)}
-        while len(self._lru) >= self._max_loaded:
+        while len(self._lru) >= (limit or self._max_loaded):
             victim = next((name for name in self._lru if name not in keep), None)
             if victim is None:
                 return  # everything attached is needed by this batch: go over the limit for now

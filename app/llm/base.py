@@ -62,6 +62,8 @@ class AdapterHost(Protocol):
 
     def adapter_catalogue(self) -> list[dict[str, Any]]: ...
 
+    def mix_catalogue(self) -> list[str]: ...
+
 
 class GenerationBackend(ABC):
     """A chat model that turns messages into text."""

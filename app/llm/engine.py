@@ -107,7 +107,7 @@ class GenerationEngine:
                 self._wakeup.wait()
             if self._closed:
                 for job in self._jobs:
-                    job.future.set_exception(RuntimeError("the server is shutting down"))
+                    fail_job(job, RuntimeError("the server is shutting down"))
                 return None
             if self._controls:
                 return self._controls.popleft()
@@ -137,7 +137,7 @@ class GenerationEngine:
     def _skip_cancelled(job: GenerationJob) -> bool:
         if job.cancelled.is_set():
             job.finish_reason = "cancelled"
-            job.future.set_result(job)
+            _resolve(job)
             return True
         return False
 
@@ -150,11 +150,10 @@ class GenerationEngine:
             if not isinstance(error, AppError):
                 logger.exception("generation failed for a batch of %d", len(jobs))
             for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(error)
+                fail_job(job, error)
             return
         for job in prepared.jobs:
-            job.future.set_result(job)
+            _resolve(job)
 
     def _generate(self, prepared: PreparedBatch) -> None:
         jobs = prepared.jobs
@@ -184,6 +183,17 @@ class GenerationEngine:
                 stopping_criteria=[_RowsFinished(jobs)],
                 **kwargs,
             )
+
+
+def _resolve(job: GenerationJob) -> None:
+    """Hand the job back; its future may already be cancelled when the caller went away."""
+    if not job.future.done():
+        job.future.set_result(job)
+
+
+def fail_job(job: GenerationJob, error: BaseException) -> None:
+    if not job.future.done():
+        job.future.set_exception(error)
 
 
 def _eos_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:

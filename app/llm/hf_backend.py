@@ -163,7 +163,7 @@ class HFLoraBackend(GenerationBackend):
             input_ids=self.encode(messages),
             params=params,
             adapter_key=spec_key(spec),
-            on_text=(lambda piece: loop.call_soon_threadsafe(on_text, piece)) if on_text else None,
+            on_text=_on_loop(loop, on_text) if on_text else None,
         )
         self._engine.submit(job)
         try:
@@ -207,6 +207,9 @@ class HFLoraBackend(GenerationBackend):
     def adapter_catalogue(self) -> list[dict[str, Any]]:
         return self.adapters.describe()
 
+    def mix_catalogue(self) -> list[str]:
+        return self.adapters.mix_keys()
+
     async def health(self) -> ComponentHealth:
         default = self.adapters.default_name
         return ComponentHealth(ok=True, detail="loaded", extra={"model_used": "lora" if default else "base"})
@@ -224,6 +227,16 @@ class HFLoraBackend(GenerationBackend):
 
     async def close(self) -> None:
         await anyio.to_thread.run_sync(self._engine.close)
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, callback: TextCallback) -> TextCallback:
+    """Deliver streamed pieces from the engine thread to the request's event loop."""
+
+    def deliver(piece: str) -> None:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(callback, piece)
+
+    return deliver
 
 
 def _load_initial_adapters(manager: AdapterManager, settings: Settings) -> dict[str, str]:

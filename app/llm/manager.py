@@ -119,8 +119,9 @@ class ModelManager:
     async def unload_adapter(self, name: str) -> None:
         await (await self.adapter_host()).unload_adapter(name)
 
-    async def adapter_catalogue(self) -> list[dict[str, Any]]:
-        return (await self.adapter_host()).adapter_catalogue()
+    async def adapter_catalogue(self) -> dict[str, Any]:
+        host = await self.adapter_host()
+        return {"adapters": host.adapter_catalogue(), "mixes": host.mix_catalogue()}
 
     def served_model_names(self) -> tuple[str, list[str]]:
         """The base model's public name and the adapters loaded now (for /v1/models)."""

@@ -52,13 +52,14 @@ def load_training_file(path: Path) -> list[TrainingExample]:
             examples.append(TrainingExample(parse_record(line), number))
         except ValueError as error:
             problems.append(f"line {number}: {error}")
+    if len(problems) == 1:
+        raise TrainingDataError(f"data file {path} has an unusable line, fix or remove it: {problems[0]}")
     if problems:
         shown = problems[:_MAX_REPORTED_LINES]
         if len(problems) > len(shown):
             shown.append(f"... and {len(problems) - len(shown)} more")
-        noun = "line" if len(problems) == 1 else "lines"
         raise TrainingDataError(
-            f"data file {path} has {len(problems)} unusable {noun}; nothing was trained:\n  " + "\n  ".join(shown)
+            f"data file {path} has {len(problems)} unusable lines, fix or remove them:\n  " + "\n  ".join(shown)
         )
     if not examples:
         raise TrainingDataError(f"data file {path} is empty: expected one JSON object per line, like {_EXAMPLE_LINE}")

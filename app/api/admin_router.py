@@ -1,0 +1,55 @@
+"""Adapter management at run time (admin key required; see app/api/security.py).
+
+`/admin/*` answers JSON; `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` mirror vLLM's routes,
+bodies and status codes (400 invalid or duplicate, 404 unknown) so vLLM tooling works unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import PlainTextResponse
+
+from app.api.deps import get_rag_service
+from app.api.schemas import ErrorResponse, LoadAdapterRequest, UnloadAdapterRequest
+from app.rag.service import RAGService
+
+router = APIRouter(tags=["admin"])
+_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 422)}
+Service = Annotated[RAGService, Depends(get_rag_service)]
+
+
+@router.post("/admin/load-lora-adapter", responses=_ERRORS)
+async def load_adapter(request: LoadAdapterRequest, service: Service) -> dict[str, Any]:
+    """Attach the adapter at `lora_path` (a name or path inside the allowed adapter folders) as `lora_name`.
+    Loading the same name from the same path again is harmless."""
+    return await service.models.load_adapter(request.lora_name, request.lora_path)
+
+
+@router.post("/admin/unload-lora-adapter", responses=_ERRORS)
+async def unload_adapter(request: UnloadAdapterRequest, service: Service) -> dict[str, str]:
+    """Detach an adapter; requests already generating with it finish, later ones get 404."""
+    await service.models.unload_adapter(request.lora_name)
+    return {"unloaded": request.lora_name}
+
+
+@router.get("/admin/adapters", responses=_ERRORS)
+async def list_adapters(service: Service) -> dict[str, Any]:
+    """Every known adapter (path, status, rank, alpha, target modules, size, load time, requests served)
+    and the weighted mixes built so far."""
+    return await service.models.adapter_catalogue()
+
+
+@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=_ERRORS)
+async def vllm_load_adapter(request: LoadAdapterRequest, service: Service) -> str:
+    """vLLM-compatible load."""
+    await service.models.load_adapter(request.lora_name, request.lora_path)
+    return f"Success: LoRA adapter '{request.lora_name}' added successfully."
+
+
+@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=_ERRORS)
+async def vllm_unload_adapter(request: UnloadAdapterRequest, service: Service) -> str:
+    """vLLM-compatible unload."""
+    await service.models.unload_adapter(request.lora_name)
+    return f"Success: LoRA adapter '{request.lora_name}' removed successfully."

@@ -1,0 +1,192 @@
+"""The OpenAI-compatible API: POST /v1/chat/completions, GET /v1/models (and /models).
+
+The official `openai` client and LangChain's `ChatOpenAI` work against it with `base_url=<server>/v1`.
+`model` picks the base model or one adapter; `rag: true` answers from the indexed documents.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import StreamingResponse
+
+from app.api.deps import get_rag_service
+from app.api.openai_schemas import (
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionChunkChoice,
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChoiceDelta,
+    CompletionUsage,
+    ModelCard,
+    ModelList,
+    OpenAIFinishReason,
+)
+from app.api.schemas import ErrorResponse, SourceDocument
+from app.api.streaming import PieceStream, start_streaming
+from app.errors import AppError
+from app.llm.base import FinishReason, GenerationResult, TextCallback
+from app.rag.service import ChatResult, RAGService
+from app.rag.vector_store import SearchHit
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["openai"])
+Service = Annotated[RAGService, Depends(get_rag_service)]
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 503, 504)
+}
+#: "cancelled" means the caller went away; OpenAI's types have no such reason and nobody reads it anyway.
+_FINISH_REASONS: dict[FinishReason, OpenAIFinishReason] = {"stop": "stop", "length": "length", "cancelled": "stop"}
+_DONE = "data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class _Completion:
+    """What every chunk of one completion repeats."""
+
+    id: str
+    created: int
+    model: str
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
+)
+async def chat_completions(
+    request: ChatCompletionRequest, service: Service
+) -> ChatCompletionResponse | StreamingResponse:
+    """Create a chat completion, as OpenAI's API does, on the local model.
+
+    `model` is the base model's name (the base model alone) or an adapter's name; `GET /v1/models` lists
+    both. `adapter` / `adapter_id` / `lora_adapter_ids` / `adapters` choose adapters instead of `model`.
+    With `rag: true` the answer is given from the indexed documents and the passages used come back as
+    `sources` (in the last chunk when streaming). `stream: true` sends `chat.completion.chunk` Server-Sent
+    Events ending with `data: [DONE]`; `stream_options.include_usage` adds a chunk with the token counts.
+    Only one choice (`n=1`), no tools and no log-probabilities: such requests are refused with 400.
+    """
+    request.refuse_unsupported()
+    messages = request.chat_messages()
+    params = request.generation_params(service.default_params())
+    adapters = request.adapter_choice(*service.models.served_model_names())
+    completion = _Completion(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=request.model)
+
+    def run(on_text: TextCallback | None) -> Awaitable[ChatResult]:
+        return service.chat(messages, params, adapters, request.rag, on_text)
+
+    if not request.stream:
+        return _response(completion, await run(None), request.rag)
+    stream = await start_streaming(run)
+    return StreamingResponse(
+        _chunks(completion, stream, with_sources=request.rag, include_usage=request.include_usage),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )
+
+
+@router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+async def list_models(service: Service) -> ModelList:
+    """The models `model` may name: the base model first, then each adapter with `parent` = the base model."""
+    return _model_list(*service.models.served_model_names())
+
+
+@router.get("/models", response_model=ModelList, responses=_ERRORS, include_in_schema=False)
+async def list_models_unversioned(service: Service) -> ModelList:
+    """Same as `GET /v1/models`, for clients whose base URL lacks `/v1`."""
+    return _model_list(*service.models.served_model_names())
+
+
+def _model_list(base_name: str, adapter_names: list[str]) -> ModelList:
+    created = int(time.time())
+    base = ModelCard(id=base_name, created=created, root=base_name, parent=None)
+    adapters = [ModelCard(id=name, created=created, root=base_name, parent=base_name) for name in adapter_names]
+    return ModelList(data=[base, *adapters])
+
+
+def _response(completion: _Completion, chat: ChatResult, with_sources: bool) -> ChatCompletionResponse:
+    result = chat.result
+    return ChatCompletionResponse(
+        id=completion.id,
+        created=completion.created,
+        model=completion.model,
+        choices=[
+            ChatCompletionChoice(
+                message=ChatCompletionMessage(content=result.text), finish_reason=_FINISH_REASONS[result.finish_reason]
+            )
+        ],
+        usage=_usage(result),
+        sources=_sources(chat.sources) if with_sources else None,
+    )
+
+
+async def _chunks(
+    completion: _Completion, stream: PieceStream[ChatResult], *, with_sources: bool, include_usage: bool
+) -> AsyncIterator[str]:
+    yield _chunk(completion, ChoiceDelta(role="assistant", content=""))
+    async for piece in stream.pieces():
+        yield _chunk(completion, ChoiceDelta(content=piece))
+    try:
+        chat = stream.result
+    except AppError as error:
+        yield _event({"error": {"message": error.message, "type": error.code, "code": error.code}})
+        yield _DONE
+        return
+    except Exception:
+        logger.exception("chat completion %s failed while streaming", completion.id)
+        yield _event({"error": {"message": "internal error; the server log has the details", "type": "internal_error"}})
+        yield _DONE
+        return
+    yield _chunk(
+        completion,
+        ChoiceDelta(),
+        finish_reason=_FINISH_REASONS[chat.result.finish_reason],
+        sources=_sources(chat.sources) if with_sources else None,
+    )
+    if include_usage:
+        yield _sse(_base_chunk(completion, choices=[], usage=_usage(chat.result)))
+    yield _DONE
+
+
+def _chunk(
+    completion: _Completion,
+    delta: ChoiceDelta,
+    finish_reason: OpenAIFinishReason | None = None,
+    sources: list[SourceDocument] | None = None,
+) -> str:
+    choice = ChatCompletionChunkChoice(delta=delta, finish_reason=finish_reason)
+    return _sse(_base_chunk(completion, choices=[choice], sources=sources))
+
+
+def _base_chunk(completion: _Completion, **fields: Any) -> ChatCompletionChunk:
+    return ChatCompletionChunk(id=completion.id, created=completion.created, model=completion.model, **fields)
+
+
+def _sse(chunk: ChatCompletionChunk) -> str:
+    return f"data: {chunk.model_dump_json()}\n\n"
+
+
+def _event(data: object) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _usage(result: GenerationResult) -> CompletionUsage:
+    return CompletionUsage(
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        total_tokens=result.prompt_tokens + result.completion_tokens,
+    )
+
+
+def _sources(hits: list[SearchHit]) -> list[SourceDocument]:
+    return [SourceDocument(content=hit.chunk.text, metadata=hit.chunk.metadata, score=hit.score) for hit in hits]

@@ -1,0 +1,319 @@
+"""Request and response models of the OpenAI-compatible API (`/v1/chat/completions`, `/v1/models`).
+
+The responses follow the types of the official `openai` package field for field
+(`openai/types/chat/chat_completion.py`, `chat_completion_chunk.py`, `model.py`), so its client and
+LangChain's `ChatOpenAI` read them as they read OpenAI's. Our additions: the adapter fields of `/ask`,
+`rag` in the request and `sources` in the answer.
+
+Fields the official clients may send and that change nothing here are accepted and ignored; fields asking
+for something this server cannot do (several choices, tools, JSON mode, log-probabilities) are refused
+with 400 `unsupported_parameter` rather than silently dropped. Unknown fields are refused with 422.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+)
+
+from app.api.schemas import AdapterFields, SourceDocument
+from app.errors import BadRequestError, NotFoundError
+from app.llm.base import AdapterSpec, ChatMessage, GenerationParams
+
+MAX_STOP_SEQUENCES = 4
+_ROLES: dict[str, Literal["system", "user", "assistant"]] = {
+    "system": "system",
+    "developer": "system",  # what OpenAI's newer clients call the system message
+    "user": "user",
+    "assistant": "assistant",
+}
+
+
+class UnsupportedParameterError(BadRequestError):
+    """The request asks for an OpenAI feature this server does not provide."""
+
+    code = "unsupported_parameter"
+
+
+class ModelNotFoundError(NotFoundError):
+    """`model` names neither the base model nor a known adapter."""
+
+    code = "model_not_found"
+
+
+def _omit_none(value: object) -> bool:
+    return value is None
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content; only `{"type": "text", "text": ...}` is served."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: StrictStr
+    text: StrictStr | None = None
+
+
+class ChatCompletionMessageParam(BaseModel):
+    """A message of the conversation, as the OpenAI API takes it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: StrictStr = Field(..., description="system (or developer), user or assistant")
+    content: StrictStr | list[ContentPart] | None = Field(
+        None, description='a string, or a list of `{"type": "text", "text": ...}` parts'
+    )
+    name: StrictStr | None = Field(None, description="accepted and ignored")
+    tool_calls: list[dict[str, Any]] | None = Field(None, description="not supported: must be absent or empty")
+    function_call: dict[str, Any] | None = Field(None, description="not supported")
+    tool_call_id: StrictStr | None = Field(None, description="not supported")
+    refusal: StrictStr | None = Field(None, description="accepted and ignored")
+
+    def to_chat_message(self, where: str) -> ChatMessage:
+        role = _ROLES.get(self.role)
+        if role is None:
+            raise UnsupportedParameterError(
+                f"{where}.role is {self.role!r}; this server does not call tools or functions, "
+                "so only system, developer, user and assistant messages are accepted"
+            )
+        if self.tool_calls or self.function_call is not None or self.tool_call_id is not None:
+            raise UnsupportedParameterError(f"{where}: tool and function calls are not supported")
+        if self.content is None:
+            if role != "assistant":
+                raise BadRequestError(f"{where}.content is missing; only assistant messages may leave it out")
+            return {"role": role, "content": ""}
+        if isinstance(self.content, str):
+            return {"role": role, "content": self.content}
+        texts = []
+        for number, part in enumerate(self.content):
+            if part.type != "text" or part.text is None:
+                raise UnsupportedParameterError(
+                    f'{where}.content[{number}] is a {part.type!r} part; only {{"type": "text", "text": ...}} '
+                    "parts are supported (this model reads text only)"
+                )
+            texts.append(part.text)
+        return {"role": role, "content": "\n".join(texts)}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: StrictBool = Field(False, description="true: a last chunk carries the token counts")
+    include_obfuscation: StrictBool | None = Field(None, description="accepted and ignored")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: StrictStr
+
+
+class ChatCompletionRequest(AdapterFields):
+    """A chat completion request as OpenAI's API takes it, plus `rag` and the adapter fields.
+
+    `model` is the base model's name (the base model alone) or an adapter's name (see `GET /v1/models`).
+    `adapter` / `adapter_id` / `lora_adapter_ids` / `adapters`, when given, choose the adapters instead
+    and `model` is then only echoed back.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr = Field(..., min_length=1, description="the base model's name or an adapter's name")
+    messages: list[ChatCompletionMessageParam] = Field(..., min_length=1)
+    temperature: StrictFloat | None = Field(
+        None, ge=0, le=2, allow_inf_nan=False, description="0: greedy; omitted: the server's TEMPERATURE"
+    )
+    top_p: StrictFloat | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="omitted: the server's TOP_P")
+    max_tokens: StrictInt | None = Field(None, ge=1, description="at most the server's MAX_NEW_TOKENS (the default)")
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, description="same as max_tokens; wins when both given")
+    stop: StrictStr | list[StrictStr] | None = Field(None, description=f"up to {MAX_STOP_SEQUENCES} stop strings")
+    stream: StrictBool | None = Field(False, description="true: Server-Sent Events chunks ending with `data: [DONE]`")
+    stream_options: StreamOptions | None = None
+    n: StrictInt | None = Field(None, description="only 1 is supported")
+    rag: StrictBool = Field(
+        False, description="true: answer from the indexed documents and return the passages used as `sources`"
+    )
+
+    # Accepted; they change nothing here (or only their neutral value is accepted).
+    user: StrictStr | None = None
+    seed: StrictInt | None = None
+    presence_penalty: StrictFloat | None = Field(None, description="only 0")
+    frequency_penalty: StrictFloat | None = Field(None, description="only 0")
+    logprobs: StrictBool | None = Field(None, description="only false")
+    top_logprobs: StrictInt | None = Field(None, description="only 0")
+    logit_bias: dict[str, float] | None = Field(None, description="only empty")
+    parallel_tool_calls: StrictBool | None = None
+    store: StrictBool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: StrictStr | None = None
+    safety_identifier: StrictStr | None = None
+    prompt_cache_key: StrictStr | None = None
+
+    # Refused unless absent, empty or neutral: this server cannot honour them.
+    tools: list[dict[str, Any]] | None = Field(None, description="not supported")
+    tool_choice: StrictStr | dict[str, Any] | None = Field(None, description='only "none"')
+    functions: list[dict[str, Any]] | None = Field(None, description="not supported")
+    function_call: StrictStr | dict[str, Any] | None = Field(None, description='only "none"')
+    response_format: ResponseFormat | None = Field(None, description='only {"type": "text"}')
+    modalities: list[StrictStr] | None = Field(None, description='only ["text"]')
+    audio: dict[str, Any] | None = Field(None, description="not supported")
+    prediction: dict[str, Any] | None = Field(None, description="not supported")
+    web_search_options: dict[str, Any] | None = Field(None, description="not supported")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop strings")
+        if any(not text for text in stops):
+            raise ValueError("stop strings must not be empty")
+        return stop
+
+    def refuse_unsupported(self) -> None:
+        """Raise `UnsupportedParameterError` naming the first field asking for what this server cannot do."""
+        problems = {
+            "n": self.n not in (None, 1) and f"n={self.n}: only one choice per request (n=1) is supported",
+            "tools": bool(self.tools) and "tools are not supported: this server does not call tools",
+            "tool_choice": self.tool_choice not in (None, "none") and 'tool_choice: only "none" is supported',
+            "functions": bool(self.functions) and "functions are not supported: this server does not call functions",
+            "function_call": self.function_call not in (None, "none") and 'function_call: only "none" is supported',
+            "response_format": self.response_format is not None
+            and self.response_format.type != "text"
+            and f'response_format {self.response_format.type!r}: only {{"type": "text"}} is supported',
+            "logprobs": bool(self.logprobs) and "logprobs: log-probabilities are not returned by this server",
+            "top_logprobs": bool(self.top_logprobs) and "top_logprobs: log-probabilities are not returned",
+            "presence_penalty": bool(self.presence_penalty) and "presence_penalty: only 0 is supported",
+            "frequency_penalty": bool(self.frequency_penalty) and "frequency_penalty: only 0 is supported",
+            "logit_bias": bool(self.logit_bias) and "logit_bias is not supported",
+            "modalities": self.modalities not in (None, [], ["text"]) and 'modalities: only ["text"] is supported',
+            "audio": self.audio is not None and "audio output is not supported",
+            "prediction": self.prediction is not None and "prediction (predicted outputs) is not supported",
+            "web_search_options": self.web_search_options is not None and "web search is not supported",
+        }
+        for message in problems.values():
+            if message:
+                raise UnsupportedParameterError(message)
+
+    def chat_messages(self) -> list[ChatMessage]:
+        messages = [message.to_chat_message(f"messages[{n}]") for n, message in enumerate(self.messages)]
+        if self.rag and not any(m["role"] == "user" and m["content"].strip() for m in messages):
+            raise BadRequestError("rag: true needs a user message with text to search the documents with")
+        return messages
+
+    def generation_params(self, defaults: GenerationParams) -> GenerationParams:
+        """The sampling settings: the request's, else the server's; `max_tokens` may not exceed the server's."""
+        limit = defaults.max_new_tokens
+        max_tokens = self.max_completion_tokens or self.max_tokens or limit
+        if max_tokens > limit:
+            field = "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
+            raise BadRequestError(
+                f"{field}={max_tokens} is more than this server generates: at most {limit} (MAX_NEW_TOKENS)"
+            )
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        return GenerationParams(
+            max_new_tokens=max_tokens,
+            temperature=defaults.temperature if self.temperature is None else self.temperature,
+            top_p=defaults.top_p if self.top_p is None else self.top_p,
+            stop=tuple(stop),
+        )
+
+    def adapter_choice(self, base_name: str, adapter_names: list[str]) -> AdapterSpec:
+        """The adapter fields when given, else what `model` names: the base model alone or one adapter."""
+        spec = self.adapter_spec()
+        if spec is not None:
+            return spec
+        if self.model == base_name:
+            return ()
+        if self.model in adapter_names:
+            return ((self.model, 1.0),)
+        available = ", ".join([base_name, *adapter_names])
+        raise ModelNotFoundError(f"model {self.model!r} is not served here; available: {available} (GET /v1/models)")
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatCompletionMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+OpenAIFinishReason = Literal["stop", "length"]
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int = 0
+    message: ChatCompletionMessage
+    logprobs: None = None
+    finish_reason: OpenAIFinishReason
+
+
+class ChatCompletionResponse(BaseModel):
+    """A chat completion as OpenAI's API returns it; `sources` only with `rag: true`."""
+
+    id: str = Field(..., description="chatcmpl-...")
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(..., description="Unix time in seconds")
+    model: str = Field(..., description="the `model` of the request")
+    choices: list[ChatCompletionChoice]
+    usage: CompletionUsage
+    sources: list[SourceDocument] | None = Field(
+        default=None, exclude_if=_omit_none, description="with rag: true, the passages the answer was given from"
+    )
+
+
+class ChoiceDelta(BaseModel):
+    role: Literal["assistant"] | None = Field(default=None, exclude_if=_omit_none)
+    content: str | None = Field(default=None, exclude_if=_omit_none)
+
+
+class ChatCompletionChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChoiceDelta
+    logprobs: None = None
+    finish_reason: OpenAIFinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One Server-Sent Event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionChunkChoice]
+    usage: CompletionUsage | None = Field(default=None, exclude_if=_omit_none)
+    sources: list[SourceDocument] | None = Field(default=None, exclude_if=_omit_none)
+
+
+class ModelCard(BaseModel):
+    """A model as OpenAI's API lists it, with vLLM's `root` and `parent` (adapters: `parent` = base)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "lora-rag"
+    root: str = Field(..., description="the base model")
+    parent: str | None = Field(..., description="null for the base model; the base model for an adapter")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
