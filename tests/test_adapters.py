@@ -108,7 +108,7 @@ def test_adapter_is_served_and_changes_the_answer(random_adapter: Path, tmp_path
     assert base_reply.model_used == "base" and adapted_reply.model_used == "lora"
     assert adapted_reply.text and adapted_reply.adapters == "default"
     assert not _next_token_logits(adapted).allclose(_next_token_logits(base), atol=1e-3)
-    assert adapted.describe()["adapters"][0]["rank"] == 8
+    assert adapted.adapter_catalogue()[0]["rank"] == 8 and adapted.describe()["adapters"] == ["default"]
     assert _reply(adapted, ()).model_used == "base"  # the base model alone, on the same instance
 
 
