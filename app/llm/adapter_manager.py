@@ -228,9 +228,9 @@ class AdapterManager:
             raise AdapterError(f"adapter '{record.name}' could not be loaded: {str(error).splitlines()[0]}") from None
         self.model.eval()
         record.loaded, record.loaded_at = True, time.time()
+        self._touch(record.name)
         # Evict after attaching: PEFT cannot delete its only (active) adapter.
         self._make_room((pinned or set()) | {record.name}, limit=self._max_loaded + 1)
-        self._touch(record.name)
         logger.info("adapter %s attached from %s", record.name, record.path)
 
     def _make_room(self, pinned: set[str], limit: int | None = None) -> None:
