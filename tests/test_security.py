@@ -136,6 +136,14 @@ def test_beyond_capacity_and_queue_the_answer_is_a_fast_503(
     assert all(r[2] is not None and r[1] < 2.0 for r in refused)
 
 
+def test_overall_deadline_answers_504(tmp_path: Path, corpus_store: Path, ollama: OllamaWireServer) -> None:
+    ollama.token_delay = 0.5
+    app = _app(tmp_path, corpus_store, ollama, request_timeout_seconds=1.0)
+    with running_server(app) as url:
+        response = httpx.post(f"{url}/ask", json={"query": "ferry?"}, headers=_auth(USER_KEY), timeout=60)
+    assert response.status_code == 504 and "REQUEST_TIMEOUT_SECONDS" in response.json()["message"]
+
+
 def test_network_bind_without_keys_needs_explicit_consent(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("API_HOST", "0.0.0.0")
     with pytest.raises(SettingsError, match="ALLOW_UNAUTHENTICATED"):

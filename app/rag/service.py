@@ -7,13 +7,14 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Literal
 
 import anyio
 
 from app.config import Settings
-from app.errors import AppError, ServiceBusyError, ValidationFailedError, VectorStoreError
+from app.errors import AppError, BackendTimeoutError, ServiceBusyError, ValidationFailedError, VectorStoreError
 from app.llm.adapters import has_adapter_files
 from app.llm.base import (
     AdapterSpec,
@@ -178,7 +179,7 @@ class RAGService:
             backend = await self.models.backend_for(use_lora)
             event["backend"] = backend.name
             async with self._limiter:
-                result = await backend.generate(messages, params, adapters, on_text)
+                result = await self._within_deadline(backend.generate(messages, params, adapters, on_text))
         except AppError as error:
             event.update(status=error.code, latency_ms=round((time.perf_counter() - started) * 1000, 1))
             logger.info(json.dumps(event, ensure_ascii=False))
@@ -193,6 +194,15 @@ class RAGService:
         )
         logger.info(json.dumps(event, ensure_ascii=False))
         return result
+
+    async def _within_deadline(self, generation: Awaitable[GenerationResult]) -> GenerationResult:
+        """REQUEST_TIMEOUT_SECONDS bounds a generation; cancelling it frees its row in the engine."""
+        try:
+            return await asyncio.wait_for(generation, timeout=self._settings.request_timeout_seconds)
+        except TimeoutError:
+            raise BackendTimeoutError(
+                f"the answer took longer than REQUEST_TIMEOUT_SECONDS={self._settings.request_timeout_seconds:g}"
+            ) from None
 
     def _checked_query(self, query: str) -> str:
         query = query.strip()
