@@ -11,6 +11,7 @@ from app.config import EMBEDDED_BASE_MODEL, Settings
 from app.errors import AppError
 from app.llm.adapters import has_adapter_files, inspect_adapter
 from app.llm.model_source import embedded_gguf_path, resolve_embedding_model
+from app.llm.ollama_backend import pulled_model_names
 from app.rag.vector_store import load_store
 
 
@@ -50,13 +51,13 @@ def check_base_model(settings: Settings) -> CheckResult:
 def check_device(settings: Settings) -> CheckResult:
     if settings.device == "cpu":
         return CheckResult("device", True, "cpu")
-    import torch
+    from app.llm.hf_backend import resolve_device
 
-    if torch.cuda.is_available():
-        return CheckResult("device", True, f"{settings.device}: {torch.cuda.get_device_name(0)}")
-    if settings.device == "auto":
-        return CheckResult("device", True, "auto: no CUDA device, the CPU is used")
-    return CheckResult("device", False, "DEVICE=cuda but no CUDA device is available", "set DEVICE=cpu or auto")
+    try:
+        device = resolve_device(settings.device)
+    except AppError as error:
+        return CheckResult("device", False, error.message, "set DEVICE=cpu or auto")
+    return CheckResult("device", True, f"{settings.device}: {device}")
 
 
 def check_adapter(settings: Settings) -> CheckResult:
@@ -95,11 +96,11 @@ def check_ollama(settings: Settings) -> CheckResult:
     try:
         response = httpx.get(f"{url}/api/tags", timeout=settings.ollama_connect_timeout)
         response.raise_for_status()
-        names = {model.get("name") for model in response.json().get("models", [])}
+        names = pulled_model_names(response.json())
     except (httpx.HTTPError, ValueError, AttributeError):
         return CheckResult("Ollama", False, f"not reachable at {url}", "start it with `ollama serve`")
     model = settings.ollama_model
-    if model not in names and f"{model}:latest" not in names:
+    if model not in names:
         return CheckResult("Ollama", False, f"reachable, but {model} is not pulled", f"ollama pull {model}")
     return CheckResult("Ollama", True, f"reachable at {url}, {model} available")
 

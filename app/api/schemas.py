@@ -9,7 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_
 from app.errors import ValidationFailedError
 from app.llm.base import AdapterSpec
 
-
 BASE_ADAPTER = "__base__"
 
 

@@ -185,10 +185,10 @@ def _replay(body: bytes, original: Receive) -> Receive:
 def _as_json(scope: Scope) -> Scope:
     """Bodies are JSON on every route: `curl -d '{...}'` sends form content-type, which would otherwise
     make FastAPI refuse a valid JSON question."""
-    headers = [(k, v) for k, v in scope.get("headers", []) if k != b"content-type"]
     current = dict(scope.get("headers", [])).get(b"content-type", b"")
     if b"json" in current:
         return scope
+    headers = [(k, v) for k, v in scope.get("headers", []) if k != b"content-type"]
     return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
 
 

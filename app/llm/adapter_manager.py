@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.errors import AdapterError, AppError, NotFoundError
-from app.llm.base import AdapterSpec
 from app.llm.adapters import AdapterInfo, check_adapter_fits, has_adapter_files, inspect_adapter
+from app.llm.base import AdapterSpec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -174,8 +174,8 @@ class AdapterManager:
         now = time.time()
         with self._lock:
             for job in runnable:
-                for part in job.adapter_key.split("+"):
-                    record = self._records.get(part.split("*")[0])
+                for name in _component_names(job.adapter_key):
+                    record = self._records.get(name)
                     if record is not None:
                         record.requests_served += 1
                         record.last_used = now
@@ -185,7 +185,7 @@ class AdapterManager:
     def _activate(self, key: str, pinned: set[str]) -> str:
         if key == BASE:
             return BASE
-        if "*" not in key and "+" not in key:
+        if not _is_mix(key):
             record = self.record(key)
             if record is None:
                 raise AdapterNotFoundError(f"adapter '{key}' is not loaded")
@@ -201,7 +201,7 @@ class AdapterManager:
         if peft_name in self._lru:
             self._touch(peft_name)
             return peft_name
-        spec = tuple((part.split("*")[0], float(part.split("*")[1])) for part in key.split("+"))
+        spec = _parse_mix_key(key)
         components = [self._activate(name, pinned | {key}) for name, _ in spec]
         self._make_room(pinned | set(components))
         self.model.add_weighted_adapter(  # type: ignore[operator]
@@ -259,13 +259,22 @@ class AdapterManager:
         self._lru.move_to_end(peft_name)
 
 
+def _is_mix(key: str) -> bool:
+    return "*" in key or "+" in key
+
+
+def _parse_mix_key(key: str) -> AdapterSpec:
+    """The inverse of `spec_key` for a mix: `alpha*0.7+bravo*0.3` -> (("alpha", 0.7), ("bravo", 0.3))."""
+    return tuple((name, float(weight)) for name, _, weight in (part.partition("*") for part in key.split("+")))
+
+
 def _component_names(key: str) -> list[str]:
-    return [part.split("*")[0] for part in key.split("+")]
+    return [part.partition("*")[0] for part in key.split("+")]
 
 
 def _mix_peft_name(key: str) -> str:
     # PEFT adapter names become module keys, which may not contain the '.' of a weight.
-    return "mix_" + hashlib.sha1(key.encode()).hexdigest()[:12] if ("*" in key or "+" in key) else key
+    return "mix_" + hashlib.sha1(key.encode()).hexdigest()[:12] if _is_mix(key) else key
 
 
 def discover_adapters(lora_model_path: Path, adapters_dir: Path, listed: dict[str, Path]) -> dict[str, Path]:

@@ -27,6 +27,12 @@ _THINK_BLOCK = re.compile(r"<think>.*?(</think>\s*|$)", re.DOTALL)
 _HEALTH_TIMEOUT_SECONDS = 3.0
 
 
+def pulled_model_names(tags: Any) -> set[str]:
+    """Model names in an `/api/tags` answer; a name without a tag also answers for `:latest`."""
+    names = {str(model.get("name")) for model in tags.get("models", [])}
+    return names | {name.removesuffix(":latest") for name in names}
+
+
 class OllamaBackend(GenerationBackend):
     """Chat with OLLAMA_MODEL on the server at OLLAMA_BASE_URL."""
 
@@ -120,12 +126,12 @@ class OllamaBackend(GenerationBackend):
             async with httpx.AsyncClient(timeout=_HEALTH_TIMEOUT_SECONDS) as client:
                 response = await client.get(f"{self.base_url}/api/tags")
                 response.raise_for_status()
-                names = {m.get("name") for m in response.json().get("models", [])}
+                names = pulled_model_names(response.json())
         except (httpx.HTTPError, ValueError, AttributeError):
             return ComponentHealth(
                 ok=False, detail=f"not reachable at {self.base_url}: start it with `ollama serve`"
             )
-        if self.model not in names and f"{self.model}:latest" not in names:
+        if self.model not in names:
             return ComponentHealth(ok=False, detail=f"model '{self.model}' not pulled: run `ollama pull {self.model}`")
         return ComponentHealth(ok=True, detail="reachable, model available")
 

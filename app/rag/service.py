@@ -6,8 +6,8 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
