@@ -72,7 +72,9 @@ class Settings(BaseSettings):
     # Retrieval
     embedding_model: str = EMBEDDED_EMBEDDING_MODEL
     vector_store_path: Path = Path("./vector_store")
-    sample_corpus_path: Path = Path("./docs")
+    sample_corpus_path: Path = Field(
+        Path("./docs"), description="documents indexed at first start and by POST /admin/vector-store/rebuild"
+    )
     retrieval_top_k: int = Field(4, ge=1, le=50)
     chunk_size: int = Field(500, ge=50, le=8000, description="characters per chunk")
     chunk_overlap: int = Field(80, ge=0, le=2000)

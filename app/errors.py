@@ -47,6 +47,14 @@ class ConflictError(AppError):
     code = "conflict"
 
 
+class InvalidStoreVersionError(AppError):
+    """A kept vector store version fails its checks (tampered, incomplete, other embedding model),
+    so it cannot be made live."""
+
+    status_code = 409
+    code = "invalid_store_version"
+
+
 class BackendUnavailableError(AppError):
     """The generation backend cannot answer now (Ollama down, model missing, model failed to load)."""
 

@@ -9,13 +9,14 @@ from contextlib import asynccontextmanager
 import anyio
 from fastapi import FastAPI
 
-from app.api import admin_router, ask_router, health_router, model_router, openai_router
+from app.api import admin_router, ask_router, health_router, model_router, openai_router, store_router
 from app.api.errors import install_error_handlers
 from app.api.security import RequestGuard
 from app.config import Settings
 from app.llm.manager import BACKEND_LOADERS, BackendLoader, ModelManager
 from app.rag.embeddings import create_embedder
 from app.rag.service import RAGService, Retriever
+from app.rag.store_admin import VectorStoreAdmin
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ def create_app(settings: Settings, loaders: Mapping[str, BackendLoader] = BACKEN
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = await build_rag_service(settings, loaders)
         app.state.rag_service = service
+        app.state.store_admin = VectorStoreAdmin(settings, service.retriever)
         logger.info("lora-rag ready: active backend %s", service.models.active)
         if not (settings.api_key_list or settings.admin_api_key_list):
             logger.warning("no API keys configured: every caller is trusted (API_HOST=%s)", settings.api_host)
@@ -51,6 +53,6 @@ def create_app(settings: Settings, loaders: Mapping[str, BackendLoader] = BACKEN
     )
     install_error_handlers(app)
     app.add_middleware(RequestGuard, settings=settings)
-    for module in (ask_router, model_router, health_router, admin_router, openai_router):
+    for module in (ask_router, model_router, health_router, admin_router, store_router, openai_router):
         app.include_router(module.router)
     return app

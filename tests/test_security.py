@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from app.api.security import required_role
 from app.config import SettingsError, load_settings
 from app.main import create_app
-from tests.conftest import make_settings, running_server
+from tests.conftest import CORPUS, make_settings, running_server
 from tests.ollama_wire_server import OllamaWireServer
 
 USER_KEY = "user-SENTINEL-6f1c2a"
@@ -53,9 +54,13 @@ def test_every_registered_route_is_guarded(
     tmp_path: Path, corpus_store: Path, ollama: OllamaWireServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    app = _app(tmp_path, corpus_store, ollama)
+    store = tmp_path / "store"  # the admin rebuild below writes to it
+    shutil.copytree(corpus_store, store)
+    app = _app(tmp_path, store, ollama, sample_corpus_path=CORPUS)
     routes = [(method, path.replace("{", "").replace("}", "")) for method, path in _registered(app.routes)]
-    assert len(routes) >= 12
+    assert len(routes) >= 15
+    assert {("POST", "/admin/vector-store/rebuild"), ("GET", "/admin/vector-store/versions"),
+            ("POST", "/admin/vector-store/rollback")} <= set(routes)
     bodies: list[str] = []
     with running_server(app) as url, httpx.Client(base_url=url, timeout=60) as client:
         for method, path in routes:

@@ -5,8 +5,14 @@ from __future__ import annotations
 from fastapi import Request
 
 from app.rag.service import RAGService
+from app.rag.store_admin import VectorStoreAdmin
 
 
 def get_rag_service(request: Request) -> RAGService:
     service: RAGService = request.app.state.rag_service
     return service
+
+
+def get_store_admin(request: Request) -> VectorStoreAdmin:
+    admin: VectorStoreAdmin = request.app.state.store_admin
+    return admin

@@ -142,3 +142,46 @@ class LoadAdapterRequest(BaseModel):
 
 class UnloadAdapterRequest(BaseModel):
     lora_name: StrictStr = Field(..., min_length=1, max_length=64)
+
+
+class RebuildRequest(BaseModel):
+    rebuild: StrictBool = Field(
+        False, description="true: re-embed every document; false: only new and changed ones (unchanged are reused)"
+    )
+
+
+class RebuildResponse(BaseModel):
+    version: str = Field(..., description="the vector store version now answering requests")
+    added: int
+    updated: int
+    removed: int
+    unchanged: int
+    failed: dict[str, str] = Field(..., description="documents that could not be read, with the reason")
+    chunks_embedded: int
+    chunk_count: int
+    seconds: float
+
+
+class StoreVersion(BaseModel):
+    version: str
+    live: bool = Field(..., description="named by CURRENT on disk")
+    created_at: str
+    chunk_count: int | None
+    embedding_model: str
+    problem: str | None = Field(None, description="why the version's manifest cannot be read")
+
+
+class StoreVersionsResponse(BaseModel):
+    current: str | None = Field(..., description="the version CURRENT names on disk")
+    serving: str | None = Field(..., description="the version answering requests")
+    versions: list[StoreVersion] = Field(..., description="kept versions, oldest first")
+
+
+class RollbackRequest(BaseModel):
+    version: StrictStr = Field(..., pattern=r"^v[0-9]{1,12}$", examples=["v000002"])
+
+
+class RollbackResponse(BaseModel):
+    version: str = Field(..., description="the version now live and answering requests")
+    previous: str | None = Field(..., description="the version that answered before")
+    chunk_count: int

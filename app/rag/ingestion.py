@@ -24,7 +24,16 @@ from app.errors import BadRequestError, ConflictError, VectorStoreError
 from app.rag.chunking import chunk_text
 from app.rag.embeddings import EMBED_BATCH_SIZE, Embedder, create_embedder
 from app.rag.loaders import SUPPORTED_SUFFIXES, DocumentReadError, read_document
-from app.rag.vector_store import FileEntry, StoredChunk, VectorStore, build_index, load_store, store_exists, write_store
+from app.rag.vector_store import (
+    FileEntry,
+    StoredChunk,
+    VectorStore,
+    build_index,
+    load_store,
+    store_exists,
+    switch_version,
+    write_store,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -218,15 +227,28 @@ def _dimension(embedder: Embedder) -> int:
 
 
 def ingest_with_settings(
-    settings: Settings, source: Path, *, rebuild: bool = False, show_progress: bool = True
+    settings: Settings,
+    source: Path,
+    *,
+    rebuild: bool = False,
+    show_progress: bool = True,
+    embedder: Embedder | None = None,
 ) -> IngestReport:
-    """Ingest `source` into VECTOR_STORE_PATH with the configured embedder and chunking."""
+    """Ingest `source` into VECTOR_STORE_PATH with the configured chunking and embedder
+    (`embedder`: one already loaded, such as the running server's; None: load the configured one)."""
     return ingest_folder(
         source,
         settings.vector_store_path,
-        create_embedder(settings),
+        embedder or create_embedder(settings),
         chunk_size=settings.chunk_size,
         chunk_overlap=settings.chunk_overlap,
         rebuild=rebuild,
         show_progress=show_progress,
     )
+
+
+def roll_back(store_path: Path, version: str, embedding_model: str) -> VectorStore:
+    """Make a kept version live again, verified first; under the ingestion lock, so no ingestion
+    switches or prunes versions meanwhile (one running: ConflictError)."""
+    with ingestion_lock(store_path):
+        return switch_version(store_path, version, expected_embedding_model=embedding_model)

@@ -70,15 +70,18 @@ class Retriever:
     def store(self) -> VectorStore | None:
         return self._store
 
-    def reload(self) -> None:
-        """Load the store's live version; on failure keep serving the last good one."""
+    def reload(self) -> VectorStore | None:
+        """Load the store's live version and return it; on failure keep serving the last good one
+        and return None (`load_error` says why)."""
         try:
-            self._store = load_store(self.store_path, expected_embedding_model=self.embedder.name)
-            self.load_error = None
-            logger.info("vector store %s loaded: %d chunks", self._store.version, self._store.size)
+            store = load_store(self.store_path, expected_embedding_model=self.embedder.name)
         except VectorStoreError as error:
             self.load_error = error.message
             logger.error("vector store not loaded: %s", error.message)
+            return None
+        self._store, self.load_error = store, None
+        logger.info("vector store %s loaded: %d chunks", store.version, store.size)
+        return store
 
     def search(self, query: str, k: int) -> list[SearchHit]:
         store = self._store

@@ -4,7 +4,8 @@ Layout of VECTOR_STORE_PATH:
     CURRENT              name of the live version folder, replaced atomically
     v000001/ v000002/    index.faiss + docstore.json + manifest.json (sha256 of the other two)
 A version folder is complete before CURRENT names it, so a crash at any point leaves the previous
-version live; a tampered or half-written version is refused on load.
+version live; a tampered or half-written version is refused on load. The last KEEP_VERSIONS versions
+stay on disk, so CURRENT can be pointed back at one of them (`switch_version`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from app.errors import VectorStoreError
+from app.errors import InvalidStoreVersionError, NotFoundError, VectorStoreError
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,11 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(stream.fileno())
 
 
+def _fsync_file(path: Path) -> None:
+    with path.open("rb+") as stream:
+        os.fsync(stream.fileno())
+
+
 def current_version(store_path: Path) -> str | None:
     try:
         name = (store_path / CURRENT_FILE).read_text(encoding="utf-8").strip()
@@ -120,13 +126,18 @@ def store_exists(store_path: Path) -> bool:
 
 def load_store(store_path: Path, expected_embedding_model: str | None = None) -> VectorStore:
     """Load and verify the live version; raise VectorStoreError saying what is wrong."""
-    import faiss
-
     version = current_version(store_path)
     if version is None:
         raise VectorStoreError(
             f"no vector store at {store_path.name}/: build it with `python scripts/ingest.py --source <folder>`"
         )
+    return load_version(store_path, version, expected_embedding_model)
+
+
+def load_version(store_path: Path, version: str, expected_embedding_model: str | None = None) -> VectorStore:
+    """Load and verify one version folder, live or not; raise VectorStoreError saying what is wrong."""
+    import faiss
+
     folder = store_path / version
     try:
         manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
@@ -164,6 +175,7 @@ def write_store(store_path: Path, store: VectorStore) -> str:
     staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=store_path))
     try:
         faiss.write_index(store.index, str(staging / INDEX_FILE))
+        _fsync_file(staging / INDEX_FILE)  # faiss does not sync; the folder must be whole before it is named
         payload = {
             "chunks": [{"text": c.text, "metadata": c.metadata} for c in store.chunks],
             "files": {name: {"sha256": e.sha256, "chunk_ids": e.chunk_ids} for name, e in store.files.items()},
@@ -180,16 +192,76 @@ def write_store(store_path: Path, store: VectorStore) -> str:
         }
         _fsync_write(staging / MANIFEST_FILE, json.dumps(manifest, indent=2).encode("utf-8"))
         staging.chmod(0o755)
+        _fsync_directory(staging)
         staging.rename(store_path / version)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _point_current(store_path, version)
+    _prune_old_versions(store_path, keep=KEEP_VERSIONS)
+    return version
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """A kept version as its manifest describes it; `problem` says why the manifest cannot be read."""
+
+    version: str
+    live: bool
+    created_at: str = ""
+    chunk_count: int | None = None
+    embedding_model: str = ""
+    problem: str | None = None
+
+
+def list_versions(store_path: Path) -> list[VersionInfo]:
+    """The kept version folders, oldest first (their manifests only: checksums are verified on switching)."""
+    live = current_version(store_path)
+    versions = []
+    for folder in _version_folders(store_path):
+        try:
+            manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+            versions.append(
+                VersionInfo(
+                    folder.name,
+                    folder.name == live,
+                    created_at=str(manifest.get("created_at", "")),
+                    chunk_count=int(manifest["chunk_count"]),
+                    embedding_model=str(manifest["embedding_model"]),
+                )
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            problem = f"unreadable manifest ({type(error).__name__})"
+            versions.append(VersionInfo(folder.name, folder.name == live, problem=problem))
+    return versions
+
+
+def switch_version(store_path: Path, version: str, expected_embedding_model: str | None = None) -> VectorStore:
+    """Make a kept version live again: verify it whole, then point CURRENT at it atomically.
+
+    The caller holds the ingestion lock, so no ingestion switches or prunes versions meanwhile."""
+    kept = [folder.name for folder in _version_folders(store_path)]
+    if version not in kept:  # a name, never joined onto the path unchecked
+        raise NotFoundError(f"no vector store version {version!r}; kept versions: {', '.join(kept) or 'none'}")
+    try:
+        store = load_version(store_path, version, expected_embedding_model)
+    except VectorStoreError as error:
+        raise InvalidStoreVersionError(f"version {version} cannot be made live: {error.message}") from None
+    _point_current(store_path, version)
+    return store
+
+
+def _point_current(store_path: Path, version: str) -> None:
+    """Name `version` in CURRENT: readers see the old name or the new one, never a partial file."""
     pointer = store_path / f".{CURRENT_FILE}.tmp"
     _fsync_write(pointer, (version + "\n").encode("utf-8"))
     os.replace(pointer, store_path / CURRENT_FILE)
     _fsync_directory(store_path)
-    _prune_old_versions(store_path, keep=KEEP_VERSIONS)
-    return version
+
+
+def _version_folders(store_path: Path) -> list[Path]:
+    folders = [p for p in store_path.glob("v[0-9]*") if p.is_dir() and p.name[1:].isdigit()]
+    return sorted(folders, key=lambda folder: int(folder.name[1:]))
 
 
 def _next_version(store_path: Path) -> str:
@@ -207,8 +279,7 @@ def _fsync_directory(path: Path) -> None:
 
 def _prune_old_versions(store_path: Path, keep: int) -> None:
     live = current_version(store_path)
-    versions = sorted(p for p in store_path.glob("v[0-9]*") if p.is_dir())
-    for old in versions[:-keep]:
+    for old in _version_folders(store_path)[:-keep]:
         if old.name != live:
             shutil.rmtree(old, ignore_errors=True)
     for leftover in store_path.glob(".writing-*"):

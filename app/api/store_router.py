@@ -1,0 +1,71 @@
+"""Vector store administration (admin key required; see app/api/security.py): rebuild from the
+documents folder, list the kept versions, roll back to one. The service swaps versions without a restart."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends
+
+from app.api.deps import get_store_admin
+from app.api.schemas import (
+    ErrorResponse,
+    RebuildRequest,
+    RebuildResponse,
+    RollbackRequest,
+    RollbackResponse,
+    StoreVersion,
+    StoreVersionsResponse,
+)
+from app.rag.store_admin import VectorStoreAdmin
+
+router = APIRouter(prefix="/admin/vector-store", tags=["admin"])
+Admin = Annotated[VectorStoreAdmin, Depends(get_store_admin)]
+_GUARD_ERRORS = (401, 403, 413, 429)
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse} for status in (*_GUARD_ERRORS, *statuses)}
+
+
+@router.post("/rebuild", response_model=RebuildResponse, responses=_errors(400, 409, 422, 503))
+async def rebuild(admin: Admin, request: Annotated[RebuildRequest | None, Body()] = None) -> RebuildResponse:
+    """Ingest SAMPLE_CORPUS_PATH into a new store version and serve it at once, without a restart.
+
+    Unchanged documents keep their vectors unless `rebuild` is true. While a rebuild, a rollback or
+    `scripts/ingest.py` is writing the store, another one gets 409 `conflict`; questions are answered
+    from the previous version meanwhile."""
+    result = await admin.rebuild(request.rebuild if request else False)
+    report = result.report
+    return RebuildResponse(
+        version=result.serving.version,
+        added=len(report.added),
+        updated=len(report.updated),
+        removed=len(report.removed),
+        unchanged=len(report.unchanged),
+        failed=report.failed,
+        chunks_embedded=report.chunks_embedded,
+        chunk_count=result.serving.size,
+        seconds=round(report.seconds, 3),
+    )
+
+
+@router.get("/versions", response_model=StoreVersionsResponse, responses=_errors())
+async def versions(admin: Admin) -> StoreVersionsResponse:
+    """The kept store versions (oldest first), the one CURRENT names and the one answering requests."""
+    found = admin.versions()
+    return StoreVersionsResponse(
+        current=found.current,
+        serving=found.serving,
+        versions=[StoreVersion(**asdict(version)) for version in found.versions],
+    )
+
+
+@router.post("/rollback", response_model=RollbackResponse, responses=_errors(404, 409, 422, 503))
+async def rollback(admin: Admin, request: RollbackRequest) -> RollbackResponse:
+    """Make a kept version live again. It is verified against its manifest's checksums first: a tampered
+    or incomplete version is refused with 409 `invalid_store_version` and the current one keeps serving;
+    an unknown version is 404."""
+    result = await admin.rollback(request.version)
+    return RollbackResponse(version=result.version, previous=result.previous, chunk_count=result.chunk_count)
