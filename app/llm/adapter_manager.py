@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from app.errors import AdapterError, AppError, NotFoundError
 from app.llm.adapters import AdapterInfo, check_adapter_fits, has_adapter_files, inspect_adapter
 from app.llm.base import AdapterSpec
+from app.llm.merging import WeightMerger
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -66,6 +67,7 @@ class AdapterManager:
         self._mixes: dict[str, AdapterSpec] = {}
         self._lru: OrderedDict[str, None] = OrderedDict()  # attached PEFT adapter names, least recent first
         self._lock = threading.Lock()
+        self._merger = WeightMerger()
 
     # -- catalogue (any thread) ---------------------------------------------------------------
 
@@ -121,6 +123,13 @@ class AdapterManager:
         with self._lock:
             return sorted(self._mixes)
 
+    @property
+    def merged_adapter(self) -> str | None:
+        """The adapter (or mix key) folded into the base weights right now, if any."""
+        merged = self._merger.merged
+        with self._lock:
+            return next((key for key in self._mixes if _mix_peft_name(key) == merged), merged)
+
     def record(self, name: str) -> AdapterRecord | None:
         with self._lock:
             return self._records.get(name)
@@ -159,7 +168,7 @@ class AdapterManager:
 
     def prepare_batch(self, jobs: list[GenerationJob]) -> PreparedBatch:
         """Attach every row's adapter (or mix). Rows whose adapter cannot be had fail alone."""
-        from app.llm.engine import PreparedBatch, fail_job
+        from app.llm.engine import fail_job
 
         wanted = {job.adapter_key for job in jobs}
         names: dict[str, str] = {}
@@ -179,8 +188,27 @@ class AdapterManager:
                     if record is not None:
                         record.requests_served += 1
                         record.last_used = now
-        adapter_names = [names[job.adapter_key] for job in runnable] if hasattr(self.model, "peft_config") else None
-        return PreparedBatch(self.model, runnable, adapter_names)
+        return self._arrange(runnable, [names[job.adapter_key] for job in runnable])
+
+    def _arrange(self, jobs: list[GenerationJob], peft_names: list[str]) -> PreparedBatch:
+        """How the batch runs. One adapter for every row: folded into the weights (the base model's speed) or,
+        where it cannot be merged exactly (int8), the active adapter. No adapter: adapters disabled.
+        Different adapters: unmerged, PEFT's mixed batch with one adapter name per row."""
+        from app.llm.engine import PreparedBatch
+
+        if not hasattr(self.model, "peft_config"):
+            return PreparedBatch(self.model, jobs, None)
+        distinct = set(peft_names)
+        if len(distinct) > 1:
+            self._merger.restore()
+            return PreparedBatch(self.model, jobs, peft_names)
+        only = distinct.pop() if distinct else BASE
+        if only == BASE:
+            self._merger.restore()
+            return PreparedBatch(self.model, jobs, None, self.model.disable_adapter)  # type: ignore[operator]
+        if not self._merger.merge(self.model, only):
+            self.model.set_adapter(only, inference_mode=True)  # type: ignore[operator]
+        return PreparedBatch(self.model, jobs, None)
 
     def _activate(self, key: str, pinned: set[str]) -> str:
         if key == BASE:
@@ -204,6 +232,7 @@ class AdapterManager:
         spec = _parse_mix_key(key)
         components = [self._activate(name, pinned | {key}) for name, _ in spec]
         self._make_room(pinned | set(components))
+        self._merger.restore()
         self.model.add_weighted_adapter(  # type: ignore[operator]
             adapters=components, weights=[w for _, w in spec], adapter_name=peft_name, combination_type="cat"
         )
@@ -215,6 +244,7 @@ class AdapterManager:
 
     def _attach(self, record: AdapterRecord, pinned: set[str] | None = None) -> None:
         check_adapter_fits(self.model, record.info)
+        self._merger.restore()  # PEFT changes the layers below; they must hold the original weights
         try:
             if hasattr(self.model, "peft_config"):
                 self.model.load_adapter(str(record.path), adapter_name=record.name, is_trainable=False)  # type: ignore[operator]
@@ -244,6 +274,7 @@ class AdapterManager:
             logger.info("adapter %s unloaded (least recently used)", victim)
 
     def _detach(self, peft_name: str) -> None:
+        self._merger.restore()
         self._lru.pop(peft_name, None)
         if hasattr(self.model, "peft_config") and peft_name in self.model.peft_config:
             self.model.delete_adapter(peft_name)  # type: ignore[operator]

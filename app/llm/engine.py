@@ -13,6 +13,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -50,11 +51,12 @@ class GenerationJob:
 @dataclass(frozen=True)
 class PreparedBatch:
     """What `prepare` hands back: the model to run, the rows that can run (the others already failed),
-    and each row's PEFT adapter name (None when the model has no adapters)."""
+    each row's PEFT adapter name (None when every row runs the same weights) and a context to generate in."""
 
     model: PreTrainedModel
     jobs: list[GenerationJob]
     adapter_names: list[str] | None
+    context: Callable[[], AbstractContextManager[Any]] = nullcontext
 
 
 class GenerationEngine:
@@ -173,7 +175,7 @@ class GenerationEngine:
                 do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                 logits_processor=[_PerRowSampling(jobs, device)],
             )
-        with torch.inference_mode():
+        with torch.inference_mode(), prepared.context():
             prepared.model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),

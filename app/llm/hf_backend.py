@@ -221,6 +221,7 @@ class HFLoraBackend(GenerationBackend):
             "dtype": facts.dtype,
             "quantization": facts.quantization,
             "default_adapter": self.adapters.default_name,
+            "merged_adapter": self.adapters.merged_adapter,
             "adapters": self.adapters.names(),
             "adapter_errors": dict(self.adapter_errors),
         }
