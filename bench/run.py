@@ -1,136 +1,131 @@
-"""Benchmarks of the local backend, printed as a markdown table and written to bench/results/*.json.
+"""Benchmarks of lora-rag: one command, a markdown table on stdout, JSON in bench/results/.
 
-    python bench/run.py            # adapter change vs reload, LoRA decode overhead
+    python bench/run.py                 # every section (about 10 minutes on 2 cores), -> bench/results/latest.json
+    python bench/run.py --quick         # tiny sizes, a smoke run (-> bench/results/quick.json)
+    python bench/run.py --only 3,7      # some sections
+    python bench/run.py --update-doc    # also write the table into docs/performance.md
 
-Absolute times on a shared 2-core machine are noisy: compare the ratios, measured in the same run.
+Sections: 1 adapter change vs reload, 2 LoRA decode overhead, 3 many clients on many adapters (live server),
+4 decode vs llama.cpp (when installed: bash bench/setup_peer.sh), 5 retrieval latency, 6 ingestion throughput,
+7 /ask end to end streamed, with the server's peak RSS (live server).
+Absolute times on a shared machine are noisy: compare the ratios, which are measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import platform
-import statistics
+import signal
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.config import Settings  # noqa: E402
-from app.llm.base import GenerationParams  # noqa: E402
-from app.llm.hf_backend import HFLoraBackend  # noqa: E402
-from app.llm.model_source import resolve_base_model  # noqa: E402
+from bench import backend_bench, retrieval_bench, serving_bench  # noqa: E402
+from bench.common import (  # noqa: E402
+    REPO_ROOT,
+    RESULTS_DIR,
+    Context,
+    Row,
+    SectionResult,
+    as_json,
+    machine,
+    markdown_table,
+)
 
-MESSAGES = [{"role": "user", "content": "Explain in two sentences what a vector store is."}]
-
-
-def _random_adapter(base: str, folder: Path, seed: int) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.01)
-    model.save_pretrained(folder)
-    return folder
-
-
-def _timed(backend: HFLoraBackend, params: GenerationParams, adapters: tuple | None) -> tuple[float, int]:
-    started = time.perf_counter()
-    result = asyncio.run(backend.generate(MESSAGES, params, adapters))  # type: ignore[arg-type]
-    return time.perf_counter() - started, result.completion_tokens
+SECTIONS: dict[int, tuple[str, Callable[[Context], SectionResult]]] = {
+    1: ("adapter change vs reload", backend_bench.adapter_change),
+    2: ("LoRA decode overhead", backend_bench.lora_overhead),
+    3: ("many clients, many adapters (live server)", serving_bench.many_adapters),
+    4: ("decode vs llama.cpp", backend_bench.llamacpp),
+    5: ("retrieval latency", retrieval_bench.retrieval),
+    6: ("ingestion throughput", retrieval_bench.ingestion),
+    7: ("/ask end to end (live server)", serving_bench.ask_end_to_end),
+}
+# In-process sections first, the live server's last, so the server never competes with them for the cores.
+RUN_ORDER = (5, 6, 1, 2, 4, 3, 7)
+DOC = REPO_ROOT / "docs" / "performance.md"
+DOC_BEGIN, DOC_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
-def adapter_change(settings: Settings, repeats: int) -> dict[str, float]:
-    """A request on adapter B right after one on A (both in memory) vs reloading base + adapter from disk."""
-    backend = HFLoraBackend.load(settings)
-    params = GenerationParams(max_new_tokens=8, temperature=0.0, top_p=1.0)
-    _timed(backend, params, (("a", 1.0),))
-    switched = []
-    for _ in range(repeats):
-        _timed(backend, params, (("a", 1.0),))
-        switched.append(_timed(backend, params, (("b", 1.0),))[0])
-    same = [_timed(backend, params, (("a", 1.0),))[0] for _ in range(repeats)]
-    asyncio.run(backend.close())
-    reloads = []
-    for _ in range(max(2, repeats // 3)):
-        started = time.perf_counter()
-        fresh = HFLoraBackend.load(settings.model_copy(update={"lora_adapters": f"b={settings.named_adapters['b']}"}))
-        _timed(fresh, params, (("b", 1.0),))
-        reloads.append(time.perf_counter() - started)
-        asyncio.run(fresh.close())
-    return {"request_after_other_adapter_s": statistics.median(switched),
-            "request_same_adapter_s": statistics.median(same),
-            "reload_then_request_s": statistics.median(reloads)}
+def _sections(text: str) -> list[int]:
+    numbers = [int(part) for part in text.split(",") if part.strip()]
+    unknown = [number for number in numbers if number not in SECTIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"no section {unknown}; sections are {sorted(SECTIONS)}")
+    return numbers
 
 
-def decode_speed(settings: Settings, tokens: int) -> dict[str, float]:
-    """Decode tokens/s at batch 1: base model, adapter unmerged, adapter merged into the weights."""
-    backend = HFLoraBackend.load(settings)
-    params = GenerationParams(max_new_tokens=tokens, temperature=0.0, top_p=1.0)
-    results = {}
-    for label, spec in (("base", ()), ("adapter_unmerged", (("a", 1.0),))):
-        _timed(backend, params, spec)  # warm-up
-        seconds, count = _timed(backend, params, spec)
-        results[label] = count / seconds
-    model = backend.adapters.model
-    asyncio.run(backend.close())
-    merged = model.merge_and_unload(adapter_names=["a"])
-    import torch
-    from transformers import AutoTokenizer
+def machine_line(facts: dict[str, object]) -> str:
+    return (f"{facts['cpu']}, {facts['cores_usable']} cores usable, {facts['memory_gb']} GB RAM, "
+            f"{facts['os']}, Python {facts['python']}, torch {facts['torch']} ({facts['torch_threads']} threads)")
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(settings.base_model_name, settings.cache_dir))
-    ids = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.inference_mode():
-        merged.generate(**ids, max_new_tokens=4, do_sample=False)
-        started = time.perf_counter()
-        out = merged.generate(**ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-    results["adapter_merged"] = (out.shape[1] - ids["input_ids"].shape[1]) / (time.perf_counter() - started)
-    return results
+
+def update_doc(command: str, when: str, facts: dict[str, object], load_end: float, table: str) -> None:
+    text = DOC.read_text(encoding="utf-8")
+    if DOC_BEGIN not in text or DOC_END not in text:
+        raise SystemExit(f"{DOC} has no {DOC_BEGIN} ... {DOC_END} block to replace")
+    block = (f"{DOC_BEGIN}\nCommand: `{command}`, {when}.\n\nMachine: {machine_line(facts)}; load average "
+             f"{facts['load_average_1min']} at the start, {load_end:.2f} at the end.\n\n{table}\n{DOC_END}")
+    head, rest = text.split(DOC_BEGIN, 1)
+    DOC.write_text(head + block + rest.split(DOC_END, 1)[1], encoding="utf-8")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=6)
-    parser.add_argument("--tokens", type=int, default=48, help="tokens decoded per speed measurement")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks every section works (a minute or two)")
+    parser.add_argument("--only", type=_sections, default=list(SECTIONS), metavar="N,N",
+                        help="sections to run, e.g. 3,7 (default: all)")
+    parser.add_argument("--out", type=Path, help="JSON file (default bench/results/latest.json, quick.json with --quick)")
+    parser.add_argument("--update-doc", action="store_true", help=f"write the table into {DOC.relative_to(REPO_ROOT)}")
     args = parser.parse_args()
-    base = resolve_base_model("embedded:SmolLM2-135M-Instruct", None)
-    with tempfile.TemporaryDirectory() as scratch:
-        folder = Path(scratch)
-        adapters = f"a={_random_adapter(base, folder / 'a', 1)},b={_random_adapter(base, folder / 'b', 2)}"
-        settings = Settings(_env_file=None, lora_model_path=folder / "none", lora_adapters_dir=folder / "none",
-                            lora_adapters=adapters, batch_window_ms=0)
-        change = adapter_change(settings, args.repeats)
-        speed = decode_speed(settings, args.tokens)
-    overhead = change["request_after_other_adapter_s"] - change["request_same_adapter_s"]
-    reload_cost = change["reload_then_request_s"] - change["request_same_adapter_s"]
-    rows = [
-        ("adapter change: request on B after A (in memory)", f"{change['request_after_other_adapter_s']*1000:.0f} ms"),
-        ("same request, no change", f"{change['request_same_adapter_s']*1000:.0f} ms"),
-        ("naive: reload base + adapter, then request", f"{change['reload_then_request_s']*1000:.0f} ms"),
-        ("cost of a reload (reload+request minus request)", f"{reload_cost*1000:.0f} ms"),
-        ("cost of an adapter change (difference of medians; noise-level)", f"{overhead*1000:+.0f} ms"),
-        ("decode batch 1, base (tok/s)", f"{speed['base']:.1f}"),
-        ("decode batch 1, adapter unmerged (tok/s)", f"{speed['adapter_unmerged']:.1f}"),
-        ("decode batch 1, adapter merged (tok/s)", f"{speed['adapter_merged']:.1f}"),
-        ("unmerged / merged", f"{speed['adapter_unmerged'] / speed['adapter_merged']:.2f}"),
-    ]
-    print(f"machine: {platform.machine()}, {platform.processor() or platform.platform()}, bfloat16 weights\n")
-    print("| measure | value |\n|---|---|")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "latest.json").write_text(json.dumps({"adapter_change": change, "decode_tok_s": speed}, indent=2))
-    return 0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the live server is stopped on SIGTERM too
+
+    command = "python bench/run.py " + " ".join(sys.argv[1:])
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    facts = machine()
+    print(f"machine: {machine_line(facts)}; load average {facts['load_average_1min']}", flush=True)
+    results: list[SectionResult] = []
+    failed: dict[int, str] = {}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lora-rag-bench-") as scratch:
+        context = Context(quick=args.quick, scratch=Path(scratch))
+        with context.stack:
+            for number in (n for n in RUN_ORDER if n in args.only):
+                title, section = SECTIONS[number]
+                print(f"==> {number}. {title}", flush=True)
+                section_started = time.perf_counter()
+                try:
+                    result = section(context)
+                except Exception as error:  # one broken section must not cost the others
+                    traceback.print_exc()
+                    failed[number] = f"{type(error).__name__}: {error}"
+                    result = SectionResult(number, title, {"error": failed[number]},
+                                           [Row(str(number), title, "FAILED", verdict="NOT met",
+                                                note=failed[number].splitlines()[0][:200])])
+                result.seconds = time.perf_counter() - section_started
+                print(f"    {result.seconds:.0f} s", flush=True)
+                results.append(result)
+    results.sort(key=lambda result: result.number)
+    load_end = machine()["load_average_1min"]
+    table = markdown_table([row for result in results for row in result.rows])
+    print(f"\n{table}\n")
+    payload = {"command": command, "quick": args.quick, "started_at": when, "machine": facts,
+               "load_average_end": load_end, "total_seconds": round(time.perf_counter() - started, 1),
+               "sections": {str(result.number): as_json(result) for result in results}, "failed": failed}
+    out = args.out or RESULTS_DIR / ("quick.json" if args.quick else "latest.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    print(f"written: {out} ({payload['total_seconds']:.0f} s in all)")
+    if args.update_doc:
+        update_doc(command, when, facts, float(load_end), table)
+        print(f"written: {DOC}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,191 @@
+"""Sections measured in this process through the HF backend's own API (`HFLoraBackend.generate`, the path the
+service takes), so whatever the engine does with adapters (unmerged, merged on the fly) is what is timed.
+
+1. adapter change vs reload    2. LoRA decode overhead    4. decode speed vs llama.cpp
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import peer_llamacpp
+from bench.common import MESSAGES, Context, Row, SectionResult, memory_read_gbs, ms, verdict
+
+GREEDY = {"temperature": 0.0, "top_p": 1.0}
+
+
+def _load(settings: Any) -> Any:
+    from app.llm.hf_backend import HFLoraBackend
+
+    return HFLoraBackend.load(settings)
+
+
+def _close(backend: Any) -> None:
+    asyncio.run(backend.close())
+
+
+def _timed(backend: Any, tokens: int, adapters: tuple[tuple[str, float], ...]) -> tuple[float, int]:
+    """Seconds and completion tokens of one batch-1 request of `tokens` greedy tokens."""
+    from app.llm.base import GenerationParams
+
+    params = GenerationParams(max_new_tokens=tokens, **GREEDY)
+    started = time.perf_counter()
+    result = asyncio.run(backend.generate(MESSAGES, params, adapters))
+    return time.perf_counter() - started, result.completion_tokens
+
+
+def _rate(backend: Any, tokens: int, adapters: tuple[tuple[str, float], ...]) -> tuple[float, int]:
+    seconds, count = _timed(backend, tokens, adapters)
+    return count / seconds, count
+
+
+def adapter_change(ctx: Context) -> SectionResult:
+    """A request on adapter B right after one on A (both in memory) vs reloading base + B from disk."""
+    repeats = ctx.size(6, 2)
+    tokens = 8
+    settings = ctx.backend_settings()
+    backend = _load(settings)
+    try:
+        _timed(backend, tokens, (("a", 1.0),))
+        switched, same = [], []
+        for _ in range(repeats):
+            _timed(backend, tokens, (("a", 1.0),))
+            switched.append(_timed(backend, tokens, (("b", 1.0),))[0])
+            same.append(_timed(backend, tokens, (("b", 1.0),))[0])
+    finally:
+        _close(backend)
+    reloads = []
+    only_b = settings.model_copy(update={"lora_adapters": f"b={ctx.adapters()['b']}"})
+    for _ in range(max(2, repeats // 3)):
+        started = time.perf_counter()
+        fresh = _load(only_b)
+        try:
+            _timed(fresh, tokens, (("b", 1.0),))
+        finally:
+            _close(fresh)
+        reloads.append(time.perf_counter() - started)
+    data = {"tokens_per_request": tokens, "repeats": repeats,
+            "request_after_other_adapter_s": statistics.median(switched),
+            "request_same_adapter_s": statistics.median(same),
+            "reload_then_request_s": statistics.median(reloads)}
+    ratio = data["reload_then_request_s"] / data["request_after_other_adapter_s"]
+    data["reload_over_switch"] = ratio
+    rows = [
+        Row("1", "request on adapter B right after A (both in memory)", ms(data["request_after_other_adapter_s"]),
+            note=f"{tokens} tokens; median of {repeats}"),
+        Row("1", "same request, adapter unchanged", ms(data["request_same_adapter_s"]),
+            note="the difference to the row above is the cost of a change"),
+        Row("1", "reload base + adapter B from disk, then the request", ms(data["reload_then_request_s"]),
+            note=f"median of {len(reloads)}"),
+        Row("1", "reload / in-memory change", f"{ratio:.0f}x", ">= 100x", verdict(ratio >= 100)),
+    ]
+    return SectionResult(1, "Adapter change", data, rows)
+
+
+def _merged_model_folder(ctx: Context, adapter: str) -> Path:
+    """Adapter `adapter` merged into the base weights and saved as a plain model folder (the reference a
+    LoRA-serving path should come close to)."""
+    folder = ctx.scratch / f"merged-{adapter}"
+    if (folder / "config.json").is_file():
+        return folder
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ctx.base_model), str(ctx.adapters()[adapter]))
+    model.merge_and_unload().save_pretrained(folder)
+    AutoTokenizer.from_pretrained(ctx.base_model).save_pretrained(folder)
+    return folder
+
+
+def _weight_bytes(backend: Any) -> int:
+    """Bytes of weights a decode step reads (tied embeddings counted once: as the LM head)."""
+    model = backend.adapters.model
+    return sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+
+
+def lora_overhead(ctx: Context) -> SectionResult:
+    """Decode tokens/s at batch 1: base model, adapter `a` active, `a` merged into the weights."""
+    repeats = ctx.size(3, 1)
+    tokens = ctx.size(64, 12)
+    served = _load(ctx.backend_settings())
+    merged = _load(ctx.backend_settings(base_model_name=str(_merged_model_folder(ctx, "a")), lora_adapters=""))
+    variants = {"base": (served, ()), "adapter_active": (served, (("a", 1.0),)), "adapter_merged": (merged, ())}
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    try:
+        for backend, spec in variants.values():
+            _timed(backend, 4, spec)  # warm-up
+        for _ in range(repeats):  # interleaved, so a noisy moment hits every variant alike
+            for name, (backend, spec) in variants.items():
+                rates[name].append(_rate(backend, tokens, spec)[0])
+        weight_bytes = _weight_bytes(merged)
+        dtype = merged.facts.dtype
+    finally:
+        _close(served)
+        _close(merged)
+    bandwidth = memory_read_gbs()
+    data: dict[str, Any] = {name: statistics.median(values) for name, values in rates.items()}
+    data.update(tokens=tokens, repeats=repeats, all_runs=rates, weight_mb=weight_bytes / 1e6, dtype=dtype,
+                memory_read_gbs=bandwidth, bandwidth_bound_tok_s=bandwidth * 1e9 / weight_bytes)
+    ratio = data["adapter_active"] / data["adapter_merged"]
+    data["active_over_merged"] = ratio
+    bound = (f"ceiling {data['bandwidth_bound_tok_s']:.0f} tok/s = {bandwidth:.1f} GB/s read / "
+             f"{data['weight_mb']:.0f} MB of {dtype} weights per token")
+    rows = [
+        Row("2", "decode batch 1, base model", f"{data['base']:.1f} tok/s", note=bound),
+        Row("2", "decode batch 1, adapter active (served path)", f"{data['adapter_active']:.1f} tok/s"),
+        Row("2", "decode batch 1, adapter merged into the weights", f"{data['adapter_merged']:.1f} tok/s"),
+        Row("2", "active adapter / merged", f"{ratio:.2f}", ">= 0.90", verdict(ratio >= 0.90),
+            note=f"{tokens} tokens, median of {repeats}"),
+    ]
+    return SectionResult(2, "LoRA overhead", data, rows)
+
+
+def llamacpp(ctx: Context) -> SectionResult:
+    """Our batch-1 decode vs llama.cpp's on the same GGUF weights, same prompt and token count, 2 threads."""
+    title = "Decode vs llama.cpp"
+    if not peer_llamacpp.installed():
+        why = f"not installed: {peer_llamacpp.INSTALL_COMMAND}"
+        return SectionResult(4, title, {"skipped": why},
+                             [Row("4", "ours / llama.cpp decode tok/s, batch 1", "skipped", ">= 0.5", "", why)])
+    from transformers import AutoTokenizer
+
+    from app.llm.model_source import embedded_gguf_path
+
+    repeats = ctx.size(3, 1)
+    tokens = ctx.size(64, 12)
+    threads = 2
+    gguf = embedded_gguf_path()
+    prompt = AutoTokenizer.from_pretrained(ctx.base_model).apply_chat_template(
+        MESSAGES, add_generation_prompt=True, tokenize=False)
+    peer = peer_llamacpp.LlamaCppPeer(gguf, threads)
+    ours = _load(ctx.backend_settings(num_threads=threads))
+    rates: dict[str, list[float]] = {"ours_base": [], "ours_adapter": [], "llamacpp": []}
+    try:
+        _timed(ours, 4, ())
+        peer.decode_rate(prompt, 4)
+        for _ in range(repeats):
+            rate, count = _rate(ours, tokens, ())
+            rates["ours_base"].append(rate)
+            rates["ours_adapter"].append(_rate(ours, count, (("a", 1.0),))[0])
+            rates["llamacpp"].append(peer.decode_rate(prompt, count)[0])
+        dtype = ours.facts.dtype
+    finally:
+        _close(ours)
+    data: dict[str, Any] = {name: statistics.median(values) for name, values in rates.items()}
+    data.update(all_runs=rates, tokens=tokens, threads=threads, gguf=gguf.name, gguf_mb=gguf.stat().st_size / 1e6,
+                llama_cpp_python=peer_llamacpp.version(), ours_dtype=dtype)
+    ratio = data["ours_base"] / data["llamacpp"]
+    data["ours_over_llamacpp"] = ratio
+    rows = [
+        Row("4", f"llama.cpp {peer_llamacpp.version()} decode batch 1 ({gguf.name}, {threads} threads)",
+            f"{data['llamacpp']:.1f} tok/s", note=f"reads {data['gguf_mb']:.0f} MB of 4-bit weights per token"),
+        Row("4", f"ours, base model ({dtype}, {threads} threads)", f"{data['ours_base']:.1f} tok/s"),
+        Row("4", "ours, adapter active", f"{data['ours_adapter']:.1f} tok/s"),
+        Row("4", "ours / llama.cpp", f"{ratio:.2f}", ">= 0.5", verdict(ratio >= 0.5),
+            note=f"greedy, same prompt and token count, median of {repeats}"),
+    ]
+    return SectionResult(4, title, data, rows)

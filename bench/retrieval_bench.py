@@ -1,0 +1,94 @@
+"""5. top-4 search latency through the store the server loads (write_store + load_store + VectorStore.search);
+6. ingestion throughput of ingest_folder with the real embedded MiniLM embedder."""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import numpy as np
+
+from bench.common import Context, Row, SectionResult, distribution, ms, verdict
+
+DIMENSION = 384
+TOP_K = 4
+
+
+def _store_of(ctx: Context, count: int, rng: np.random.Generator) -> Any:
+    """A store of `count` random unit vectors, written and loaded the way the server loads its store."""
+    from app.rag.vector_store import StoredChunk, VectorStore, build_index, load_store, write_store
+
+    vectors = rng.standard_normal((count, DIMENSION), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    chunks = [StoredChunk(text=f"chunk {i}", metadata={"source": "bench", "chunk_index": i}) for i in range(count)]
+    folder = ctx.scratch / f"store-{count}"
+    write_store(folder, VectorStore(build_index(vectors, DIMENSION), chunks, {}, "bench-random"))
+    return load_store(folder)
+
+
+def retrieval(ctx: Context) -> SectionResult:
+    queries = ctx.size(500, 60)
+    rng = np.random.default_rng(0)
+    data: dict[str, Any] = {"dimension": DIMENSION, "top_k": TOP_K, "queries": queries}
+    rows = []
+    for count in (2_000, 100_000):
+        store = _store_of(ctx, count, rng)
+        probes = rng.standard_normal((queries, DIMENSION), dtype=np.float32)
+        probes /= np.linalg.norm(probes, axis=1, keepdims=True)
+        for probe in probes[:5]:  # warm-up
+            store.search(probe, TOP_K)
+        seconds = []
+        for probe in probes:
+            started = time.perf_counter()
+            hits = store.search(probe, TOP_K)
+            seconds.append(time.perf_counter() - started)
+            assert len(hits) == TOP_K
+        stats = distribution(seconds)
+        data[str(count)] = stats
+        target = count == 100_000
+        rows.append(Row("5", f"top-{TOP_K} search, {count:,} chunks x {DIMENSION}-d: p50 / p99",
+                        f"{ms(stats['p50'])} / {ms(stats['p99'])}", "p50 <= 10 ms" if target else "",
+                        verdict(stats["p50"] <= 0.010) if target else "",
+                        "exact (flat) inner product, 1 thread, as served" if target else f"{queries} queries"))
+        del store
+    return SectionResult(5, "Retrieval", data, rows)
+
+
+WORDS = ("adapter", "vector", "store", "request", "model", "batch", "token", "server", "memory", "latency",
+         "document", "chunk", "embedding", "index", "query", "answer", "weight", "merge", "queue", "thread")
+
+
+def _document_folder(ctx: Context, files: int, paragraphs: int) -> Any:
+    """`files` text files of `paragraphs` ~450-character paragraphs each (about one chunk per paragraph)."""
+    chooser = random.Random(0)
+    folder = ctx.scratch / "ingest-docs"
+    folder.mkdir(parents=True, exist_ok=True)
+    for number in range(files):
+        text = "\n\n".join(
+            " ".join(chooser.choice(WORDS) for _ in range(64)).capitalize() + "." for _ in range(paragraphs))
+        (folder / f"doc{number:03d}.txt").write_text(text, encoding="utf-8")
+    return folder
+
+
+def ingestion(ctx: Context) -> SectionResult:
+    from app.config import Settings
+    from app.rag.embeddings import create_embedder
+    from app.rag.ingestion import ingest_folder
+
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    folder = _document_folder(ctx, files=ctx.size(40, 6), paragraphs=10)
+    started = time.perf_counter()
+    embedder = create_embedder(settings)
+    embedder.embed(["warm-up"])
+    load_seconds = time.perf_counter() - started
+    report = ingest_folder(folder, ctx.scratch / "ingest-store", embedder, chunk_size=settings.chunk_size,
+                           chunk_overlap=settings.chunk_overlap, rebuild=True, show_progress=False)
+    rate = report.chunks_embedded / report.seconds
+    data = {"files": len(report.added), "chunks": report.chunks_embedded, "seconds": report.seconds,
+            "chunks_per_s": rate, "embedder_load_s": load_seconds, "chunk_size": settings.chunk_size,
+            "embedding_model": settings.embedding_model}
+    rows = [Row("6", f"ingestion: {report.chunks_embedded} chunks of <= {settings.chunk_size} chars, embedded + indexed",
+                f"{rate:.1f} chunks/s", ">= 50 chunks/s", verdict(rate >= 50),
+                f"MiniLM-L6 on the CPU; {report.seconds:.1f} s for {len(report.added)} files")]
+    return SectionResult(6, "Ingestion", data, rows)

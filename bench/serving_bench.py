@@ -1,0 +1,89 @@
+"""Sections against the live server (uvicorn subprocess on loopback, HF backend, adapters a..d):
+3. many clients on many adapters vs the same requests one by one;  7. /ask end to end, streamed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.clients import ask_payloads, run_clients, summarise
+from bench.common import ADAPTER_NAMES, Context, Row, SectionResult, ms, verdict
+from bench.live_server import LiveServer, bench_env
+
+CLIENTS = 8
+
+
+def max_new_tokens(ctx: Context) -> int:
+    return ctx.size(48, 8)
+
+
+def live_server(ctx: Context) -> LiveServer:
+    """One server for every live section of the run, started on first use, stopped when the run ends."""
+    def start() -> LiveServer:
+        adapters_dir = next(iter(ctx.adapters().values())).parent
+        env = bench_env(ctx.scratch, adapters_dir, MAX_NEW_TOKENS=max_new_tokens(ctx),
+                        MAX_CONCURRENT_GENERATIONS=CLIENTS, MAX_BATCH_SIZE=CLIENTS, MAX_QUEUED_REQUESTS=64)
+        server = ctx.stack.enter_context(LiveServer(env, ctx.scratch / "server"))
+        outcomes, _ = run_clients(server.url, ask_payloads(len(ADAPTER_NAMES), ADAPTER_NAMES), 1)  # warm-up
+        if not all(outcome.ok for outcome in outcomes):
+            raise RuntimeError(f"warm-up requests failed: {outcomes}\n{server.log_tail()}")
+        return server
+
+    server: LiveServer = ctx.shared("live_server", start)
+    return server
+
+
+def _latency(summary: dict[str, Any], key: str = "latency_s") -> str:
+    stats = summary[key]
+    return f"{ms(stats['p50'])} / {ms(stats['p95'])}" if stats else "-"
+
+
+def _check(summary: dict[str, Any], what: str) -> None:
+    if summary["ok"] != summary["requests"]:
+        raise RuntimeError(f"{what}: {summary['requests'] - summary['ok']} requests failed: "
+                           f"statuses {summary['statuses']}, errors {summary['errors']}")
+
+
+def many_adapters(ctx: Context) -> SectionResult:
+    """`CLIENTS` concurrent clients over adapters a..d vs the same requests sent one at a time."""
+    server = live_server(ctx)
+    payloads = ask_payloads(ctx.size(32, 8), ADAPTER_NAMES)
+    sequential = summarise(*run_clients(server.url, payloads, 1))
+    concurrent = summarise(*run_clients(server.url, payloads, CLIENTS))
+    _check(sequential, "one by one")
+    _check(concurrent, f"{CLIENTS} clients")
+    ratio = concurrent["requests_per_s"] / sequential["requests_per_s"]
+    data = {"requests": len(payloads), "clients": CLIENTS, "adapters": list(ADAPTER_NAMES),
+            "max_new_tokens": max_new_tokens(ctx), "one_by_one": sequential, "concurrent": concurrent,
+            "throughput_ratio": ratio}
+    note = f"{len(payloads)} /ask requests, adapters {','.join(ADAPTER_NAMES)} in turn, <= {max_new_tokens(ctx)} tokens"
+    rows = [
+        Row("3", "one by one: requests/s; latency p50 / p95",
+            f"{sequential['requests_per_s']:.2f}; {_latency(sequential)}", note=note),
+        Row("3", f"{CLIENTS} clients: requests/s; latency p50 / p95",
+            f"{concurrent['requests_per_s']:.2f}; {_latency(concurrent)}",
+            note=f"{concurrent['completion_tokens_per_s']:.1f} vs {sequential['completion_tokens_per_s']:.1f} "
+                 f"generated tok/s; prompts {sequential['mean_prompt_tokens']:.0f} tokens on average"),
+        Row("3", f"throughput {CLIENTS} clients / one by one", f"{ratio:.2f}x", ">= 3x", verdict(ratio >= 3)),
+    ]
+    return SectionResult(3, "Many clients, many adapters", data, rows)
+
+
+def ask_end_to_end(ctx: Context) -> SectionResult:
+    """Streamed /ask at 1, 4 and 8 clients: time to the first piece and to the end; the server's peak RSS."""
+    server = live_server(ctx)
+    per_client = ctx.size(3, 1)
+    data: dict[str, Any] = {"max_new_tokens": max_new_tokens(ctx), "requests_per_client": per_client}
+    rows = []
+    for clients in (1, 4, 8):
+        payloads = ask_payloads(max(clients * per_client, ctx.size(4, 1)), ADAPTER_NAMES)
+        summary = summarise(*run_clients(server.url, payloads, clients, stream=True))
+        _check(summary, f"{clients} streaming clients")
+        data[f"clients_{clients}"] = summary
+        rows.append(Row("7", f"/ask streamed, {clients} client{'s' if clients > 1 else ''}: first token p50 / p95; "
+                        "total p50 / p95", f"{_latency(summary, 'first_piece_s')}; {_latency(summary)}",
+                        note=f"{summary['requests']} requests, {summary['requests_per_s']:.2f} req/s"))
+    memory = server.memory()
+    data["server_memory_mb"] = memory
+    rows.append(Row("7", "server peak RSS (VmHWM, whole run)", f"{memory['peak_rss_mb']:.0f} MiB",
+                    note=f"now {memory['rss_mb']:.0f} MiB; model, embedder, store, 4 adapters"))
+    return SectionResult(7, "/ask end to end", data, rows)
