@@ -163,29 +163,38 @@ def llamacpp(ctx: Context) -> SectionResult:
         MESSAGES, add_generation_prompt=True, tokenize=False)
     peer = peer_llamacpp.LlamaCppPeer(gguf, threads)
     ours = _load(ctx.backend_settings(num_threads=threads))
-    rates: dict[str, list[float]] = {"ours_base": [], "ours_adapter": [], "llamacpp": []}
+    int8 = _load(ctx.backend_settings(num_threads=threads, enable_quantization=True))
+    rates: dict[str, list[float]] = {"ours_base": [], "ours_adapter": [], "ours_int8_base": [], "llamacpp": []}
     try:
         _timed(ours, 4, ())
+        _timed(int8, 4, ())
         peer.decode_rate(prompt, 4)
-        for _ in range(repeats):
+        for _ in range(repeats):  # interleaved; every variant decodes as many tokens as our base model did
             rate, count = _rate(ours, tokens, ())
             rates["ours_base"].append(rate)
             rates["ours_adapter"].append(_rate(ours, count, (("a", 1.0),))[0])
+            rates["ours_int8_base"].append(_rate(int8, count, ())[0])
             rates["llamacpp"].append(peer.decode_rate(prompt, count)[0])
         dtype = ours.facts.dtype
+        weight_mb = _weight_bytes(ours) / 1e6
     finally:
         _close(ours)
+        _close(int8)
     data: dict[str, Any] = {name: statistics.median(values) for name, values in rates.items()}
     data.update(all_runs=rates, tokens=tokens, threads=threads, gguf=gguf.name, gguf_mb=gguf.stat().st_size / 1e6,
-                llama_cpp_python=peer_llamacpp.version(), ours_dtype=dtype)
+                llama_cpp_python=peer_llamacpp.version(), ours_dtype=dtype, ours_weight_mb=weight_mb)
     ratio = data["ours_base"] / data["llamacpp"]
     data["ours_over_llamacpp"] = ratio
+    data["ours_int8_over_llamacpp"] = data["ours_int8_base"] / data["llamacpp"]
     rows = [
         Row("4", f"llama.cpp {peer_llamacpp.version()} decode batch 1 ({gguf.name}, {threads} threads)",
-            f"{data['llamacpp']:.1f} tok/s", note=f"reads {data['gguf_mb']:.0f} MB of 4-bit weights per token"),
-        Row("4", f"ours, base model ({dtype}, {threads} threads)", f"{data['ours_base']:.1f} tok/s"),
+            f"{data['llamacpp']:.1f} tok/s", note=f"reads a {data['gguf_mb']:.0f} MB 4-bit file per token"),
+        Row("4", f"ours, base model ({dtype}, {threads} threads)", f"{data['ours_base']:.1f} tok/s",
+            note=f"reads {weight_mb:.0f} MB per token"),
         Row("4", "ours, adapter active", f"{data['ours_adapter']:.1f} tok/s"),
-        Row("4", "ours / llama.cpp", f"{ratio:.2f}", ">= 0.5", verdict(ratio >= 0.5),
+        Row("4", "ours, ENABLE_QUANTIZATION=true (dynamic int8)", f"{data['ours_int8_base']:.1f} tok/s",
+            note=f"int8 / llama.cpp = {data['ours_int8_over_llamacpp']:.2f}"),
+        Row("4", f"ours ({dtype}) / llama.cpp", f"{ratio:.2f}", ">= 0.5", verdict(ratio >= 0.5),
             note=f"greedy, same prompt and token count, median of {repeats}"),
     ]
     return SectionResult(4, title, data, rows)

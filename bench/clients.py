@@ -39,6 +39,7 @@ class Outcome:
     completion_tokens: int = 0
     prompt_tokens: int = 0
     error: str = ""
+    abandoned: bool = False  # the client hung up after the first piece, on purpose
 
     @property
     def ok(self) -> bool:
@@ -58,8 +59,9 @@ def ask_payloads(count: int, adapters: Sequence[str | None]) -> list[dict[str, A
 
 
 async def ask(client: httpx.AsyncClient, payload: dict[str, Any], stream: bool = False,
-              headers: dict[str, str] | None = None) -> Outcome:
-    """POST /ask once; never raises for HTTP or connection trouble (it is recorded in the outcome)."""
+              headers: dict[str, str] | None = None, abandon: bool = False) -> Outcome:
+    """POST /ask once; never raises for HTTP or connection trouble (it is recorded in the outcome).
+    `abandon` (streamed only): hang up after the first piece, as a client that goes away does."""
     started = time.perf_counter()
     try:
         if not stream:
@@ -67,13 +69,23 @@ async def ask(client: httpx.AsyncClient, payload: dict[str, Any], stream: bool =
             usage = response.json().get("usage", {}) if response.status_code == 200 else {}
             return Outcome(response.status_code, time.perf_counter() - started, None,
                            usage.get("completion_tokens", 0), usage.get("prompt_tokens", 0))
-        return await _ask_streamed(client, {**payload, "stream": True}, headers, started)
+        return await _ask_streamed(client, {**payload, "stream": True}, headers, started, abandon)
     except (httpx.HTTPError, json.JSONDecodeError) as error:
         return Outcome(None, time.perf_counter() - started, error=f"{type(error).__name__}: {error}")
 
 
+async def get(client: httpx.AsyncClient, path: str, headers: dict[str, str] | None = None) -> Outcome:
+    """GET `path` once; connection trouble is recorded, not raised."""
+    started = time.perf_counter()
+    try:
+        response = await client.get(path, headers=headers)
+        return Outcome(response.status_code, time.perf_counter() - started)
+    except httpx.HTTPError as error:
+        return Outcome(None, time.perf_counter() - started, error=f"{type(error).__name__}: {error}")
+
+
 async def _ask_streamed(client: httpx.AsyncClient, payload: dict[str, Any], headers: dict[str, str] | None,
-                        started: float) -> Outcome:
+                        started: float, abandon: bool) -> Outcome:
     first: float | None = None
     event = ""
     usage: dict[str, int] = {}
@@ -88,6 +100,8 @@ async def _ask_streamed(client: httpx.AsyncClient, payload: dict[str, Any], head
             elif line.startswith("data: "):
                 if event == "delta" and first is None:
                     first = time.perf_counter() - started
+                    if abandon:
+                        return Outcome(200, first, first, abandoned=True)
                 elif event == "done":
                     usage = json.loads(line.removeprefix("data: "))["usage"]
                 elif event == "error":

@@ -1,0 +1,214 @@
+"""Bounded load on the live server: twice its capacity for a while, and what must hold under it.
+
+    python bench/load.py                   # 60 s; capacity 2 generating + 2 queued, 8 clients, one over its rate limit
+    python bench/load.py --duration 20     # shorter
+
+The server (start_lora_rag.py on loopback, HF backend, adapters a..d, API keys) admits MAX_CONCURRENT_GENERATIONS
++ MAX_QUEUED_REQUESTS requests at once; the clients (2x that many, each with its own key, half of them streaming,
+every 3rd answered stream abandoned after its first piece) ask without pause, and wait --busy-pause seconds
+after a 503. One more client calls GET /model_info ~20 times a second, far over RATE_LIMIT_PER_MINUTE.
+Checks (exit status 1 when one fails): only 2xx, 429 and 503 answers; every request answered (no connection
+errors, no streamed `error` event); the server still ready afterwards; its RSS, sampled every second, ends
+within --flat-tolerance of its level after the warm-up. Results: markdown on stdout, JSON in bench/results/load.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx  # noqa: E402
+
+from bench.clients import CLIENT_TIMEOUT, Outcome, ask, ask_payloads, get  # noqa: E402
+from bench.common import (  # noqa: E402
+    ADAPTER_NAMES,
+    RESULTS_DIR,
+    Context,
+    distribution,
+    machine,
+    ms,
+    process_memory_mb,
+)
+from bench.live_server import LiveServer, bench_env  # noqa: E402
+
+ALLOWED = {429, 503}
+PROBE_INTERVAL = 0.05
+ABANDON_EVERY = 3  # a streaming client hangs up after the first piece of every 3rd answered request
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.ask: list[Outcome] = []
+        self.probe: list[Outcome] = []
+        self.rss: list[tuple[float, float]] = []
+
+
+async def _load_client(client: httpx.AsyncClient, key: str, number: int, deadline: float, pause: float,
+                       recorder: Recorder) -> None:
+    payloads = ask_payloads(len(ADAPTER_NAMES) * 2, ADAPTER_NAMES)
+    stream = number % 2 == 0
+    sent = answered = 0
+    while time.monotonic() < deadline:
+        payload = payloads[(number + sent) % len(payloads)]
+        abandon = stream and answered % ABANDON_EVERY == ABANDON_EVERY - 1
+        outcome = await ask(client, payload, stream, {"Authorization": f"Bearer {key}"}, abandon)
+        sent += 1
+        answered += outcome.status == 200
+        recorder.ask.append(outcome)
+        if outcome.status in ALLOWED:
+            await asyncio.sleep(pause)
+
+
+async def _probe_client(client: httpx.AsyncClient, key: str, deadline: float, recorder: Recorder) -> None:
+    while time.monotonic() < deadline:
+        recorder.probe.append(await get(client, "/model_info", {"Authorization": f"Bearer {key}"}))
+        await asyncio.sleep(PROBE_INTERVAL)
+
+
+async def _sample_rss(pid: int, started: float, stop: asyncio.Event, recorder: Recorder) -> None:
+    while not stop.is_set():
+        recorder.rss.append((time.monotonic() - started, process_memory_mb(pid)["rss_mb"]))
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+        except asyncio.TimeoutError:
+            pass
+
+
+async def drive(server: LiveServer, keys: list[str], probe_key: str | None, args: argparse.Namespace) -> Recorder:
+    recorder = Recorder()
+    limits = httpx.Limits(max_connections=len(keys) + 2, max_keepalive_connections=len(keys) + 2)
+    async with httpx.AsyncClient(base_url=server.url, timeout=CLIENT_TIMEOUT, limits=limits) as client:
+        started = time.monotonic()
+        deadline = started + args.duration
+        stop = asyncio.Event()
+        sampler = asyncio.ensure_future(_sample_rss(server.pid, started, stop, recorder))
+        tasks = [_load_client(client, key, number, deadline, args.busy_pause, recorder)
+                 for number, key in enumerate(keys)]
+        if probe_key:
+            tasks.append(_probe_client(client, probe_key, deadline, recorder))
+        await asyncio.gather(*tasks)  # in-flight requests finish: nothing is cut off at the deadline
+        stop.set()
+        await sampler
+    return recorder
+
+
+def evaluate(recorder: Recorder, ready_after: bool, args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    everything = recorder.ask + recorder.probe
+    statuses = Counter(str(outcome.status) for outcome in everything)
+    lost = [outcome for outcome in everything if outcome.status is None]
+    stream_errors = [outcome for outcome in recorder.ask if outcome.status == 200 and outcome.error]
+    bad = {status: count for status, count in statuses.items()
+           if status != "None" and not (200 <= int(status) < 300 or int(status) in ALLOWED)}
+    samples = [rss for _, rss in recorder.rss]
+    warm = next((rss for at, rss in recorder.rss if at >= args.warmup), samples[-1] if samples else 0.0)
+    memory = {"first_mb": samples[0] if samples else 0.0, "after_warmup_mb": warm,
+              "last_mb": samples[-1] if samples else 0.0, "max_mb": max(samples, default=0.0),
+              "samples": len(samples)}
+    growth = (memory["last_mb"] - warm) / warm if warm else 0.0
+    answered = [outcome for outcome in recorder.ask if outcome.ok and not outcome.abandoned]
+    report = {
+        "requests_sent": len(everything),
+        "responses_received": len(everything) - len(lost),
+        "statuses": dict(statuses),
+        "ask_statuses": dict(Counter(str(outcome.status) for outcome in recorder.ask)),
+        "probe_statuses": dict(Counter(str(outcome.status) for outcome in recorder.probe)),
+        "abandoned_streams": sum(outcome.abandoned for outcome in recorder.ask),
+        "connection_errors": sorted({outcome.error for outcome in lost})[:5],
+        "stream_errors": [outcome.error for outcome in stream_errors][:5],
+        "ask_latency_s": distribution([outcome.seconds for outcome in answered]),
+        "rss": memory,
+        "rss_growth_after_warmup": growth,
+        "rss_timeline": recorder.rss,
+        "ready_after": ready_after,
+    }
+    failures = []
+    if bad:
+        failures.append(f"statuses other than 2xx/429/503: {bad}")
+    if lost:
+        failures.append(f"{len(lost)} requests got no answer: {report['connection_errors']}")
+    if stream_errors:
+        failures.append(f"{len(stream_errors)} streams ended in an error event: {report['stream_errors']}")
+    if abs(growth) > args.flat_tolerance:
+        failures.append(f"RSS moved {growth:+.0%} after the warm-up (limit {args.flat_tolerance:.0%})")
+    if not ready_after:
+        failures.append("the server was not ready after the load")
+    if not answered:
+        failures.append("no /ask request was answered at all")
+    return report, failures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of load (default 60)")
+    parser.add_argument("--max-concurrent", type=int, default=2, help="MAX_CONCURRENT_GENERATIONS of the server")
+    parser.add_argument("--max-queued", type=int, default=2, help="MAX_QUEUED_REQUESTS of the server")
+    parser.add_argument("--clients", type=int, help="load clients (default: 2 x (max-concurrent + max-queued))")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--rate-limit", type=int, default=120, help="RATE_LIMIT_PER_MINUTE of the server, per key")
+    parser.add_argument("--no-probe", action="store_true", help="no client over its rate limit")
+    parser.add_argument("--busy-pause", type=float, default=1.0, help="seconds a client waits after a 503/429")
+    parser.add_argument("--warmup", type=float, default=15.0, help="seconds before the RSS level is taken")
+    parser.add_argument("--flat-tolerance", type=float, default=0.10, help="allowed RSS change after the warm-up")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "load.json")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the server is stopped on SIGTERM too
+    capacity = args.max_concurrent + args.max_queued
+    clients = args.clients or 2 * capacity
+    keys = [f"bench-load-{number}" for number in range(clients)]
+    probe_key = None if args.no_probe else "bench-rate-probe"
+
+    with tempfile.TemporaryDirectory(prefix="lora-rag-load-") as scratch:
+        context = Context(quick=False, scratch=Path(scratch))
+        adapters_dir = next(iter(context.adapters().values())).parent
+        env = bench_env(context.scratch, adapters_dir, API_KEYS=",".join(keys + ([probe_key] if probe_key else [])),
+                        RATE_LIMIT_PER_MINUTE=args.rate_limit, MAX_CONCURRENT_GENERATIONS=args.max_concurrent,
+                        MAX_QUEUED_REQUESTS=args.max_queued, MAX_BATCH_SIZE=args.max_concurrent,
+                        MAX_NEW_TOKENS=args.max_new_tokens)
+        print(f"starting the server (capacity {args.max_concurrent} + {args.max_queued}) ...", flush=True)
+        with LiveServer(env, context.scratch / "server") as server:
+            print(f"load: {clients} clients for {args.duration:.0f} s"
+                  f"{', plus one client over its rate limit' if probe_key else ''}", flush=True)
+            recorder = asyncio.run(drive(server, keys, probe_key, args))
+            try:
+                ready_after = httpx.get(f"{server.url}/health/ready", timeout=30).status_code == 200
+            except httpx.HTTPError:
+                ready_after = False
+            peak = server.memory()["peak_rss_mb"]
+    report, failures = evaluate(recorder, ready_after, args)
+    report.update(duration_s=args.duration, clients=clients, capacity=capacity, rate_limit_per_minute=args.rate_limit,
+                  peak_rss_mb=peak, machine=machine(), command="python bench/load.py " + " ".join(sys.argv[1:]),
+                  failures=failures)
+    rss = report["rss"]
+    latency = report["ask_latency_s"]
+    print(f"\n| measure | value |\n|---|---|\n"
+          f"| load | {clients} clients for {args.duration:.0f} s on capacity {capacity}"
+          f" ({args.max_concurrent} generating + {args.max_queued} queued) |\n"
+          f"| requests sent / answered | {report['requests_sent']} / {report['responses_received']} |\n"
+          f"| /ask statuses | {report['ask_statuses']} ({report['abandoned_streams']} streams abandoned on purpose) |\n"
+          f"| rate-limit probe statuses | {report['probe_statuses'] or 'not run'} |\n"
+          f"| /ask answered: latency p50 / p95 | "
+          f"{ms(latency['p50']) + ' / ' + ms(latency['p95']) if latency else '-'} |\n"
+          f"| server RSS first / after warm-up / last / max | {rss['first_mb']:.0f} / {rss['after_warmup_mb']:.0f} / "
+          f"{rss['last_mb']:.0f} / {rss['max_mb']:.0f} MiB ({report['rss_growth_after_warmup']:+.1%} after warm-up) |\n"
+          f"| ready after the load | {ready_after} |\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    print(f"written: {args.out}")
+    for failure in failures:
+        print(f"FAILED: {failure}")
+    print("all checks passed" if not failures else f"{len(failures)} check(s) failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
