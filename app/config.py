@@ -82,7 +82,8 @@ class Settings(BaseSettings):
     # Server
     api_host: str = "127.0.0.1"
     api_port: int = Field(8001, ge=1, le=65535)
-    max_query_chars: int = Field(4000, ge=1, le=100_000)
+    max_query_chars: int = Field(4000, ge=1, le=100_000, description="longest question or chat message")
+    max_messages: int = Field(64, ge=1, le=10_000, description="messages in one chat completion request")
     max_concurrent_generations: int = Field(8, ge=1, le=256)
     max_batch_size: int = Field(8, ge=1, le=64, description="requests decoded together in one batch")
     batch_window_ms: float = Field(5.0, ge=0, le=1000, description="wait this long for more requests to batch")

@@ -243,6 +243,27 @@ def test_invalid_fields_are_refused_with_422(url: str, extra: dict[str, Any], fi
     assert field in response.json()["message"]
 
 
+@pytest.mark.parametrize(
+    ("messages", "limit"),
+    [
+        ([{"role": "user", "content": "x" * 4001}], "MAX_QUERY_CHARS=4000"),
+        ([{"role": "system", "content": "x" * 4001}, *QUESTION], "MAX_QUERY_CHARS=4000"),
+        ([{"role": "user" if n % 2 == 0 else "assistant", "content": "Hi"} for n in range(65)], "MAX_MESSAGES=64"),
+        (None, None),  # each limit exactly reached: accepted
+    ],
+)
+def test_message_length_and_count_limits(url: str, messages: list[dict[str, str]] | None, limit: str | None) -> None:
+    if messages is None:
+        messages = [*QUESTION * 62, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "x" * 4000}]
+    body = {"model": BASE, "messages": messages, "max_tokens": 1}
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+    if limit is None:
+        assert response.status_code == 200, response.text
+    else:
+        assert response.status_code == 422 and response.json()["error"] == "validation_error"
+        assert limit in response.json()["message"]
+
+
 def test_unknown_model_is_404_listing_the_served_names(client: OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as error:
         _create(client, model="gpt-4o", messages=QUESTION)

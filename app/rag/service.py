@@ -151,6 +151,7 @@ class RAGService:
         on_text: TextCallback | None = None,
     ) -> ChatResult:
         """A chat completion on the local model; with `use_rag`, answered from the vector store."""
+        self._check_messages(messages)
         hits: list[SearchHit] = []
         if use_rag:
             question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
@@ -216,6 +217,19 @@ class RAGService:
                 f"query is {len(query)} characters; the limit is MAX_QUERY_CHARS={self._settings.max_query_chars}"
             )
         return query
+
+    def _check_messages(self, messages: list[ChatMessage]) -> None:
+        limits = self._settings
+        if len(messages) > limits.max_messages:
+            raise ValidationFailedError(
+                f"messages has {len(messages)} entries; the limit is MAX_MESSAGES={limits.max_messages}"
+            )
+        for number, message in enumerate(messages):
+            if len(message["content"]) > limits.max_query_chars:
+                raise ValidationFailedError(
+                    f"messages[{number}] is {len(message['content'])} characters; "
+                    f"the limit is MAX_QUERY_CHARS={limits.max_query_chars}"
+                )
 
     async def _retrieve(self, query: str) -> list[SearchHit]:
         return await anyio.to_thread.run_sync(self.retriever.search, query, self._settings.retrieval_top_k)
