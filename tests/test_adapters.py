@@ -129,7 +129,7 @@ def test_int8_keeps_adapters_attachable_and_live(random_adapter: Path, tmp_path:
     backend = HFLoraBackend.load(make_settings(tmp_path, lora_model_path=random_adapter, enable_quantization=True))
     assert backend.describe()["quantization"] == "int8-dynamic"
     model = backend.adapters.model
-    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 30 * 7  # every base Linear of 30 blocks
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 30 * 7 + 1  # 30 blocks' Linears + the head
     reply = _reply(backend)
     assert reply.model_used == "lora" and reply.text
     # A second adapter attaches to the quantized base at run time, and adapters still act.

@@ -1,5 +1,6 @@
-"""A batch on one adapter runs with the adapter folded into the weights; answers do not change for it,
-and the base model's weights come back bit for bit afterwards."""
+"""The fast paths answer like the plain ones: a batch on one adapter runs with the adapter folded into the
+weights (and the base weights come back bit for bit afterwards); int8, output head included, keeps the
+float model's answer."""
 
 from __future__ import annotations
 
@@ -71,3 +72,14 @@ def test_base_weights_come_back_exactly_after_merges(two_adapters: str, tmp_path
     assert _replies(backend, ())[0] == base_answer
     after = _base_weights(backend)
     assert all(torch.equal(before[name], after[name]) for name in before)  # type: ignore[arg-type]
+
+
+def test_int8_with_quantized_head_keeps_the_answer(tmp_path: Path) -> None:
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    answers = {}
+    for quantize in (False, True):
+        backend = HFLoraBackend.load(make_settings(tmp_path, enable_quantization=quantize))
+        answers[quantize] = asyncio.run(backend.generate(question, GREEDY)).text
+        asyncio.run(backend.close())
+    assert backend.describe()["quantization"] == "int8-dynamic"
+    assert "Paris" in answers[False] and "Paris" in answers[True]

@@ -246,7 +246,7 @@ class _BatchStreamer(BaseStreamer):
         if not self._prompt_seen:  # generate() first hands over the prompt
             self._prompt_seen = True
             return
-        for job, token in zip(self._jobs, value.view(-1).tolist()):
+        for job, token in zip(self._jobs, value.view(-1).tolist(), strict=True):
             if job.finish_reason is not None:
                 continue
             if job.cancelled.is_set():

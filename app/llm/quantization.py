@@ -42,12 +42,16 @@ class Int8Linear(nn.Linear):
 
 
 def quantize_linears_int8(model: nn.Module) -> int:
-    """Replace every plain nn.Linear except LoRA's own matrices and the (tied) output head; return the count."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    """Replace every plain nn.Linear except LoRA's own matrices; return the count.
+
+    The output head is included: on SmolLM2-135M it is a fifth of the weights and, left in float32, half the
+    bytes read per decoded token (int8 head: 22 -> 32 tok/s at batch 1, same answers). A tied input embedding
+    keeps its float weight for the lookup.
+    """
     replaced = 0
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child is not head and "lora_" not in f"{parent_name}.{child_name}":
+            if type(child) is nn.Linear and "lora_" not in f"{parent_name}.{child_name}":
                 setattr(parent, child_name, Int8Linear(child))
                 replaced += 1
     logger.info("int8 per-channel quantization applied to %d Linear layers", replaced)
