@@ -105,3 +105,4 @@ def test_unknown_route_and_wrong_method_are_json(tmp_path: Path, corpus_store: P
         wrong = httpx.get(f"{url}/ask", timeout=30)
     assert missing.status_code == 404 and missing.json()["error"] == "not_found"
     assert wrong.status_code == 405 and wrong.json()["error"] == "method_not_allowed"
+    assert wrong.headers["Allow"] == "POST"  # RFC 9110: a 405 says which methods are allowed

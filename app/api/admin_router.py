@@ -12,11 +12,16 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import PlainTextResponse
 
 from app.api.deps import get_rag_service
-from app.api.schemas import ErrorResponse, LoadAdapterRequest, UnloadAdapterRequest
+from app.api.schemas import ErrorResponse, LoadAdapterRequest, UnloadAdapterRequest, error_responses
 from app.rag.service import RAGService
 
 router = APIRouter(tags=["admin"])
-_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 422)}
+_ERRORS = error_responses(404, 503, body=True, admin=True)
+# vLLM answers success as plain text and errors as JSON. A `model` entry would be documented in the route's
+# text/plain, so the vLLM routes declare their error bodies with the JSON media type themselves.
+_VLLM_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"content": {"application/json": {"schema": ErrorResponse.model_json_schema()}}} for status in _ERRORS
+}
 Service = Annotated[RAGService, Depends(get_rag_service)]
 
 
@@ -41,14 +46,14 @@ async def list_adapters(service: Service) -> dict[str, Any]:
     return await service.models.adapter_catalogue()
 
 
-@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=_ERRORS)
+@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=_VLLM_ERRORS)
 async def vllm_load_adapter(request: LoadAdapterRequest, service: Service) -> str:
     """vLLM-compatible load."""
     await service.models.load_adapter(request.lora_name, request.lora_path)
     return f"Success: LoRA adapter '{request.lora_name}' added successfully."
 
 
-@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=_ERRORS)
+@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=_VLLM_ERRORS)
 async def vllm_unload_adapter(request: UnloadAdapterRequest, service: Service) -> str:
     """vLLM-compatible unload."""
     await service.models.unload_adapter(request.lora_name)

@@ -10,14 +10,14 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import get_rag_service
-from app.api.schemas import AskRequest, AskResponse, ErrorResponse, SourceDocument, Usage
+from app.api.schemas import AskRequest, AskResponse, SourceDocument, Usage, error_responses
 from app.api.streaming import PieceStream, start_streaming
 from app.errors import AppError
 from app.rag.service import AskResult, RAGService
 
 router = APIRouter(tags=["questions"])
 
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 413, 422, 429, 503, 504)}
+_ERRORS = error_responses(404, 503, 504, body=True)
 
 
 @router.post(

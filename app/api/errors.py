@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,8 +25,7 @@ _HTTP_CODES = {
 }
 
 
-def error_response(status: int, code: str, message: str, retry_after: int | None = None) -> JSONResponse:
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": code, "message": message}, headers=headers)
 
 
@@ -45,7 +45,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _app_error(_: Request, error: AppError) -> JSONResponse:
         if error.status_code >= 500:
             logger.warning("%s: %s", error.code, error.message)
-        return error_response(error.status_code, error.code, error.message, error.retry_after)
+        retry = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
+        return error_response(error.status_code, error.code, error.message, retry)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
@@ -55,7 +56,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(error.status_code, "http_error")
-        return error_response(error.status_code, code, str(error.detail))
+        # Starlette's own headers stay: `Allow` on a 405 (RFC 9110), `WWW-Authenticate` on a 401.
+        return error_response(error.status_code, code, str(error.detail), error.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:

@@ -8,13 +8,13 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from app.api.deps import get_rag_service
-from app.api.schemas import HealthResponse, LivenessResponse, ReadinessResponse
+from app.api.schemas import HealthResponse, LivenessResponse, ReadinessResponse, error_responses
 from app.rag.service import RAGService
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+@router.get("/health", response_model=HealthResponse, responses={**error_responses(), 503: {"model": HealthResponse}})
 async def health(service: Annotated[RAGService, Depends(get_rag_service)]) -> JSONResponse:
     """Each component's state. `degraded`: the active backend works but another does not;
     `unhealthy` (HTTP 503): the active backend or the vector store cannot serve."""

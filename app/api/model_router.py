@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 
 from app.api.deps import get_rag_service
-from app.api.schemas import ErrorResponse, ModelInfo, SwitchModelRequest, SwitchModelResponse
+from app.api.schemas import ModelInfo, SwitchModelRequest, SwitchModelResponse, error_responses
 from app.rag.service import RAGService
 
 router = APIRouter(tags=["models"])
@@ -16,7 +16,7 @@ router = APIRouter(tags=["models"])
 @router.post(
     "/switch_model",
     response_model=SwitchModelResponse,
-    responses={status: {"model": ErrorResponse} for status in (400, 422, 503)},  # type: ignore[misc]
+    responses=error_responses(503, body=True),
 )
 async def switch_model(
     request: SwitchModelRequest, service: Annotated[RAGService, Depends(get_rag_service)]
@@ -33,7 +33,7 @@ async def switch_model(
     )
 
 
-@router.get("/model_info", response_model=ModelInfo)
+@router.get("/model_info", response_model=ModelInfo, responses=error_responses())
 async def model_info(service: Annotated[RAGService, Depends(get_rag_service)]) -> ModelInfo:
     """The base model, the adapter, the active backend and where models and the vector store live."""
     return ModelInfo(**service.model_info())

@@ -31,7 +31,7 @@ from app.api.openai_schemas import (
     ModelList,
     OpenAIFinishReason,
 )
-from app.api.schemas import ErrorResponse, SourceDocument
+from app.api.schemas import SourceDocument, error_responses
 from app.api.streaming import PieceStream, start_streaming
 from app.errors import AppError
 from app.llm.base import FinishReason, GenerationResult, TextCallback
@@ -42,9 +42,6 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["openai"])
 Service = Annotated[RAGService, Depends(get_rag_service)]
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 503, 504)
-}
 #: "cancelled" means the caller went away; OpenAI's types have no such reason and nobody reads it anyway.
 _FINISH_REASONS: dict[FinishReason, OpenAIFinishReason] = {"stop": "stop", "length": "length", "cancelled": "stop"}
 _DONE = "data: [DONE]\n\n"
@@ -62,7 +59,7 @@ class _Completion:
 @router.post(
     "/v1/chat/completions",
     response_model=ChatCompletionResponse,
-    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
+    responses={**error_responses(404, 503, 504, body=True), 200: {"content": {"text/event-stream": {}}}},
 )
 async def chat_completions(
     request: ChatCompletionRequest, service: Service
@@ -95,13 +92,13 @@ async def chat_completions(
     )
 
 
-@router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+@router.get("/v1/models", response_model=ModelList, responses=error_responses())
 async def list_models(service: Service) -> ModelList:
     """The models `model` may name: the base model first, then each adapter with `parent` = the base model."""
     return _model_list(*service.models.served_model_names())
 
 
-@router.get("/models", response_model=ModelList, responses=_ERRORS, include_in_schema=False)
+@router.get("/models", response_model=ModelList, include_in_schema=False)
 async def list_models_unversioned(service: Service) -> ModelList:
     """Same as `GET /v1/models`, for clients whose base URL lacks `/v1`."""
     return _model_list(*service.models.served_model_names())

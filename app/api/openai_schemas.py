@@ -127,8 +127,12 @@ class ChatCompletionRequest(AdapterFields):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: StrictStr = Field(..., min_length=1, description="the base model's name or an adapter's name")
-    messages: list[ChatCompletionMessageParam] = Field(..., min_length=1)
+    model: StrictStr = Field(
+        ..., min_length=1, description="the base model's name or an adapter's name", examples=["SmolLM2-135M-Instruct"]
+    )
+    messages: list[ChatCompletionMessageParam] = Field(
+        ..., min_length=1, examples=[[{"role": "user", "content": "Name three fruits."}]]
+    )
     temperature: StrictFloat | None = Field(
         None, ge=0, le=2, allow_inf_nan=False, description="0: greedy; omitted: the server's TEMPERATURE"
     )

@@ -133,6 +133,14 @@ class ErrorResponse(BaseModel):
     message: str = Field(..., description="what went wrong and what to do")
 
 
+def error_responses(*statuses: int, body: bool = False, admin: bool = False) -> dict[int | str, dict[str, Any]]:
+    """A route's `responses=`: an `ErrorResponse` body for `statuses` and for what the request guard may
+    answer before the route runs (401 key, 429 rate limit; with `body`: 400 invalid JSON, 413 too large,
+    422 invalid fields; with `admin`: 403 user key)."""
+    guard = {401, 429} | ({400, 413, 422} if body else set()) | ({403} if admin else set())
+    return {status: {"model": ErrorResponse} for status in sorted(guard | set(statuses))}
+
+
 class LoadAdapterRequest(BaseModel):
     lora_name: StrictStr = Field(..., min_length=1, max_length=64, description="name requests will use")
     lora_path: StrictStr = Field(

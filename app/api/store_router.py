@@ -4,32 +4,26 @@ documents folder, list the kept versions, roll back to one. The service swaps ve
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends
 
 from app.api.deps import get_store_admin
 from app.api.schemas import (
-    ErrorResponse,
     RebuildRequest,
     RebuildResponse,
     RollbackRequest,
     RollbackResponse,
     StoreVersion,
     StoreVersionsResponse,
+    error_responses,
 )
 from app.rag.store_admin import VectorStoreAdmin
 
 router = APIRouter(prefix="/admin/vector-store", tags=["admin"])
 Admin = Annotated[VectorStoreAdmin, Depends(get_store_admin)]
-_GUARD_ERRORS = (401, 403, 413, 429)
 
-
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {status: {"model": ErrorResponse} for status in (*_GUARD_ERRORS, *statuses)}
-
-
-@router.post("/rebuild", response_model=RebuildResponse, responses=_errors(400, 409, 422, 503))
+@router.post("/rebuild", response_model=RebuildResponse, responses=error_responses(409, 503, body=True, admin=True))
 async def rebuild(admin: Admin, request: Annotated[RebuildRequest | None, Body()] = None) -> RebuildResponse:
     """Ingest SAMPLE_CORPUS_PATH into a new store version and serve it at once, without a restart.
 
@@ -51,7 +45,7 @@ async def rebuild(admin: Admin, request: Annotated[RebuildRequest | None, Body()
     )
 
 
-@router.get("/versions", response_model=StoreVersionsResponse, responses=_errors())
+@router.get("/versions", response_model=StoreVersionsResponse, responses=error_responses(admin=True))
 async def versions(admin: Admin) -> StoreVersionsResponse:
     """The kept store versions (oldest first), the one CURRENT names and the one answering requests."""
     found = admin.versions()
@@ -62,7 +56,9 @@ async def versions(admin: Admin) -> StoreVersionsResponse:
     )
 
 
-@router.post("/rollback", response_model=RollbackResponse, responses=_errors(404, 409, 422, 503))
+@router.post(
+    "/rollback", response_model=RollbackResponse, responses=error_responses(404, 409, 503, body=True, admin=True)
+)
 async def rollback(admin: Admin, request: RollbackRequest) -> RollbackResponse:
     """Make a kept version live again. It is verified against its manifest's checksums first: a tampered
     or incomplete version is refused with 409 `invalid_store_version` and the current one keeps serving;
