@@ -77,7 +77,10 @@ async def _probe_client(client: httpx.AsyncClient, key: str, deadline: float, re
 
 async def _sample_rss(pid: int, started: float, stop: asyncio.Event, recorder: Recorder) -> None:
     while not stop.is_set():
-        recorder.rss.append((time.monotonic() - started, process_memory_mb(pid)["rss_mb"]))
+        try:
+            recorder.rss.append((time.monotonic() - started, process_memory_mb(pid)["rss_mb"]))
+        except OSError:  # the server is gone: the requests' outcomes say so
+            return
         try:
             await asyncio.wait_for(stop.wait(), timeout=1.0)
         except asyncio.TimeoutError:

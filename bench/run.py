@@ -81,7 +81,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks every section works (a minute or two)")
     parser.add_argument("--only", type=_sections, default=list(SECTIONS), metavar="N,N",
                         help="sections to run, e.g. 3,7 (default: all)")
-    parser.add_argument("--out", type=Path, help="JSON file (default bench/results/latest.json, quick.json with --quick)")
+    parser.add_argument("--out", type=Path,
+                        help="JSON file (default: bench/results/latest.json, quick.json with --quick)")
     parser.add_argument("--update-doc", action="store_true", help=f"write the table into {DOC.relative_to(REPO_ROOT)}")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the live server is stopped on SIGTERM too
