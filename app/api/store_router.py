@@ -48,7 +48,7 @@ async def rebuild(admin: Admin, request: Annotated[RebuildRequest | None, Body()
 @router.get("/versions", response_model=StoreVersionsResponse, responses=error_responses(admin=True))
 async def versions(admin: Admin) -> StoreVersionsResponse:
     """The kept store versions (oldest first), the one CURRENT names and the one answering requests."""
-    found = admin.versions()
+    found = await admin.versions()
     return StoreVersionsResponse(
         current=found.current,
         serving=found.serving,

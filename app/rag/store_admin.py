@@ -53,10 +53,11 @@ class VectorStoreAdmin:
         logger.info("vector store rebuilt: %s, %d chunks in %.1f s", store.version, store.size, report.seconds)
         return RebuildResult(report, store)
 
-    def versions(self) -> StoreVersions:
+    async def versions(self) -> StoreVersions:
         store = self._retriever.store
         path = self._settings.vector_store_path
-        return StoreVersions(current_version(path), store.version if store else None, list_versions(path))
+        current, kept = await anyio.to_thread.run_sync(lambda: (current_version(path), list_versions(path)))
+        return StoreVersions(current, store.version if store else None, kept)
 
     async def rollback(self, version: str) -> RollbackResult:
         """Verify `version` and make it live; the version served until now is kept for a roll forward."""
