@@ -8,8 +8,9 @@ The server (start_lora_rag.py on loopback, HF backend, adapters a..d, API keys) 
 every 3rd answered stream abandoned after its first piece) ask without pause, and wait --busy-pause seconds
 after a 503. One more client calls GET /model_info ~20 times a second, far over RATE_LIMIT_PER_MINUTE.
 Checks (exit status 1 when one fails): only 2xx, 429 and 503 answers; every request answered (no connection
-errors, no streamed `error` event); the server still ready afterwards; its RSS, sampled every second, ends
-within --flat-tolerance of its level after the warm-up. Results: markdown on stdout, JSON in bench/results/load.json.
+errors, no streamed `error` event); 503s seen (more clients than capacity) and 429s for the client over its
+limit; the server still ready afterwards; its RSS, sampled every second, ends within --flat-tolerance of its
+level after the warm-up. Results: markdown on stdout, JSON in bench/results/load.json.
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ async def drive(server: LiveServer, keys: list[str], probe_key: str | None, args
     return recorder
 
 
-def evaluate(recorder: Recorder, ready_after: bool, args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+def evaluate(recorder: Recorder, ready_after: bool, over_capacity: bool,
+             args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     everything = recorder.ask + recorder.probe
     statuses = Counter(str(outcome.status) for outcome in everything)
     lost = [outcome for outcome in everything if outcome.status is None]
@@ -147,6 +149,10 @@ def evaluate(recorder: Recorder, ready_after: bool, args: argparse.Namespace) ->
         failures.append("the server was not ready after the load")
     if not answered:
         failures.append("no /ask request was answered at all")
+    if recorder.probe and not report["probe_statuses"].get("429"):
+        failures.append("the client over its rate limit never got 429")
+    if over_capacity and not report["ask_statuses"].get("503"):
+        failures.append("more clients than the capacity, yet no 503: the admission bound did not act")
     return report, failures
 
 
@@ -187,7 +193,7 @@ def main() -> int:
             except httpx.HTTPError:
                 ready_after = False
             peak = server.memory()["peak_rss_mb"]
-    report, failures = evaluate(recorder, ready_after, args)
+    report, failures = evaluate(recorder, ready_after, clients > capacity, args)
     report.update(duration_s=args.duration, clients=clients, capacity=capacity, rate_limit_per_minute=args.rate_limit,
                   peak_rss_mb=peak, machine=machine(), command="python bench/load.py " + " ".join(sys.argv[1:]),
                   failures=failures)
