@@ -109,9 +109,10 @@ def _merged_model_folder(ctx: Context, adapter: str) -> Path:
 
 
 def _weight_bytes(backend: Any) -> int:
-    """Bytes of weights a decode step reads (tied embeddings counted once: as the LM head)."""
+    """Bytes of base weights a decode step reads (tied embeddings counted once: as the LM head; adapters not)."""
     model = backend.adapters.model
-    return sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+    return sum(parameter.numel() * parameter.element_size() for name, parameter in model.named_parameters()
+               if "lora_" not in name)
 
 
 def lora_overhead(ctx: Context) -> SectionResult:
