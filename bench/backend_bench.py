@@ -169,7 +169,8 @@ def llamacpp(ctx: Context) -> SectionResult:
     gguf = embedded_gguf_path()
     prompt = AutoTokenizer.from_pretrained(ctx.base_model).apply_chat_template(
         MESSAGES, add_generation_prompt=True, tokenize=False)
-    peer = peer_llamacpp.LlamaCppPeer(gguf, threads)
+    extra_buffers = peer_llamacpp.extra_buffers_work(gguf, threads)
+    peer = peer_llamacpp.LlamaCppPeer(gguf, threads, extra_buffers)
     ours = _load(ctx.backend_settings(num_threads=threads))
     int8 = _load(ctx.backend_settings(num_threads=threads, enable_quantization=True))
     rates: dict[str, list[float]] = {"ours_base": [], "ours_adapter": [], "ours_int8_base": [], "llamacpp": []}
@@ -190,13 +191,15 @@ def llamacpp(ctx: Context) -> SectionResult:
         _close(int8)
     data: dict[str, Any] = {name: statistics.median(values) for name, values in rates.items()}
     data.update(all_runs=rates, tokens=tokens, threads=threads, gguf=gguf.name, gguf_mb=gguf.stat().st_size / 1e6,
-                llama_cpp_python=peer_llamacpp.version(), ours_dtype=dtype, ours_weight_mb=weight_mb)
+                llama_cpp_python=peer_llamacpp.version(), llamacpp_extra_buffer_types=extra_buffers,
+                ours_dtype=dtype, ours_weight_mb=weight_mb)
     ratio = data["ours_base"] / data["llamacpp"]
     data["ours_over_llamacpp"] = ratio
     data["ours_int8_over_llamacpp"] = data["ours_int8_base"] / data["llamacpp"]
     rows = [
         Row("4", f"llama.cpp {peer_llamacpp.version()} decode batch 1 ({gguf.name}, {threads} threads)",
-            f"{data['llamacpp']:.1f} tok/s", note=f"reads a {data['gguf_mb']:.0f} MB 4-bit file per token"),
+            f"{data['llamacpp']:.1f} tok/s", note=f"reads a {data['gguf_mb']:.0f} MB 4-bit file per token"
+            + ("" if extra_buffers else "; extra buffer types (AMX) off: they crash (SIGILL) on this machine")),
         Row("4", f"ours, base model ({dtype}, {threads} threads)", f"{data['ours_base']:.1f} tok/s",
             note=f"reads {weight_mb:.0f} MB per token"),
         Row("4", "ours, adapter active", f"{data['ours_adapter']:.1f} tok/s"),
