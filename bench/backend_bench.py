@@ -155,7 +155,8 @@ def lora_overhead(ctx: Context) -> SectionResult:
     rows = [
         Row("2", "decode batch 1, base model", f"{data['base']:.1f} tok/s", note=bound),
         Row("2", "decode batch 1, adapter active (served path)", f"{data['adapter_active']:.1f} tok/s"),
-        Row("2", "decode batch 1, adapter merged into the weights", f"{data['adapter_merged']:.1f} tok/s"),
+        Row("2", "decode batch 1, adapter merged into the weights", f"{data['adapter_merged']:.1f} tok/s",
+            note=f"a plain model, no PEFT layers; base above / this = {data['base'] / data['adapter_merged']:.2f}"),
         Row("2", "active adapter / merged", f"{ratio:.2f}", ">= 0.90", verdict(ratio >= 0.90),
             note=f"{tokens} tokens, median of {repeats}"),
     ]

@@ -12,7 +12,9 @@ if [ "${1:-}" = "--with-llamacpp" ]; then
 fi
 echo "==> setting up (scripts/setup.sh: .venv, pinned dependencies, embedded models; quick when already done)"
 # setup.sh has no set-up-only mode; its test mode with pytest's --collect-only sets up and runs no test.
-bash scripts/setup.sh test --collect-only -qq >/dev/null
+# A test that fails to import must not stop the benchmark: set-up errors still show on stderr, and bench/run.py
+# fails at once without its environment.
+bash scripts/setup.sh test --collect-only -qq >/dev/null || echo "(set-up: pytest's collection step failed; going on)" >&2
 if [ "$with_peer" = 1 ]; then
   bash bench/setup_peer.sh
 fi
