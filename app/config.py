@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     lora_adapters: str = Field("", description="more named adapters: name=path,name=path")
     default_adapter: str = Field("", description="adapter used when a request names none")
     max_loaded_adapters: int = Field(8, ge=1, le=1000)
+    merge_cache_mb: int = Field(256, ge=0, description="memory for merged weights of recently used adapters")
     adapter_allowed_roots: str = Field(
         "", description="more folders (comma-separated) run-time adapter loads may read from"
     )

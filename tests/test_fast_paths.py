@@ -83,3 +83,16 @@ def test_int8_with_quantized_head_keeps_the_answer(tmp_path: Path) -> None:
         asyncio.run(backend.close())
     assert backend.describe()["quantization"] == "int8-dynamic"
     assert "Paris" in answers[False] and "Paris" in answers[True]
+
+
+def test_changing_back_to_a_recent_adapter_reuses_its_merged_weights(two_adapters: str, tmp_path: Path) -> None:
+    backend = HFLoraBackend.load(make_settings(tmp_path, lora_adapters=two_adapters))
+    model = backend.adapters.model
+    first_a = _replies(backend, (("a", 1.0),))[0]
+    merged_a = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj.base_layer").weight
+    _replies(backend, (("b", 1.0),))
+    assert _replies(backend, (("a", 1.0),))[0] == first_a
+    again_a = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj.base_layer").weight
+    assert again_a.data_ptr() == merged_a.data_ptr()  # the same tensor: nothing was rebuilt
+    asyncio.run(backend.unload_adapter("a"))  # its merged weights go with it
+    assert backend.describe()["merged_adapter"] is None

@@ -59,7 +59,9 @@ class AdapterRecord:
 
 
 class AdapterManager:
-    def __init__(self, model: PreTrainedModel, *, max_loaded: int, default_adapter: str | None) -> None:
+    def __init__(
+        self, model: PreTrainedModel, *, max_loaded: int, default_adapter: str | None, merge_cache_bytes: int
+    ) -> None:
         self.model = model  # becomes a PeftModel when the first adapter is attached
         self._max_loaded = max_loaded
         self._default_setting = default_adapter
@@ -67,7 +69,7 @@ class AdapterManager:
         self._mixes: dict[str, AdapterSpec] = {}
         self._lru: OrderedDict[str, None] = OrderedDict()  # attached PEFT adapter names, least recent first
         self._lock = threading.Lock()
-        self._merger = WeightMerger()
+        self._merger = WeightMerger(merge_cache_bytes)
 
     # -- catalogue (any thread) ---------------------------------------------------------------
 
@@ -275,6 +277,7 @@ class AdapterManager:
 
     def _detach(self, peft_name: str) -> None:
         self._merger.restore()
+        self._merger.forget(peft_name)
         self._lru.pop(peft_name, None)
         if hasattr(self.model, "peft_config") and peft_name in self.model.peft_config:
             self.model.delete_adapter(peft_name)  # type: ignore[operator]

@@ -126,7 +126,10 @@ class HFLoraBackend(GenerationBackend):
             quantization = "int8-bitsandbytes" if device == "cuda" else _quantize_cpu_int8(model)
 
         manager = AdapterManager(
-            model, max_loaded=settings.max_loaded_adapters, default_adapter=settings.default_adapter or None
+            model,
+            max_loaded=settings.max_loaded_adapters,
+            default_adapter=settings.default_adapter or None,
+            merge_cache_bytes=settings.merge_cache_mb * 2**20,
         )
         adapter_errors = _load_initial_adapters(manager, settings)
         engine = GenerationEngine(
