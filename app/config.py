@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     sample_corpus_path: Path = Field(
         Path("./docs"), description="documents indexed at first start and by POST /admin/vector-store/rebuild"
     )
+    embedding_dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto",
+        description="dtype of the local sentence-transformers embedder on the CPU; auto = bfloat16 where the CPU "
+        "computes it natively (AVX512-BF16 / AMX), else float32",
+    )
     retrieval_top_k: int = Field(4, ge=1, le=50)
     chunk_size: int = Field(500, ge=50, le=8000, description="characters per chunk")
     chunk_overlap: int = Field(80, ge=0, le=2000)
@@ -103,7 +108,7 @@ class Settings(BaseSettings):
     def _upper_log_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("device", "torch_dtype", "quantization_type", mode="before")
+    @field_validator("device", "torch_dtype", "quantization_type", "embedding_dtype", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
