@@ -45,12 +45,17 @@ def retrieval(ctx: Context) -> SectionResult:
             seconds.append(time.perf_counter() - started)
             assert len(hits) == TOP_K
         stats = distribution(seconds)
-        scanned_mb = count * DIMENSION * 4 / 1e6
+        from app.rag.vector_store import APPROXIMATE_MIN_CHUNKS
+
+        # As served: exact float vectors below APPROXIMATE_MIN_CHUNKS, above it 8-bit codes re-ranked exactly.
+        coded = count >= APPROXIMATE_MIN_CHUNKS
+        scanned_mb = count * DIMENSION * (1 if coded else 4) / 1e6
         stats["scan_gb_per_s_at_p50"] = scanned_mb / 1e3 / stats["p50"]
         data[str(count)] = stats
         target = count == 100_000
-        note = (f"exact (flat) search on 1 thread, as served: scans {scanned_mb:.0f} MB per query, "
-                f"{stats['scan_gb_per_s_at_p50']:.1f} GB/s at p50" if target else f"{queries} queries")
+        kind = "8-bit codes + exact re-rank" if coded else "exact (flat)"
+        note = (f"{kind} on 1 thread, as served: scans {scanned_mb:.0f} MB per query, "
+                f"{stats['scan_gb_per_s_at_p50']:.1f} GB/s at p50; {queries} queries")
         rows.append(Row("5", f"top-{TOP_K} search, {count:,} chunks x {DIMENSION}-d: p50 / p99",
                         f"{ms(stats['p50'])} / {ms(stats['p99'])}", "p50 <= 10 ms" if target else "",
                         verdict(stats["p50"] <= 0.010) if target else "", note))
