@@ -43,8 +43,9 @@ def _replies(backend: HFLoraBackend, *specs: AdapterSpec) -> list[str]:
 
 
 def _base_weights(backend: HFLoraBackend) -> dict[str, object]:
-    return {name: parameter.detach().clone() for name, parameter in backend.adapters.model.named_parameters()
-            if "lora_" not in name}
+    """The base model's parameters, named alike whether the PEFT layers are in the model or swapped out."""
+    return {name.replace(".base_layer", ""): parameter.detach().clone()
+            for name, parameter in backend.adapters.model.named_parameters() if "lora_" not in name}
 
 
 def test_merged_single_adapter_answers_like_the_mixed_batch(two_adapters: str, tmp_path: Path) -> None:
@@ -89,10 +90,10 @@ def test_changing_back_to_a_recent_adapter_reuses_its_merged_weights(two_adapter
     backend = HFLoraBackend.load(make_settings(tmp_path, lora_adapters=two_adapters))
     model = backend.adapters.model
     first_a = _replies(backend, (("a", 1.0),))[0]
-    merged_a = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj.base_layer").weight
+    merged_a = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj").weight
     _replies(backend, (("b", 1.0),))
     assert _replies(backend, (("a", 1.0),))[0] == first_a
-    again_a = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj.base_layer").weight
+    again_a = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj").weight
     assert again_a.data_ptr() == merged_a.data_ptr()  # the same tensor: nothing was rebuilt
     asyncio.run(backend.unload_adapter("a"))  # its merged weights go with it
     assert backend.describe()["merged_adapter"] is None

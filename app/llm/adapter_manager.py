@@ -193,9 +193,9 @@ class AdapterManager:
         return self._arrange(runnable, [names[job.adapter_key] for job in runnable])
 
     def _arrange(self, jobs: list[GenerationJob], peft_names: list[str]) -> PreparedBatch:
-        """How the batch runs. One adapter for every row: folded into the weights (the base model's speed) or,
-        where it cannot be merged exactly (int8), the active adapter. No adapter: adapters disabled.
-        Different adapters: unmerged, PEFT's mixed batch with one adapter name per row."""
+        """How the batch runs. One adapter (or none) for every row: the plain model without PEFT layers, the
+        adapter folded into its weights; where it cannot be folded in exactly (int8), PEFT with it active.
+        Different adapters: PEFT's mixed batch with one adapter name per row."""
         from app.llm.engine import PreparedBatch
 
         if not hasattr(self.model, "peft_config"):
@@ -205,10 +205,7 @@ class AdapterManager:
             self._merger.restore()
             return PreparedBatch(self.model, jobs, peft_names)
         only = distinct.pop() if distinct else BASE
-        if only == BASE:
-            self._merger.restore()
-            return PreparedBatch(self.model, jobs, None, self.model.disable_adapter)  # type: ignore[operator]
-        if not self._merger.merge(self.model, only):
+        if not self._merger.run_plain(self.model, None if only == BASE else only):
             self.model.set_adapter(only, inference_mode=True)  # type: ignore[operator]
         return PreparedBatch(self.model, jobs, None)
 
@@ -234,7 +231,7 @@ class AdapterManager:
         spec = _parse_mix_key(key)
         components = [self._activate(name, pinned | {key}) for name, _ in spec]
         self._make_room(pinned | set(components))
-        self._merger.restore()
+        self._merger.model_changing()
         self.model.add_weighted_adapter(  # type: ignore[operator]
             adapters=components, weights=[w for _, w in spec], adapter_name=peft_name, combination_type="cat"
         )
@@ -246,7 +243,7 @@ class AdapterManager:
 
     def _attach(self, record: AdapterRecord, pinned: set[str] | None = None) -> None:
         check_adapter_fits(self.model, record.info)
-        self._merger.restore()  # PEFT changes the layers below; they must hold the original weights
+        self._merger.model_changing()
         try:
             if hasattr(self.model, "peft_config"):
                 self.model.load_adapter(str(record.path), adapter_name=record.name, is_trainable=False)  # type: ignore[operator]
@@ -276,8 +273,7 @@ class AdapterManager:
             logger.info("adapter %s unloaded (least recently used)", victim)
 
     def _detach(self, peft_name: str) -> None:
-        self._merger.restore()
-        self._merger.forget(peft_name)
+        self._merger.model_changing(detached=peft_name)
         self._lru.pop(peft_name, None)
         if hasattr(self.model, "peft_config") and peft_name in self.model.peft_config:
             self.model.delete_adapter(peft_name)  # type: ignore[operator]

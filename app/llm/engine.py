@@ -13,7 +13,6 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -51,12 +50,11 @@ class GenerationJob:
 @dataclass(frozen=True)
 class PreparedBatch:
     """What `prepare` hands back: the model to run, the rows that can run (the others already failed),
-    each row's PEFT adapter name (None when every row runs the same weights) and a context to generate in."""
+    and each row's PEFT adapter name (None when every row runs the same weights)."""
 
     model: PreTrainedModel
     jobs: list[GenerationJob]
     adapter_names: list[str] | None
-    context: Callable[[], AbstractContextManager[Any]] = nullcontext
 
 
 class GenerationEngine:
@@ -175,7 +173,7 @@ class GenerationEngine:
                 do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                 logits_processor=[_PerRowSampling(jobs, device)],
             )
-        with torch.inference_mode(), prepared.context():
+        with torch.inference_mode():
             prepared.model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
