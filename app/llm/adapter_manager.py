@@ -195,14 +195,16 @@ class AdapterManager:
     def _arrange(self, jobs: list[GenerationJob], peft_names: list[str]) -> PreparedBatch:
         """How the batch runs. One adapter (or none) for every row: the plain model without PEFT layers, the
         adapter folded into its weights; where it cannot be folded in exactly (int8), PEFT with it active.
-        Different adapters: PEFT's mixed batch with one adapter name per row."""
+        Different adapters: each LoRA layer adds every row's own delta in batched matmuls; for adapters other
+        than plain LoRA, PEFT's mixed batch with one adapter name per row."""
         from app.llm.engine import PreparedBatch
 
         if not hasattr(self.model, "peft_config"):
             return PreparedBatch(self.model, jobs, None)
         distinct = set(peft_names)
         if len(distinct) > 1:
-            self._merger.restore()
+            if self._merger.run_rows(self.model, [None if name == BASE else name for name in peft_names]):
+                return PreparedBatch(self.model, jobs, None)
             return PreparedBatch(self.model, jobs, peft_names)
         only = distinct.pop() if distinct else BASE
         if not self._merger.run_plain(self.model, None if only == BASE else only):

@@ -1,10 +1,11 @@
-"""Run a batch whose rows all use one adapter (or none) at the plain model's speed.
+"""Run batches without PEFT's per-layer overhead, by swapping what sits in the module tree.
 
 Unmerged, each LoRA'd Linear costs two extra small matmuls per token, and even a merged or disabled PEFT layer
 costs a Python wrapper call per Linear per token (measured: served path 0.85x a plain model at batch 1 on
-SmolLM2-135M). So for such a batch every PEFT layer is swapped out of the module tree for its base Linear, whose
-weight has the adapter folded in where the adapter has that layer. Mixed batches and any PEFT operation (load,
-unload, building a mix) first put the PEFT layers back with their original weights.
+SmolLM2-135M). So for a batch whose rows all use one adapter (or none) every PEFT layer is swapped out for its
+base Linear, whose weight has the adapter folded in where the adapter has that layer. For a batch with
+different adapters each PEFT layer is swapped for one that adds every row's delta in two batched matmuls.
+Any PEFT operation (load, unload, building a mix) first puts the PEFT layers back with their original weights.
 
 PEFT's own `unmerge` subtracts the delta again, which in bfloat16 leaves rounding drift in the base weights after
 every switch; here the original weight tensors are never written, so base answers stay exact however often
@@ -18,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from torch import nn
 
@@ -53,18 +54,59 @@ def _slots(model: nn.Module) -> list[_Slot]:
 
 
 def _can_merge(slot: _Slot, peft_name: str) -> bool:
-    """Exactly foldable: a plain floating-point Linear base (not int8, not bitsandbytes), vanilla LoRA (no DoRA,
-    no LoRA bias)."""
+    """Exactly foldable: vanilla LoRA on a plain floating-point Linear (not int8, not bitsandbytes)."""
+    return _plain_lora(slot, peft_name) and type(slot.base) is nn.Linear and slot.base.weight.is_floating_point()
+
+
+def _plain_lora(slot: _Slot, peft_name: str) -> bool:
+    """Vanilla LoRA on a Linear (no DoRA, no LoRA bias): its delta is exactly B·A·scaling."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     layer = slot.layer
     return (
         isinstance(layer, LoraLinear)
-        and type(slot.base) is nn.Linear
-        and slot.base.weight.is_floating_point()
         and peft_name not in layer.lora_variant
         and not layer.lora_bias.get(peft_name, False)
     )
+
+
+class _RowLora(nn.Module):
+    """The base layer plus each batch row's own LoRA delta in two batched matmuls. PEFT's mixed batch instead
+    loops over the adapters in every layer (gather, cast, two matmuls, scatter per adapter): with 4 adapters in a
+    batch of 8 that halved the decode speed of a batch on one adapter."""
+
+    def __init__(self, base: nn.Module, down: torch.Tensor, up: torch.Tensor) -> None:
+        super().__init__()
+        self.base = base
+        self.down = down  # (rows, in, rank): each row's A transposed, zero-padded to the batch's largest rank
+        self.up = up  # (rows, rank, out): each row's B transposed times its scaling; zeros for base rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        result = self.base(x)
+        delta = torch.bmm(torch.bmm(x.to(self.down.dtype), self.down), self.up)
+        return result + delta.to(result.dtype)  # type: ignore[no-any-return]
+
+
+def _row_lora(slot: _Slot, row_adapters: list[str | None]) -> nn.Module:
+    """`slot`'s base layer with the batch rows' adapters stacked, or the bare base layer when none has it."""
+    import torch
+
+    layer = slot.layer
+    present = {name for name in row_adapters if name is not None and name in layer.lora_A}  # type: ignore[operator]
+    if not present:
+        return slot.base
+    first = layer.lora_A[next(iter(present))].weight  # type: ignore[index]
+    rank = max(layer.lora_A[name].weight.shape[0] for name in present)  # type: ignore[index]
+    down = torch.zeros(len(row_adapters), first.shape[1], rank, dtype=first.dtype)
+    up = torch.zeros(len(row_adapters), rank, layer.lora_B[next(iter(present))].weight.shape[0], dtype=first.dtype)  # type: ignore[index]
+    for row, name in enumerate(row_adapters):
+        if name in present:
+            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight  # type: ignore[index]
+            down[row, :, : a.shape[0]] = a.T
+            up[row, : a.shape[0], :] = b.T * layer.scaling[name]  # type: ignore[index]
+    return _RowLora(slot.base, down.to(first.device), up.to(first.device))
 
 
 def _set_bytes(merged: MergedSet) -> int:
@@ -79,13 +121,13 @@ class WeightMerger:
         self._layout: list[_Slot] | None = None  # found once per model change
         self._originals: dict[nn.Module, torch.Tensor] = {}  # PEFT layer -> its base weight as loaded
         self._sets: OrderedDict[str, MergedSet] = OrderedDict()  # built merged sets, least recently used first
-        self._unwrapped = False
+        self._mode: Literal["peft", "plain", "rows"] = "peft"  # what sits in the module tree now
         self.merged: str | None = None
 
     def run_plain(self, model: nn.Module, peft_name: str | None) -> bool:
         """Take the PEFT layers out, with `peft_name` folded into the weights (None: the base model).
         False, and nothing changed, when that adapter cannot be folded in exactly."""
-        if self._unwrapped and self.merged == peft_name:
+        if self._mode == "plain" and self.merged == peft_name:
             return True
         self.restore()
         slots = self._slots(model)
@@ -101,18 +143,32 @@ class WeightMerger:
             if slot.layer in merged:
                 slot.base.weight.data = merged[slot.layer]
             setattr(slot.parent, slot.attribute, slot.base)
-        self._unwrapped, self.merged = True, peft_name
+        self._mode, self.merged = "plain", peft_name
         self._trim()
+        return True
+
+    def run_rows(self, model: nn.Module, row_adapters: list[str | None]) -> bool:
+        """Take the PEFT layers out for a batch with different adapters per row (None: the base model), each
+        LoRA layer replaced by one that adds every row's own delta. False, and nothing changed, when an
+        adapter is not plain LoRA (PEFT's own mixed batch then runs)."""
+        self.restore()
+        slots = self._slots(model)
+        names = {name for name in row_adapters if name is not None}
+        if not all(_plain_lora(slot, name) for slot in slots for name in names if name in slot.layer.lora_A):  # type: ignore[operator]
+            return False
+        for slot in slots:
+            setattr(slot.parent, slot.attribute, _row_lora(slot, row_adapters))
+        self._mode = "rows"
         return True
 
     def restore(self) -> None:
         """Put the PEFT layers back, their base weights the original tensors."""
-        if not self._unwrapped:
+        if self._mode == "peft":
             return
         for slot in self._layout or []:
             slot.base.weight.data = self._originals[slot.layer]
             setattr(slot.parent, slot.attribute, slot.layer)
-        self._unwrapped, self.merged = False, None
+        self._mode, self.merged = "peft", None
 
     def model_changing(self, detached: str | None = None) -> None:
         """Before PEFT changes the model (attach, detach, build a mix): restore, and forget what goes away."""
