@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from app.config import Settings
 from app.rag.embeddings import Embedder, SentenceTransformerEmbedder
 from app.rag.ingestion import ingest_folder
+from tests.ollama_wire_server import OllamaWireServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CORPUS = Path(__file__).parent / "fixtures" / "corpus"
@@ -56,6 +57,13 @@ def corpus_store(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder) -
     store = tmp_path_factory.mktemp("corpus-store")
     ingest_folder(CORPUS, store, embedder, chunk_size=300, chunk_overlap=50, show_progress=False)
     return store
+
+
+@pytest.fixture()
+def ollama() -> Iterator[OllamaWireServer]:
+    """A server speaking Ollama's HTTP API on loopback, with one chat model pulled."""
+    with OllamaWireServer(models=["qwen3:4b"]) as server:
+        yield server
 
 
 @contextmanager

@@ -5,7 +5,6 @@ These apps start on Ollama and never load the local model, so they are fast.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -14,12 +13,6 @@ import pytest
 from app.main import create_app
 from tests.conftest import make_settings, running_server
 from tests.ollama_wire_server import OllamaWireServer
-
-
-@pytest.fixture()
-def ollama() -> Iterator[OllamaWireServer]:
-    with OllamaWireServer(models=["qwen3:4b"]) as server:
-        yield server
 
 
 def _ollama_app_url(tmp_path: Path, corpus_store: Path, **overrides: object):  # type: ignore[no-untyped-def]

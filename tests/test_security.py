@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +19,6 @@ from tests.ollama_wire_server import OllamaWireServer
 
 USER_KEY = "user-SENTINEL-6f1c2a"
 ADMIN_KEY = "admin-SENTINEL-93bd7e"
-
-
-@pytest.fixture()
-def ollama() -> Iterator[OllamaWireServer]:
-    with OllamaWireServer(models=["qwen3:4b"]) as server:
-        yield server
 
 
 def _app(tmp_path: Path, corpus_store: Path, ollama: OllamaWireServer, **overrides: object):  # type: ignore[no-untyped-def]

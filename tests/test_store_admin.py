@@ -25,12 +25,6 @@ QUESTION = "What colour is the Skerry lighthouse painted?"
 
 
 @pytest.fixture()
-def ollama() -> Iterator[OllamaWireServer]:
-    with OllamaWireServer(models=["qwen3:4b"]) as server:
-        yield server
-
-
-@pytest.fixture()
 def documents(tmp_path: Path) -> Path:
     """A copy of the fixture corpus (named `corpus/`, as in the store it was ingested into) to change."""
     folder = tmp_path / "docs" / "corpus"
