@@ -16,7 +16,6 @@ them only swaps tensor references.
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -25,8 +24,6 @@ from torch import nn
 
 if TYPE_CHECKING:
     import torch
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -99,8 +96,8 @@ def _row_lora(slot: _Slot, row_adapters: list[str | None]) -> nn.Module:
         return slot.base
     first = layer.lora_A[next(iter(present))].weight  # type: ignore[index]
     rank = max(layer.lora_A[name].weight.shape[0] for name in present)  # type: ignore[index]
-    down = torch.zeros(len(row_adapters), first.shape[1], rank, dtype=first.dtype)
-    up = torch.zeros(len(row_adapters), rank, layer.lora_B[next(iter(present))].weight.shape[0], dtype=first.dtype)  # type: ignore[index]
+    down = torch.zeros(len(row_adapters), layer.in_features, rank, dtype=first.dtype)  # type: ignore[arg-type]
+    up = torch.zeros(len(row_adapters), rank, layer.out_features, dtype=first.dtype)  # type: ignore[arg-type]
     for row, name in enumerate(row_adapters):
         if name in present:
             a, b = layer.lora_A[name].weight, layer.lora_B[name].weight  # type: ignore[index]
