@@ -24,7 +24,7 @@ GREEDY = GenerationParams(max_new_tokens=12, temperature=0.0, top_p=1.0)
 MESSAGES = [{"role": "user", "content": "Name three fruits."}]
 
 
-def _save_lora(model: object, folder: Path, seed: int) -> Path:
+def _save_lora(model: object, folder: Path, seed: int, scale: float = 0.05) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -35,7 +35,7 @@ def _save_lora(model: object, folder: Path, seed: int) -> Path:
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
             if "lora_B" in name:  # B starts at zero; a non-zero B makes the adapter change the output
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
     peft_model.save_pretrained(folder, safe_serialization=True)
     return folder
 

@@ -27,7 +27,8 @@ def two_adapters(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     source = resolve_base_model("embedded:SmolLM2-135M-Instruct", None)
     folder = tmp_path_factory.mktemp("adapters")
-    paths = {name: _save_lora(AutoModelForCausalLM.from_pretrained(source), folder / name, seed)
+    # Strong enough that each adapter surely changes the greedy answer (at 0.05 "a" sometimes did not).
+    paths = {name: _save_lora(AutoModelForCausalLM.from_pretrained(source), folder / name, seed, scale=0.2)
              for name, seed in (("a", 1), ("b", 2))}
     return ",".join(f"{name}={path}" for name, path in paths.items())
 
