@@ -60,6 +60,20 @@ def check_device(settings: Settings) -> CheckResult:
     return CheckResult("device", True, f"{settings.device}: {device}")
 
 
+def check_numerics(settings: Settings) -> CheckResult:
+    """The dtype and int8 choice the model would load with here, and why."""
+    from app.llm.hf_backend import resolve_device
+    from app.llm.numerics import choose_numeric_path
+
+    try:
+        device = resolve_device(settings.device)
+    except AppError as error:
+        return CheckResult("numeric path", False, error.message, "set DEVICE=cpu or auto")
+    path = choose_numeric_path(settings.torch_dtype, device, settings.enable_quantization)
+    cpu = f"; cpu: {path.cpu}" if path.cpu else ""
+    return CheckResult("numeric path", True, f"{path.dtype}, quantization {path.quantization} ({path.reason}{cpu})")
+
+
 def check_adapter(settings: Settings) -> CheckResult:
     path = settings.lora_model_path
     if not has_adapter_files(path):
@@ -110,6 +124,7 @@ def run_config_checks(settings: Settings) -> tuple[list[CheckResult], bool]:
     results = [
         check_base_model(settings),
         check_device(settings),
+        check_numerics(settings),
         check_adapter(settings),
         check_vector_store(settings),
         check_embedding_model(settings),

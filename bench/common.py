@@ -164,11 +164,16 @@ def machine() -> dict[str, Any]:
     """What the figures were measured on; the load average says how busy the machine was."""
     import torch
 
+    from app.llm.numerics import CpuCapability, choose_numeric_path
+
+    capability = CpuCapability.detect()
     cpu = next((line.split(":", 1)[1].strip() for line in _lines("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor() or platform.machine())
     memory_kb = next((int(line.split()[1]) for line in _lines("/proc/meminfo") if line.startswith("MemTotal")), 0)
     return {
         "cpu": cpu,
+        "cpu_capability": capability.summary(),
+        "auto_dtype": choose_numeric_path("auto", "cpu", False, capability).dtype,
         "cores_usable": len(os.sched_getaffinity(0)),
         "torch_threads": torch.get_num_threads(),
         "memory_gb": round(memory_kb / 1024 / 1024, 1),

@@ -7,7 +7,7 @@
 
 Sections: 1 adapter change vs reload, 2 LoRA decode overhead, 3 many clients on many adapters (live server),
 4 decode vs llama.cpp (when installed: bash bench/setup_peer.sh), 5 retrieval latency, 6 ingestion throughput,
-7 /ask end to end streamed, with the server's peak RSS (live server).
+7 /ask end to end streamed, with the server's peak RSS (live server), 8 numeric paths (dtype per CPU level).
 Absolute times on a shared machine are noisy: compare the ratios, which are measured in the same run.
 """
 
@@ -21,12 +21,12 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import backend_bench, retrieval_bench, serving_bench  # noqa: E402
+from bench import backend_bench, numerics_bench, retrieval_bench, serving_bench  # noqa: E402
 from bench.common import (  # noqa: E402
     REPO_ROOT,
     RESULTS_DIR,
@@ -46,9 +46,10 @@ SECTIONS: dict[int, tuple[str, Callable[[Context], SectionResult]]] = {
     5: ("retrieval latency", retrieval_bench.retrieval),
     6: ("ingestion throughput", retrieval_bench.ingestion),
     7: ("/ask end to end (live server)", serving_bench.ask_end_to_end),
+    8: ("numeric paths", numerics_bench.numeric_paths),
 }
 # In-process sections first, the live server's last, so the server never competes with them for the cores.
-RUN_ORDER = (5, 6, 1, 2, 4, 3, 7)
+RUN_ORDER = (8, 5, 6, 1, 2, 4, 3, 7)
 DOC = REPO_ROOT / "docs" / "performance.md"
 DOC_BEGIN, DOC_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
@@ -62,7 +63,8 @@ def _sections(text: str) -> list[int]:
 
 
 def machine_line(facts: dict[str, object]) -> str:
-    return (f"{facts['cpu']}, {facts['cores_usable']} cores usable, {facts['memory_gb']} GB RAM, "
+    return (f"{facts['cpu']} ({facts['cpu_capability']}; TORCH_DTYPE=auto: {facts['auto_dtype']}), "
+            f"{facts['cores_usable']} cores usable, {facts['memory_gb']} GB RAM, "
             f"{facts['os']}, Python {facts['python']}, torch {facts['torch']} ({facts['torch_threads']} threads)")
 
 
@@ -88,7 +90,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the live server is stopped on SIGTERM too
 
     command = "python bench/run.py " + " ".join(sys.argv[1:])
-    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    when = datetime.now(UTC).isoformat(timespec="seconds")
     facts = machine()
     print(f"machine: {machine_line(facts)}; load average {facts['load_average_1min']}", flush=True)
     results: list[SectionResult] = []

@@ -57,6 +57,8 @@ def test_model_info_and_health_report_the_base_model_without_adapter(service_url
                   "vector_store_path", "embedding_model", "device", "quantization", "ollama_model"):
         assert field in info
     assert info["lora_exists"] is False and info["using_lora"] is True and info["device"] == "cpu"
+    # which numbers the model runs in, and why (TORCH_DTYPE=auto decided from the CPU)
+    assert info["dtype"] in {"bfloat16", "float32"} and info["numeric_path"]["reason"].startswith("auto")
     health = httpx.get(f"{service_url}/health", timeout=30)
     assert health.status_code == 200 and health.json()["status"] == "healthy"
     assert set(health.json()["components"]) == {"rag_handler", "vector_store", "lora_model", "ollama_service"}

@@ -27,9 +27,9 @@ from app.llm.base import (
     TextCallback,
 )
 from app.llm.model_source import resolve_base_model
+from app.llm.numerics import NumericPath, choose_numeric_path
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from app.llm.engine import GenerationEngine
@@ -48,24 +48,11 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def resolve_dtype(requested: str, device: str, quantize: bool) -> torch.dtype:
-    """The weights' dtype. auto: bfloat16 (about 2x faster than float32 on CPU, and half the bytes)."""
-    import torch
-
-    if quantize and device == "cpu":
-        # torch's dynamic int8 kernel takes float32 activations.
-        return torch.float32
-    if requested == "auto":
-        return torch.bfloat16 if device == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
-
-
 @dataclass(frozen=True)
 class LoadedModelFacts:
     base_model: str
     device: str
-    dtype: str
-    quantization: str
+    numerics: NumericPath
     max_position_embeddings: int | None
 
 
@@ -97,14 +84,14 @@ class HFLoraBackend(GenerationBackend):
         from app.llm.engine import GenerationEngine
 
         device = resolve_device(settings.device)
-        quantize = settings.enable_quantization
-        dtype = resolve_dtype(settings.torch_dtype, device, quantize)
+        numerics = choose_numeric_path(settings.torch_dtype, device, settings.enable_quantization)
+        dtype = numerics.torch_dtype()
         if settings.num_threads:
             torch.set_num_threads(settings.num_threads)
         source = resolve_base_model(settings.base_model_name, settings.cache_dir)
         cache_dir = str(settings.cache_dir) if settings.cache_dir else None
         load_kwargs: dict[str, Any] = {"dtype": dtype, "cache_dir": cache_dir, "trust_remote_code": False}
-        if quantize and device == "cuda":
+        if numerics.quantization == "int8-bitsandbytes":
             load_kwargs["quantization_config"] = _bitsandbytes_int8_config()
             load_kwargs["device_map"] = {"": 0}
         try:
@@ -121,9 +108,10 @@ class HFLoraBackend(GenerationBackend):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         _make_lm_head_input_contiguous(model)
-        quantization = "none"
-        if quantize:
-            quantization = "int8-bitsandbytes" if device == "cuda" else _quantize_cpu_int8(model)
+        if numerics.quantization == "int8-dynamic":
+            from app.llm.quantization import quantize_linears_int8
+
+            quantize_linears_int8(model)
 
         manager = AdapterManager(
             model,
@@ -141,13 +129,13 @@ class HFLoraBackend(GenerationBackend):
         facts = LoadedModelFacts(
             base_model=settings.base_model_name,
             device=device,
-            dtype=str(dtype).removeprefix("torch."),
-            quantization=quantization,
+            numerics=numerics,
             max_position_embeddings=getattr(model.config, "max_position_embeddings", None),
         )
         logger.info(
-            "model ready: base=%s adapters=%s default=%s device=%s dtype=%s quantization=%s",
-            facts.base_model, manager.names(), manager.default_name, device, facts.dtype, quantization,
+            "model ready: base=%s adapters=%s default=%s device=%s dtype=%s quantization=%s (%s; cpu: %s)",
+            facts.base_model, manager.names(), manager.default_name, device, numerics.dtype, numerics.quantization,
+            numerics.reason, numerics.cpu,
         )
         return cls(tokenizer, manager, engine, facts, adapter_errors)
 
@@ -221,8 +209,9 @@ class HFLoraBackend(GenerationBackend):
         facts = self.facts
         return {
             "device": facts.device,
-            "dtype": facts.dtype,
-            "quantization": facts.quantization,
+            "dtype": facts.numerics.dtype,
+            "quantization": facts.numerics.quantization,
+            "numeric_path": {"reason": facts.numerics.reason, "cpu": facts.numerics.cpu},
             "default_adapter": self.adapters.default_name,
             "merged_adapter": self.adapters.merged_adapter,
             "adapters": self.adapters.names(),
@@ -264,13 +253,6 @@ def _make_lm_head_input_contiguous(model: PreTrainedModel) -> None:
     head = model.get_output_embeddings()
     if head is not None:
         head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
-
-
-def _quantize_cpu_int8(model: PreTrainedModel) -> str:
-    from app.llm.quantization import quantize_linears_int8
-
-    quantize_linears_int8(model)
-    return "int8-dynamic"
 
 
 def _bitsandbytes_int8_config() -> Any:

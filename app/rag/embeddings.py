@@ -16,6 +16,7 @@ import numpy as np
 from app.config import Settings
 from app.errors import BackendUnavailableError, ModelLoadError
 from app.llm.model_source import resolve_embedding_model
+from app.llm.numerics import CpuCapability
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +40,6 @@ class Embedder(ABC):
         """Shape (len(texts), dimension), float32, unit length."""
 
 
-def _native_bfloat16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware; elsewhere bfloat16 is emulated and slower than float32."""
-    import torch
-
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
 class SentenceTransformerEmbedder(Embedder):
     """A local sentence-transformers model on the CPU, in bfloat16 where the CPU has it natively (EMBEDDING_DTYPE).
 
@@ -67,7 +61,7 @@ class SentenceTransformerEmbedder(Embedder):
             self._model = SentenceTransformer(source, device="cpu", cache_folder=cache_dir, trust_remote_code=False)
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"cannot load the embedding model '{name}': {error}") from None
-        if dtype == "bfloat16" or (dtype == "auto" and _native_bfloat16()):
+        if dtype == "bfloat16" or (dtype == "auto" and CpuCapability.detect().native_bf16):
             self._model.to(torch.bfloat16)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
