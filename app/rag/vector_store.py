@@ -6,6 +6,10 @@ Layout of VECTOR_STORE_PATH:
 A version folder is complete before CURRENT names it, so a crash at any point leaves the previous
 version live; a tampered or half-written version is refused on load. The last KEEP_VERSIONS versions
 stay on disk, so CURRENT can be pointed back at one of them (`switch_version`).
+
+The loader trusts no name it reads from disk: CURRENT must hold a version name, the manifest must give
+a sha256 for every file the loader opens, and every path resolves, links followed, to an entry directly
+in its own folder (CURRENT and the versions in the store folder, their files in the version folder).
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,9 @@ CURRENT_FILE = "CURRENT"
 INDEX_FILE = "index.faiss"
 DOCSTORE_FILE = "docstore.json"
 MANIFEST_FILE = "manifest.json"
+VERIFIED_FILES = (INDEX_FILE, DOCSTORE_FILE)  # what the loader opens besides the manifest: each needs a checksum
+VERSION_NAME = re.compile(r"v[0-9]+")  # `_next_version` writes v000001, v000002, ...
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # as hexdigest() writes it
 STORE_FORMAT = 1
 KEEP_VERSIONS = 3
 # From this many chunks on, the index scans 8-bit codes and re-ranks the best candidates exactly: a flat scan
@@ -84,7 +92,9 @@ class VectorStore:
         with _one_omp_thread():
             scores, ids = self.index.search(np.ascontiguousarray(query_vector.reshape(1, -1), dtype=np.float32), k)
         return [
-            SearchHit(chunk=self.chunks[int(i)], score=float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0
+            SearchHit(chunk=self.chunks[int(i)], score=float(s))
+            for s, i in zip(scores[0], ids[0], strict=True)
+            if i >= 0
         ]
 
     def vectors(self, chunk_ids: list[int]) -> np.ndarray:
@@ -120,10 +130,10 @@ def build_index(vectors: np.ndarray, dimension: int) -> Any:
 
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if len(vectors) < APPROXIMATE_MIN_CHUNKS:
-        index = faiss.IndexFlatIP(dimension)
+        flat = faiss.IndexFlatIP(dimension)
         if len(vectors):
-            index.add(vectors)
-        return index
+            flat.add(vectors)
+        return flat
     codes = faiss.IndexScalarQuantizer(dimension, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
     index = faiss.IndexRefineFlat(codes)
     index.k_factor = REFINE_K_FACTOR
@@ -153,11 +163,46 @@ def _fsync_file(path: Path) -> None:
 
 
 def current_version(store_path: Path) -> str | None:
+    """The version CURRENT names; None without one, and also when CURRENT is unusable (`load_store` says why)."""
     try:
-        name = (store_path / CURRENT_FILE).read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
+        return _read_current(store_path)
+    except VectorStoreError:
         return None
-    return name or None
+
+
+def _read_current(store_path: Path) -> str | None:
+    """The version name in CURRENT, None when there is none; VectorStoreError when CURRENT is a link out of
+    the store or holds anything but a version name (its content stays out of the message: it may be anything)."""
+    pointer = store_path / CURRENT_FILE
+    if not os.path.lexists(pointer):
+        return None
+    path = _entry_in(store_path.resolve(), CURRENT_FILE)
+    if path is None or not path.is_file():
+        raise VectorStoreError(f"{CURRENT_FILE} is not a file in the vector store folder (a link out of it?)")
+    with path.open("rb") as stream:
+        name = stream.read(64).decode("ascii", errors="replace").strip()  # a version name is a dozen bytes
+    if not name:
+        return None
+    if not VERSION_NAME.fullmatch(name):
+        raise VectorStoreError(f"{CURRENT_FILE} does not hold a version name (v followed by digits)")
+    return name
+
+
+def _entry_in(folder: Path, name: str) -> Path | None:
+    """`folder / name` with links resolved, when `name` is one plain name (no separator, not `..`) and the
+    resolved path is still directly in `folder` (itself resolved); None otherwise."""
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        return None
+    try:
+        path = (folder / name).resolve()
+    except (OSError, RuntimeError):  # a link loop
+        return None
+    return path if path.parent == folder else None
+
+
+def _shown(name: str) -> str:
+    """A name read from disk, quoted and cut short for a message."""
+    return repr(name if len(name) <= 80 else name[:77] + "...")
 
 
 def store_exists(store_path: Path) -> bool:
@@ -166,7 +211,7 @@ def store_exists(store_path: Path) -> bool:
 
 def load_store(store_path: Path, expected_embedding_model: str | None = None) -> VectorStore:
     """Load and verify the live version; raise VectorStoreError saying what is wrong."""
-    version = current_version(store_path)
+    version = _read_current(store_path)
     if version is None:
         raise VectorStoreError(
             f"no vector store at {store_path.name}/: build it with `python scripts/ingest.py --source <folder>`"
@@ -178,16 +223,19 @@ def load_version(store_path: Path, version: str, expected_embedding_model: str |
     """Load and verify one version folder, live or not; raise VectorStoreError saying what is wrong."""
     import faiss
 
-    folder = store_path / version
     try:
-        manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
-        for name, checksum in manifest["checksums"].items():
-            if _sha256(folder / name) != checksum:
-                raise VectorStoreError(f"vector store {version}: {name} does not match its checksum (tampered?)")
-        payload = json.loads((folder / DOCSTORE_FILE).read_text(encoding="utf-8"))
-        index = faiss.read_index(str(folder / INDEX_FILE))
+        manifest, listed = _read_manifest(_version_folder(store_path, version), version)
+        for name, entry in listed.items():
+            if _sha256(entry.path) != entry.sha256:
+                raise VectorStoreError(
+                    f"vector store {version}: {_shown(name)} does not match its checksum (tampered?)"
+                )
+        payload = json.loads(listed[DOCSTORE_FILE].path.read_text(encoding="utf-8"))
+        index = faiss.read_index(str(listed[INDEX_FILE].path))
         chunks = [StoredChunk(text=str(c["text"]), metadata=dict(c["metadata"])) for c in payload["chunks"]]
-        files = {name: FileEntry(str(e["sha256"]), [int(i) for i in e["chunk_ids"]]) for name, e in payload["files"].items()}
+        files = {
+            name: FileEntry(str(e["sha256"]), [int(i) for i in e["chunk_ids"]]) for name, e in payload["files"].items()
+        }
         model = str(manifest["embedding_model"])
         consistent = index.ntotal == len(chunks) and manifest.get("format") == STORE_FORMAT
     except VectorStoreError:
@@ -202,6 +250,57 @@ def load_version(store_path: Path, version: str, expected_embedding_model: str |
             "rebuild it with `python scripts/ingest.py --source <folder> --rebuild`"
         )
     return VectorStore(index, chunks, files, model, version=version, created_at=manifest.get("created_at", ""))
+
+
+@dataclass(frozen=True)
+class _ListedFile:
+    path: Path  # resolved, directly in the version folder
+    sha256: str
+
+
+def _version_folder(store_path: Path, version: str) -> Path:
+    """The folder of `version`, resolved; VectorStoreError unless it is a version name whose folder resolves
+    to a folder directly in the store folder (through a link it would serve a folder the store does not own)."""
+    if not VERSION_NAME.fullmatch(version):
+        raise VectorStoreError("not a vector store version name (v followed by digits)")
+    folder = _entry_in(store_path.resolve(), version)
+    if folder is None or not folder.is_dir():
+        raise VectorStoreError(f"vector store {version}: its folder is missing from the store or a link out of it")
+    return folder
+
+
+def _read_manifest(folder: Path, version: str) -> tuple[dict[str, Any], dict[str, _ListedFile]]:
+    """The manifest of a version and the files it lists, each checked to be a file of the version folder with
+    a well-formed sha256, and VERIFIED_FILES all among them; nothing is hashed here."""
+    manifest_path = _entry_in(folder, MANIFEST_FILE)
+    if manifest_path is None or not manifest_path.is_file():
+        raise VectorStoreError(f"vector store {version}: {MANIFEST_FILE} is not a file in the version folder")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    checksums = manifest["checksums"]
+    if not isinstance(checksums, dict):
+        raise VectorStoreError(f"vector store {version}: the checksums in {MANIFEST_FILE} are not a mapping")
+    listed = {}
+    for name, checksum in checksums.items():
+        path = _entry_in(folder, name)
+        if path is None or not path.is_file():
+            raise VectorStoreError(
+                f"vector store {version}: {MANIFEST_FILE} lists {_shown(name)}, which is not a file in the version "
+                "folder (a path, or a link out of it)"
+            )
+        if checksum == "":
+            raise VectorStoreError(
+                f"vector store {version}: the checksum of {_shown(name)} in {MANIFEST_FILE} is empty"
+            )
+        if not isinstance(checksum, str) or not SHA256_HEX.fullmatch(checksum):
+            raise VectorStoreError(
+                f"vector store {version}: the checksum of {_shown(name)} in {MANIFEST_FILE} is not a sha256 "
+                "(64 lowercase hex digits)"
+            )
+        listed[name] = _ListedFile(path, checksum)
+    for name in VERIFIED_FILES:
+        if name not in listed:
+            raise VectorStoreError(f"vector store {version}: {MANIFEST_FILE} has no checksum for {name}")
+    return manifest, listed
 
 
 def write_store(store_path: Path, store: VectorStore) -> str:
@@ -222,11 +321,11 @@ def write_store(store_path: Path, store: VectorStore) -> str:
         manifest = {
             "format": STORE_FORMAT,
             "version": version,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "embedding_model": store.embedding_model,
             "dimension": int(store.index.d),
             "chunk_count": len(store.chunks),
-            "checksums": {name: _sha256(staging / name) for name in (INDEX_FILE, DOCSTORE_FILE)},
+            "checksums": {name: _sha256(staging / name) for name in VERIFIED_FILES},
         }
         _fsync_write(staging / MANIFEST_FILE, json.dumps(manifest, indent=2).encode("utf-8"))
         staging.chmod(0o755)
@@ -253,12 +352,13 @@ class VersionInfo:
 
 
 def list_versions(store_path: Path) -> list[VersionInfo]:
-    """The kept version folders, oldest first (their manifests only: checksums are verified on switching)."""
+    """The kept version folders, oldest first. Their manifests only, checked as on loading (folders, file names,
+    checksums well-formed) but nothing hashed: checksums are verified on switching."""
     live = current_version(store_path)
     versions = []
     for folder in _version_folders(store_path):
         try:
-            manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+            manifest, _ = _read_manifest(_version_folder(store_path, folder.name), folder.name)
             versions.append(
                 VersionInfo(
                     folder.name,
@@ -268,6 +368,8 @@ def list_versions(store_path: Path) -> list[VersionInfo]:
                     embedding_model=str(manifest["embedding_model"]),
                 )
             )
+        except VectorStoreError as error:
+            versions.append(VersionInfo(folder.name, folder.name == live, problem=error.message))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             problem = f"unreadable manifest ({type(error).__name__})"
             versions.append(VersionInfo(folder.name, folder.name == live, problem=problem))
@@ -298,12 +400,12 @@ def _point_current(store_path: Path, version: str) -> None:
 
 
 def _version_folders(store_path: Path) -> list[Path]:
-    folders = [p for p in store_path.glob("v[0-9]*") if p.is_dir() and p.name[1:].isdigit()]
+    folders = [p for p in store_path.glob("v[0-9]*") if p.is_dir() and VERSION_NAME.fullmatch(p.name)]
     return sorted(folders, key=lambda folder: int(folder.name[1:]))
 
 
 def _next_version(store_path: Path) -> str:
-    numbers = [int(p.name[1:]) for p in store_path.glob("v[0-9]*") if p.name[1:].isdigit()]
+    numbers = [int(p.name[1:]) for p in store_path.glob("v[0-9]*") if VERSION_NAME.fullmatch(p.name)]
     return f"v{max(numbers, default=0) + 1:06d}"
 
 
