@@ -40,6 +40,14 @@ class NotFoundError(AppError):
     code = "not_found"
 
 
+class NumericalFailureError(AppError):
+    """The chosen adapter (or weighted mix) produced non-finite numbers for this input; the request cannot be
+    answered with it, and the requests it shared a batch with are unaffected."""
+
+    status_code = 422
+    code = "numerical_failure"
+
+
 class ConflictError(AppError):
     """The operation clashes with one already running."""
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.errors import AdapterError, AppError, NotFoundError
+from app.errors import AdapterError, AppError, BackendUnavailableError, NotFoundError
 from app.llm.adapters import AdapterInfo, check_adapter_fits, has_adapter_files, inspect_adapter
 from app.llm.base import AdapterSpec
 from app.llm.merging import WeightMerger
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 BASE = "__base__"
 DEFAULT_NAME = "default"
 ADAPTER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
-
+_MAX_REASON_CHARS = 2000
 
 
 class AdapterNotFoundError(NotFoundError):
@@ -86,6 +86,11 @@ class AdapterManager:
         """The request's choice made concrete (None: the server default), every name checked."""
         if spec is None:
             default = self.default_name
+            if default is None and self._default_setting:
+                raise BackendUnavailableError(
+                    f"the server's default adapter '{self._default_setting}' (DEFAULT_ADAPTER) is not loaded: "
+                    'load it again, or name an adapter (or "__base__") in the request'
+                )
             return ((default, 1.0),) if default else ()
         with self._lock:
             missing = [name for name, _ in spec if name not in self._records]
@@ -247,22 +252,32 @@ class AdapterManager:
         check_adapter_fits(self.model, record.info)
         self._merger.model_changing()
         try:
-            if hasattr(self.model, "peft_config"):
-                self.model.load_adapter(str(record.path), adapter_name=record.name, is_trainable=False)  # type: ignore[operator]
-            else:
-                from peft import PeftModel
-
-                self.model = PeftModel.from_pretrained(  # type: ignore[assignment]
-                    self.model, str(record.path), adapter_name=record.name, is_trainable=False
-                )
-        except (RuntimeError, ValueError, KeyError, OSError) as error:
-            raise AdapterError(f"adapter '{record.name}' could not be loaded: {str(error).splitlines()[0]}") from None
+            self._peft_load(record)
+        except Exception as error:  # PEFT fails half-way: whatever it injected must go, so the name stays free
+            self._remove_peft_adapter(record.name)
+            reason = " ".join(str(error).split())[:_MAX_REASON_CHARS] or type(error).__name__
+            raise AdapterError(f"adapter '{record.name}' could not be loaded: {reason}") from None
         self.model.eval()
         record.loaded, record.loaded_at = True, time.time()
         self._touch(record.name)
-        # Evict after attaching: PEFT cannot delete its only (active) adapter.
+        # Evict after attaching, the new adapter counted among the MAX_LOADED_ADAPTERS it may keep.
         self._make_room((pinned or set()) | {record.name}, limit=self._max_loaded + 1)
         logger.info("adapter %s attached from %s", record.name, record.path)
+
+    def _peft_load(self, record: AdapterRecord) -> None:
+        """PEFT's `from_pretrained` in its two steps (wrap, then load weights), so that a failure while loading
+        the weights leaves a PeftModel here whose half-made adapter can be removed."""
+        if hasattr(self.model, "peft_config"):
+            self.model.load_adapter(str(record.path), adapter_name=record.name, is_trainable=False)  # type: ignore[operator]
+            return
+        from peft import LoraConfig, PeftModel
+        from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+
+        config = LoraConfig.from_pretrained(str(record.path))
+        config.inference_mode = True
+        wrapper = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)  # type: ignore[call-overload]
+        self.model = wrapper(self.model, config, record.name)
+        self.model.load_adapter(str(record.path), adapter_name=record.name, is_trainable=False)  # type: ignore[operator]
 
     def _make_room(self, pinned: set[str], limit: int | None = None) -> None:
         """Unload least recently used adapters until fewer than `limit` (default MAX_LOADED_ADAPTERS) remain."""
@@ -277,14 +292,27 @@ class AdapterManager:
     def _detach(self, peft_name: str) -> None:
         self._merger.model_changing(detached=peft_name)
         self._lru.pop(peft_name, None)
-        if hasattr(self.model, "peft_config") and peft_name in self.model.peft_config:
-            self.model.delete_adapter(peft_name)  # type: ignore[operator]
+        self._remove_peft_adapter(peft_name)
         with self._lock:
             record = self._records.get(peft_name)
             if record is not None:
                 record.loaded, record.loaded_at = False, None
             for key in [k for k in self._mixes if _mix_peft_name(k) == peft_name]:
                 del self._mixes[key]
+
+    def _remove_peft_adapter(self, peft_name: str) -> None:
+        """Delete an adapter from PEFT. PEFT keeps answering for its active adapter, so another one is made
+        active first; with no adapter left the LoRA layers are taken out and the plain base model is kept."""
+        peft_config = getattr(self.model, "peft_config", None)
+        if peft_config is None or peft_name not in peft_config:
+            return
+        remaining = [name for name in peft_config if name != peft_name]
+        if not remaining:
+            self.model = self.model.unload()  # type: ignore[operator]
+            return
+        if self.model.active_adapter == peft_name:
+            self.model.set_adapter(remaining[0])  # type: ignore[operator]
+        self.model.delete_adapter(peft_name)  # type: ignore[operator]
 
     def _touch(self, peft_name: str) -> None:
         self._lru[peft_name] = None

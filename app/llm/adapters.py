@@ -1,13 +1,18 @@
 """Safe inspection of LoRA adapter folders before anything is handed to PEFT.
 
-Only `adapter_model.safetensors` is ever loaded (a pickle `.bin` is refused), and `adapter_config.json`
-is validated: LoRA only, no `auto_mapping` or other hooks that make PEFT import code.
+Only `adapter_model.safetensors` is ever loaded (a pickle `.bin` is refused), and `adapter_config.json` is
+allow-listed: every field must be one that is inert when saved weights are loaded onto a shared base model.
+Unknown fields and values that make PEFT import code (`auto_mapping`), initialise from the base weights and
+rewrite them (`init_lora_weights: "pissa"`, `loftq_config`, ...), train or overwrite base tensors (`bias: "all"`,
+`trainable_token_indices`) or change the base model's structure (`layer_replication`) are refused by name.
+The weights must be finite and their shapes must fit the base model and the config's rank.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,8 +25,6 @@ if TYPE_CHECKING:
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"
-# Fields that make PEFT import or execute code named in the file.
-_FORBIDDEN_CONFIG_FIELDS = ("auto_mapping", "custom_modules", "trust_remote_code")
 _MAX_CONFIG_BYTES = 1_000_000
 
 
@@ -38,6 +41,55 @@ def _is_plain_peft_auto_mapping(value: Any) -> bool:
     )
 
 
+def _is_off(value: Any) -> bool:
+    return value is None or value is False or value == {} or value == []
+
+
+def _any(_: Any) -> bool:
+    return True
+
+
+# Each field PEFT's LoraConfig knows, with the values accepted. Free fields describe the LoRA matrices, which
+# is what loading saved weights creates; the others must keep the value that builds plain LoRA layers.
+_CONFIG_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{name: (_any, "") for name in (
+        "peft_type", "peft_version", "task_type", "base_model_name_or_path", "revision", "inference_mode",
+        "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "rank_pattern", "alpha_pattern",
+        "layers_to_transform", "layers_pattern", "use_rslora", "use_dora", "lora_bias", "fan_in_fan_out",
+        "modules_to_save", "qalora_group_size",
+    )},
+    "bias": (lambda value: value == "none", '"none" (other values load saved base biases over the shared ones)'),
+    "init_lora_weights": (
+        lambda value: value in (True, False, "gaussian"),
+        'true, false or "gaussian" (other schemes initialise from the base weights and rewrite them)',
+    ),
+    "megatron_core": (lambda value: value in (None, "megatron.core"), '"megatron.core" (a module PEFT imports)'),
+    "auto_mapping": (lambda value: value is None or _is_plain_peft_auto_mapping(value),
+                     "null or the plain mapping PEFT writes (it names classes to import)"),
+    **{name: (_is_off, "unset (it changes or rewrites the shared base model)") for name in (
+        "layer_replication", "trainable_token_indices", "target_parameters", "loftq_config", "eva_config",
+        "corda_config", "lora_ga_config", "megatron_config", "arrow_config", "alora_invocation_tokens",
+        "kasa_config", "monteclora_config", "velora_config", "use_bdlora", "use_qalora", "ensure_weight_tying",
+    )},
+}
+
+
+def _check_config_fields(adapter: str, config: dict[str, Any]) -> None:
+    for field, value in config.items():
+        rule = _CONFIG_FIELDS.get(field)
+        if rule is None:
+            raise AdapterError(
+                f"adapter '{adapter}': {ADAPTER_CONFIG_FILE} has the field '{field}', which is not accepted "
+                "(only fields known to be inert for loading saved LoRA weights are)"
+            )
+        accepts, allowed = rule
+        if not accepts(value):
+            raise AdapterError(
+                f"adapter '{adapter}': {ADAPTER_CONFIG_FILE} sets {field}={json.dumps(value)[:100]}, which is refused; "
+                f"allowed: {allowed}"
+            )
+
+
 @dataclass(frozen=True)
 class AdapterInfo:
     path: Path
@@ -46,6 +98,7 @@ class AdapterInfo:
     alpha: float
     target_modules: list[str]
     size_bytes: int
+    per_module_ranks: bool  # rank_pattern gives some modules another rank than `rank`
 
 
 def has_adapter_files(folder: Path) -> bool:
@@ -76,11 +129,7 @@ def inspect_adapter(folder: Path) -> AdapterInfo:
         raise AdapterError(f"{ADAPTER_CONFIG_FILE} of '{folder.name}' must be a JSON object")
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"adapter '{folder.name}' is not a LoRA adapter (peft_type={config.get('peft_type')!r})")
-    forbidden = [name for name in _FORBIDDEN_CONFIG_FIELDS if config.get(name)]
-    if "auto_mapping" in forbidden and _is_plain_peft_auto_mapping(config["auto_mapping"]):
-        forbidden.remove("auto_mapping")  # what PEFT itself writes without task_type; we never import it
-    if forbidden:
-        raise AdapterError(f"adapter '{folder.name}' sets {', '.join(forbidden)}, which is refused")
+    _check_config_fields(folder.name, config)
     rank, alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)):
         raise AdapterError(f"adapter '{folder.name}' has no valid r / lora_alpha in {ADAPTER_CONFIG_FILE}")
@@ -94,6 +143,7 @@ def inspect_adapter(folder: Path) -> AdapterInfo:
         alpha=float(alpha),
         target_modules=sorted(str(t) for t in targets),
         size_bytes=weights_path.stat().st_size,
+        per_module_ranks=bool(config.get("rank_pattern")),
     )
 
 
@@ -101,39 +151,66 @@ _PEFT_KEY_PREFIX = "base_model.model."
 
 
 def check_adapter_fits(model: nn.Module, adapter: AdapterInfo) -> None:
-    """Compare the adapter's LoRA matrix shapes with the base model's layers before PEFT touches the model
-    (PEFT injects layers first and fails half-way, leaving the model modified)."""
+    """Compare the adapter's tensors with the base model's layers and the config's rank, and check every value is
+    finite, before PEFT touches the model (PEFT injects layers first and fails half-way; NaN or Inf weights
+    would poison every batch the adapter shares)."""
+    import torch
     from safetensors import safe_open
-    from torch import nn
 
     # Once adapters are attached, the model is a PeftModel whose targets wrap the original Linear.
     root = model.get_base_model() if hasattr(model, "get_base_model") else model
     modules = dict(root.named_modules())
+    name = adapter.path.name
+    ranks: dict[str, dict[str, int]] = {}  # module -> {"A": rows of lora_A, "B": columns of lora_B}
     try:
         with safe_open(str(adapter.path / ADAPTER_WEIGHTS_FILE), framework="pt") as weights:
-            shapes = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
+            for key in weights.keys():
+                tensor = weights.get_tensor(key)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise AdapterError(f"adapter '{name}': the tensor '{key}' holds NaN or infinite values")
+                path = key.removeprefix(_PEFT_KEY_PREFIX)
+                if ".lora_" not in path:
+                    _check_saved_module(modules, adapter, path, tuple(tensor.shape))
+                    continue
+                module_path, _, matrix = path.rpartition(".lora_")
+                _check_lora_tensor(modules, adapter, module_path, matrix, tuple(tensor.shape))
+                if matrix.startswith(("A.", "B.")) and tensor.dim() == 2:
+                    side = matrix[0]
+                    ranks.setdefault(module_path, {})[side] = tensor.shape[0 if side == "A" else 1]
+    except AdapterError:
+        raise
     except Exception as error:  # safetensors raises its own error type for a damaged file
-        raise AdapterError(f"adapter '{adapter.path.name}': {ADAPTER_WEIGHTS_FILE} is unreadable ({error})") from None
-    for key, shape in shapes.items():
-        path = key.removeprefix(_PEFT_KEY_PREFIX)
-        if ".lora_" not in path:
-            _check_saved_module(modules, adapter, path, shape)
-            continue
-        module_path, _, matrix = path.rpartition(".lora_")
-        target = modules.get(module_path)
-        target = getattr(target, "base_layer", target)
-        if not isinstance(target, nn.Linear):
+        raise AdapterError(f"adapter '{name}': {ADAPTER_WEIGHTS_FILE} is unreadable ({error})") from None
+    for module_path, sides in ranks.items():
+        found = sorted(set(sides.values()))
+        if len(found) > 1 or (not adapter.per_module_ranks and found != [adapter.rank]):
             raise AdapterError(
-                f"adapter '{adapter.path.name}' targets '{module_path}', which the base model does not have "
-                f"as a Linear layer (trained for {adapter.base_model_name_or_path!r})"
+                f"adapter '{name}': the LoRA matrices of '{module_path}' have rank {found}, "
+                f"but {ADAPTER_CONFIG_FILE} says r={adapter.rank}"
             )
-        expected_dim = target.in_features if matrix.startswith("A") else target.out_features
-        actual_dim = shape[1] if matrix.startswith("A") else shape[0]
-        if actual_dim != expected_dim:
-            raise AdapterError(
-                f"adapter '{adapter.path.name}' does not fit the base model: '{module_path}' has size "
-                f"{expected_dim}, the adapter expects {actual_dim} (trained for {adapter.base_model_name_or_path!r})"
-            )
+
+
+def _check_lora_tensor(
+    modules: dict[str, Any], adapter: AdapterInfo, module_path: str, matrix: str, shape: tuple[int, ...]
+) -> None:
+    """A LoRA tensor must sit on a Linear of the base model, its outer size that layer's in (A) or out size."""
+    from torch import nn
+
+    target = modules.get(module_path)
+    target = getattr(target, "base_layer", target)
+    if not isinstance(target, nn.Linear) or not shape:
+        raise AdapterError(
+            f"adapter '{adapter.path.name}' targets '{module_path}', which the base model does not have "
+            f"as a Linear layer (trained for {adapter.base_model_name_or_path!r})"
+        )
+    is_a = matrix.startswith("A")
+    expected_dim = target.in_features if is_a else target.out_features
+    actual_dim = shape[-1] if is_a else shape[0]
+    if actual_dim != expected_dim:
+        raise AdapterError(
+            f"adapter '{adapter.path.name}' does not fit the base model: '{module_path}' has size "
+            f"{expected_dim}, the adapter expects {actual_dim} (trained for {adapter.base_model_name_or_path!r})"
+        )
 
 
 def _check_saved_module(modules: dict[str, Any], adapter: AdapterInfo, path: str, shape: tuple[int, ...]) -> None:

@@ -20,7 +20,7 @@ import torch
 from transformers import LogitsProcessor, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from app.errors import AppError
+from app.errors import AppError, NumericalFailureError
 from app.llm.base import GenerationParams
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ class GenerationJob:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: FinishReason | None = None
+    error: AppError | None = None  # this row failed alone; the batch's other rows go on
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,10 @@ class GenerationEngine:
                 fail_job(job, error)
             return
         for job in prepared.jobs:
-            _resolve(job)
+            if job.error is not None:
+                fail_job(job, job.error)
+            else:
+                _resolve(job)
 
     def _generate(self, prepared: PreparedBatch) -> None:
         jobs = prepared.jobs
@@ -166,13 +170,12 @@ class GenerationEngine:
         kwargs: dict[str, Any] = {}
         if prepared.adapter_names is not None:
             kwargs["adapter_names"] = prepared.adapter_names
+        processors: list[LogitsProcessor] = [_RowGuard(jobs, self._eos_ids)]
         if all(job.params.temperature == 0 for job in jobs):
             kwargs["do_sample"] = False
         else:
-            kwargs.update(
-                do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                logits_processor=[_PerRowSampling(jobs, device)],
-            )
+            kwargs.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+            processors.append(_PerRowSampling(jobs, device))
         with torch.inference_mode():
             prepared.model.generate(
                 input_ids=input_ids.to(device),
@@ -181,6 +184,7 @@ class GenerationEngine:
                 pad_token_id=pad_id,
                 streamer=_BatchStreamer(jobs, self._tokenizer, self._eos_ids),
                 stopping_criteria=[_RowsFinished(jobs)],
+                logits_processor=processors,
                 **kwargs,
             )
 
@@ -200,6 +204,31 @@ def _eos_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
     return ids | ({end_of_turn} if isinstance(end_of_turn, int) else set())
+
+
+class _RowGuard(LogitsProcessor):
+    """Before any sampling, per row: a row whose scores are not finite (an adapter or mix that overflows) fails
+    alone, its row ended; a row with no token yet may not end, so an answer is never silently empty because the
+    model's first choice was end-of-turn."""
+
+    def __init__(self, jobs: list[GenerationJob], eos_ids: set[int]) -> None:
+        self._jobs = jobs
+        self._eos = sorted(eos_ids)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        broken = (~torch.isfinite(scores).all(dim=-1)).tolist()
+        for row, (job, is_broken) in enumerate(zip(self._jobs, broken, strict=True)):
+            if is_broken and job.error is None:
+                job.error = NumericalFailureError(
+                    "the adapter (or weighted mix) produced non-finite values for this request; "
+                    "other requests are unaffected"
+                )
+                logger.error("row %d of a batch of %d: non-finite logits; that row fails alone", row, len(broken))
+            if job.error is not None:
+                scores[row] = 0.0  # finite, so sampling the batch still works; the row ends at its next token
+            elif not job.tokens and self._eos:
+                scores[row, self._eos] = float("-inf")
+        return scores
 
 
 class _PerRowSampling(LogitsProcessor):
@@ -227,7 +256,7 @@ class _RowsFinished(StoppingCriteria):
         self._jobs = jobs
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: Any) -> torch.BoolTensor:
-        done = [job.finish_reason is not None or job.cancelled.is_set() for job in self._jobs]
+        done = [job.finish_reason is not None or job.cancelled.is_set() or job.error is not None for job in self._jobs]
         return torch.tensor(done, device=input_ids.device)  # type: ignore[return-value]
 
 
@@ -249,7 +278,7 @@ class _BatchStreamer(BaseStreamer):
                 continue
             if job.cancelled.is_set():
                 job.finish_reason = "cancelled"
-            elif token in self._eos_ids:
+            elif job.error is not None or token in self._eos_ids:
                 job.finish_reason = "stop"
             else:
                 job.tokens.append(token)
