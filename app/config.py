@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     admin_api_keys: SecretStr = Field(SecretStr(""), description="admin API keys, comma-separated")
     allow_unauthenticated: bool = False
     rate_limit_per_minute: int = Field(120, ge=0, le=1_000_000, description="per key; 0 = no limit")
+    auth_failure_limit: int = Field(
+        10, ge=0, le=1_000_000, description="invalid API keys one client address may send per window; 0 = no limit"
+    )
+    auth_failure_window_seconds: float = Field(60.0, gt=0, le=86_400, description="the window of AUTH_FAILURE_LIMIT")
     request_timeout_seconds: float = Field(300.0, gt=0, le=86_400, description="deadline of one generation")
     max_body_bytes: int = Field(1_000_000, ge=1024, le=100_000_000)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from app.api import admin_router, ask_router, health_router, model_router, openai_router, store_router
 from app.api.errors import install_error_handlers
@@ -45,7 +46,8 @@ def create_app(settings: Settings, loaders: Mapping[str, BackendLoader] = BACKEN
         finally:
             await service.models.close()
 
-    app = FastAPI(
+    # FastAPI's /docs and /redoc pages load their scripts from a CDN; these serve copies shipped in the package.
+    app = FastAPIOffline(
         title="lora-rag",
         description="Questions answered from your documents by a LoRA-adapted local model or Ollama.",
         version="0.1.0",

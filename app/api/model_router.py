@@ -1,13 +1,14 @@
-"""POST /switch_model and GET /model_info."""
+"""POST /switch_model (admin key) and GET /model_info."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from app.api.deps import get_rag_service
 from app.api.schemas import ModelInfo, SwitchModelRequest, SwitchModelResponse, error_responses
+from app.api.security import shown_to
 from app.rag.service import RAGService
 
 router = APIRouter(tags=["models"])
@@ -16,12 +17,13 @@ router = APIRouter(tags=["models"])
 @router.post(
     "/switch_model",
     response_model=SwitchModelResponse,
-    responses=error_responses(503, body=True),
+    responses=error_responses(503, body=True, admin=True),
 )
 async def switch_model(
     request: SwitchModelRequest, service: Annotated[RAGService, Depends(get_rag_service)]
 ) -> SwitchModelResponse:
-    """Make the LoRA model (`use_lora: true`) or Ollama (`false`) the default for later requests.
+    """Make the LoRA model (`use_lora: true`) or Ollama (`false`) the default for every caller's later requests
+    (admin key). A backend that cannot serve now is refused with 503 and the active one stays.
 
     Requests already generating finish on the backend they started with.
     """
@@ -34,6 +36,7 @@ async def switch_model(
 
 
 @router.get("/model_info", response_model=ModelInfo, responses=error_responses())
-async def model_info(service: Annotated[RAGService, Depends(get_rag_service)]) -> ModelInfo:
-    """The base model, the adapter, the active backend and where models and the vector store live."""
-    return ModelInfo(**service.model_info())
+async def model_info(request: Request, service: Annotated[RAGService, Depends(get_rag_service)]) -> ModelInfo:
+    """The base model, the adapter, the active backend and where models and the vector store live
+    (absolute paths only for admin keys)."""
+    return ModelInfo(**shown_to(request, service.model_info()))

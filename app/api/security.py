@@ -1,9 +1,11 @@
-"""The guard in front of every route: API keys, per-key rate limits, body size, JSON bodies.
+"""The guard in front of every route: API keys, per-key rate limits, throttled key guessing, body size,
+JSON bodies, HEAD as GET.
 
 It is ASGI middleware rather than per-route dependencies so that nothing can be registered unguarded:
 every path needs a user key except liveness/readiness, and admin paths need an admin key. Paths are
 normalised first (percent-decoding, case, repeated and trailing slashes) so a variant of an admin path
-cannot slip past as a user path.
+cannot slip past as a user path. The caller's role is left in the request's state for routes that show
+admins more (`shown_to`).
 """
 
 from __future__ import annotations
@@ -13,10 +15,15 @@ import hmac
 import json
 import logging
 import math
+import re
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 from urllib.parse import unquote
+
+from starlette.requests import Request
 
 from app.config import Settings
 
@@ -29,9 +36,13 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 OPEN_PATHS = frozenset({"/health/live", "/health/ready"})
-ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
+# /switch_model changes the backend for every caller, so it is an operator's action; a request's own
+# `use_lora` stays a user's choice.
+ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/switch_model"})
 ADMIN_PREFIX = "/admin"
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+ROLE_STATE_KEY = "role"
+CallerRole = Literal["admin", "user", "anonymous"]
 
 
 def normalise_path(path: str) -> str:
@@ -95,6 +106,38 @@ class _RateLimiter:
         return None
 
 
+class _FailureThrottle:
+    """Invalid keys per client address: after `limit` of them within `window` seconds the address waits until
+    the oldest is `window` seconds old, so a guesser gets at most `limit` tries a window."""
+
+    _MAX_ADDRESSES = 10_000
+
+    def __init__(self, limit: int, window: float) -> None:
+        self._limit = limit
+        self._window = window
+        # Ordered by each address's latest failure (re-inserted on every one), so the stale ones are in front.
+        self._failures: dict[str, deque[float]] = {}
+
+    def retry_after(self, address: str) -> int | None:
+        """None when the address may present a key, else the seconds to wait."""
+        failures = self._failures.get(address)
+        if failures is None or len(failures) < self._limit:
+            return None
+        wait = failures[0] + self._window - time.monotonic()
+        return max(1, math.ceil(wait)) if wait > 0 else None
+
+    def record(self, address: str) -> None:
+        now = time.monotonic()
+        failures = self._failures.pop(address, deque(maxlen=self._limit))
+        failures.append(now)
+        self._failures[address] = failures
+        while len(self._failures) > 1:  # forget addresses with no failure in the window, and the oldest past the cap
+            oldest = next(iter(self._failures))
+            if len(self._failures) <= self._MAX_ADDRESSES and self._failures[oldest][-1] > now - self._window:
+                break
+            del self._failures[oldest]
+
+
 class RequestGuard:
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self._app = app
@@ -102,15 +145,34 @@ class RequestGuard:
         self._user_keys = _KeyRing(settings.api_key_list)
         self._auth = bool(self._admin_keys or self._user_keys)
         self._limiter = _RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
+        self._throttle = (
+            _FailureThrottle(settings.auth_failure_limit, settings.auth_failure_window_seconds)
+            if settings.auth_failure_limit
+            else None
+        )
         self._max_body = settings.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        role = required_role(scope.get("raw_path", b"").decode("latin-1") or scope["path"])
-        caller = _digest(f"client:{(scope.get('client') or ('?',))[0]}")
-        if role != "open" and self._auth:
+        if scope["method"] == "HEAD":
+            # FastAPI's routes answer only the methods they name, so HEAD would be 405 even on the health
+            # probes. A HEAD is the GET without its body (RFC 9110): same status, same headers.
+            scope, send = {**scope, "method": "GET"}, _without_body(send)
+        path_role = required_role(scope.get("raw_path", b"").decode("latin-1") or scope["path"])
+        address = str((scope.get("client") or ("?",))[0])
+        caller = _digest(f"client:{address}")
+        role: CallerRole = "anonymous" if self._auth else "admin"  # no keys: loopback only, everyone is trusted
+        if path_role != "open" and self._auth:
+            wait = self._throttle.retry_after(address) if self._throttle is not None else None
+            if wait is not None:
+                # No key is looked at meanwhile, good ones included: otherwise the answer would tell a right
+                # guess from a wrong one and the throttle would not slow guessing at all.
+                await _reply(send, 429, "auth_throttled",
+                             f"too many invalid API keys from this address; retry in {wait} s",
+                             {"Retry-After": str(wait)})
+                return
             key = _bearer_key(scope)
             if key is None:
                 await _reply(send, 401, "unauthorized", "send an API key as `Authorization: Bearer <key>`",
@@ -119,12 +181,16 @@ class RequestGuard:
             caller = _digest(key)
             is_admin = self._admin_keys.contains(caller)
             if not (is_admin or self._user_keys.contains(caller)):
+                if self._throttle is not None:
+                    self._throttle.record(address)
                 await _reply(send, 401, "unauthorized", "the API key is not valid", {"WWW-Authenticate": "Bearer"})
                 return
-            if role == "admin" and not is_admin:
+            if path_role == "admin" and not is_admin:
                 await _reply(send, 403, "forbidden", "this route needs an admin API key")
                 return
-        if role != "open" and self._limiter is not None:
+            role = "admin" if is_admin else "user"
+        scope = {**scope, "state": {**scope.get("state", {}), ROLE_STATE_KEY: role}}
+        if path_role != "open" and self._limiter is not None:
             wait = self._limiter.retry_after(caller)
             if wait is not None:
                 await _reply(send, 429, "rate_limited", f"too many requests; retry in {wait} s",
@@ -139,6 +205,48 @@ class RequestGuard:
             scope = _as_json(scope)
             receive = _replay(body, receive)
         await self._app(scope, receive, send)
+
+
+_ABSOLUTE_PATH = re.compile(
+    # Starts a word (not inside a URL, a relative path or a ratio like 1/2) and stops before spaces, quotes,
+    # separators and a sentence's closing dot.
+    r"(?<![\w.:/~-])~?/[^\s'\"`,;:()\[\]{}<>]*[^\s'\"`,;:()\[\]{}<>.]"
+)
+
+
+def _shorten_path(match: re.Match[str]) -> str:
+    path = Path(match.group())
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return path.name
+
+
+def _hide_paths(value: Any) -> Any:
+    if isinstance(value, str):
+        return _ABSOLUTE_PATH.sub(_shorten_path, value)
+    if isinstance(value, dict):
+        return {key: _hide_paths(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_hide_paths(item) for item in value]
+    return value
+
+
+def shown_to(request: Request, report: dict[str, Any]) -> dict[str, Any]:
+    """`report` as this caller may see it. Admins (and everyone when no keys are configured) see it whole;
+    other callers see each absolute file path cut to its part below the working directory, or else to its
+    last name: where the server keeps its files is the operator's business, and error texts name paths too."""
+    admin = request.scope.get("state", {}).get(ROLE_STATE_KEY) == "admin"
+    return report if admin else {key: _hide_paths(value) for key, value in report.items()}
+
+
+def _without_body(send: Send) -> Send:
+    async def send_headers_only(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return send_headers_only
 
 
 def _bearer_key(scope: Scope) -> str | None:

@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 
 from app.config import Settings
-from app.errors import AppError, BadRequestError, ModelLoadError
+from app.errors import AppError, BackendUnavailableError, BadRequestError, ModelLoadError
 from app.llm.adapter_paths import resolve_adapter_path
 from app.llm.base import AdapterHost, ComponentHealth, GenerationBackend
 
@@ -73,10 +73,17 @@ class ModelManager:
             return await self._load_locked(name)
 
     async def switch(self, use_lora: bool) -> str:
-        """Make LoRA or Ollama the default for later requests; loads it first if needed."""
+        """Make LoRA or Ollama the default for later requests; loads it first if needed. A backend that
+        cannot serve (it fails to load, or its health check fails) is refused and the active one stays."""
         name = LORA if use_lora else OLLAMA
         async with self._lock:
-            await self._load_locked(name)
+            health = await (await self._load_locked(name)).health()
+            if not health.ok:
+                # Loading Ollama's client always works, so only asking the server tells whether it can serve.
+                raise BackendUnavailableError(
+                    f"not switched: the {name} backend cannot serve ({health.detail}); "
+                    f"later requests stay on the {self._active} backend"
+                )
             if self._active != name:
                 logger.info("active backend switched: %s -> %s", self._active, name)
             self._active = name
@@ -126,7 +133,9 @@ class ModelManager:
     def served_model_names(self) -> tuple[str, list[str]]:
         """The base model's public name and the adapters loaded now (for /v1/models)."""
         backend = self._backends.get(LORA)
-        adapters = [entry["name"] for entry in backend.adapter_catalogue()] if isinstance(backend, AdapterHost) else []
+        adapters: list[str] = (
+            [entry["name"] for entry in backend.adapter_catalogue()] if isinstance(backend, AdapterHost) else []
+        )
         return self._settings.served_model_name, adapters
 
     async def component_health(self, name: str) -> ComponentHealth:
