@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import get_rag_service
+from app.api.disconnect import Watch
 from app.api.schemas import AskRequest, AskResponse, SourceDocument, Usage, error_responses
 from app.api.streaming import PieceStream, start_streaming
 from app.errors import AppError
@@ -26,7 +27,7 @@ _ERRORS = error_responses(404, 503, 504, body=True)
     responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},  # type: ignore[dict-item]
 )
 async def ask(
-    request: AskRequest, service: Annotated[RAGService, Depends(get_rag_service)]
+    request: AskRequest, service: Annotated[RAGService, Depends(get_rag_service)], watch: Watch
 ) -> AskResponse | StreamingResponse:
     """Answer `query` from the indexed documents, returning the passages used as `source_documents`.
 
@@ -38,8 +39,10 @@ async def ask(
     """
     spec = request.adapter_spec()
     if not request.stream:
-        return _response(await service.ask(request.query, request.use_lora, spec))
-    stream = await start_streaming(lambda on_text: service.ask(request.query, request.use_lora, spec, on_text))
+        return _response(await watch.run(service.ask(request.query, request.use_lora, spec)))
+    stream = await start_streaming(
+        watch, lambda on_text: service.ask(request.query, request.use_lora, spec, on_text)
+    )
     return StreamingResponse(_events(stream), media_type="text/event-stream")
 
 

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import get_rag_service
+from app.api.disconnect import Watch
 from app.api.openai_schemas import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -62,7 +63,7 @@ class _Completion:
     responses={**error_responses(404, 503, 504, body=True), 200: {"content": {"text/event-stream": {}}}},
 )
 async def chat_completions(
-    request: ChatCompletionRequest, service: Service
+    request: ChatCompletionRequest, service: Service, watch: Watch
 ) -> ChatCompletionResponse | StreamingResponse:
     """Create a chat completion, as OpenAI's API does, on the local model.
 
@@ -83,8 +84,8 @@ async def chat_completions(
         return service.chat(messages, params, adapters, request.rag, on_text)
 
     if not request.stream:
-        return _response(completion, await run(None), request.rag)
-    stream = await start_streaming(run)
+        return _response(completion, await watch.run(run(None)), request.rag)
+    stream = await start_streaming(watch, run)
     return StreamingResponse(
         _chunks(completion, stream, with_sources=request.rag, include_usage=request.include_usage),
         media_type="text/event-stream",

@@ -25,9 +25,10 @@ from pydantic import (
     field_validator,
 )
 
-from app.api.schemas import AdapterFields, SourceDocument
+from app.api.schemas import AdapterFields, RequestModel, SourceDocument
 from app.errors import BadRequestError, NotFoundError
 from app.llm.base import AdapterSpec, ChatMessage, GenerationParams
+from app.rag.service import is_blank
 
 MAX_STOP_SEQUENCES = 4
 _ROLES: dict[str, Literal["system", "user", "assistant"]] = {
@@ -54,7 +55,7 @@ def _omit_none(value: object) -> bool:
     return value is None
 
 
-class ContentPart(BaseModel):
+class ContentPart(RequestModel):
     """One part of a message's content; only `{"type": "text", "text": ...}` is served."""
 
     model_config = ConfigDict(extra="allow")
@@ -63,7 +64,7 @@ class ContentPart(BaseModel):
     text: StrictStr | None = None
 
 
-class ChatCompletionMessageParam(BaseModel):
+class ChatCompletionMessageParam(RequestModel):
     """A message of the conversation, as the OpenAI API takes it."""
 
     model_config = ConfigDict(extra="forbid")
@@ -104,14 +105,14 @@ class ChatCompletionMessageParam(BaseModel):
         return {"role": role, "content": "\n".join(texts)}
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
     include_usage: StrictBool = Field(False, description="true: a last chunk carries the token counts")
     include_obfuscation: StrictBool | None = Field(None, description="accepted and ignored")
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(RequestModel):
     model_config = ConfigDict(extra="allow")
 
     type: StrictStr
@@ -210,7 +211,7 @@ class ChatCompletionRequest(AdapterFields):
 
     def chat_messages(self) -> list[ChatMessage]:
         messages = [message.to_chat_message(f"messages[{n}]") for n, message in enumerate(self.messages)]
-        if self.rag and not any(m["role"] == "user" and m["content"].strip() for m in messages):
+        if self.rag and not any(m["role"] == "user" and not is_blank(m["content"]) for m in messages):
             raise BadRequestError("rag: true needs a user message with text to search the documents with")
         return messages
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator, model_validator
 
 from app.errors import ValidationFailedError
 from app.llm.base import AdapterSpec
@@ -12,12 +12,45 @@ from app.llm.base import AdapterSpec
 BASE_ADAPTER = "__base__"
 
 
-class AdapterWeight(BaseModel):
+def _invalid_text_at(value: object, where: str = "") -> str | None:
+    """Where in `value` (inside lists, dict keys and values too) a string is not valid Unicode text: "" for
+    `value` itself, None for nowhere. JSON may escape a lone surrogate ("\\ud800"), which no UTF-8 text
+    holds; the tokenizer, the embedder and the logs cannot take it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    if isinstance(value, list):
+        parts = [(f"{where}[{n}]", item) for n, item in enumerate(value)]
+    elif isinstance(value, dict):
+        parts = [(f"{where}[{key!r}]", part) for key, item in value.items() for part in (key, item)]
+    else:
+        return None  # numbers, booleans, and nested request models, which check their own fields
+    return next((at for path, item in parts if (at := _invalid_text_at(item, path)) is not None), None)
+
+
+class RequestModel(BaseModel):
+    """Base of every request body model and of the models nested in one: every string in every field, inside
+    lists and dicts too, must be valid Unicode text, else 422 naming the field."""
+
+    @field_validator("*")
+    @classmethod
+    def _unicode_text(cls, value: object) -> object:
+        where = _invalid_text_at(value)
+        if where is not None:
+            at = f" at {where}" if where else ""
+            raise ValueError(f"not valid Unicode text{at}: it holds a lone surrogate (U+D800 to U+DFFF)")
+        return value
+
+
+class AdapterWeight(RequestModel):
     name: StrictStr = Field(..., min_length=1, max_length=64)
     weight: float = Field(1.0, ge=-10, le=10, allow_inf_nan=False)
 
 
-class AdapterFields(BaseModel):
+class AdapterFields(RequestModel):
     """The ways a request can pick LoRA adapters (ours, and those of the proxies users come from)."""
 
     adapter: StrictStr | None = Field(
@@ -88,7 +121,7 @@ class AskResponse(BaseModel):
     usage: Usage
 
 
-class SwitchModelRequest(BaseModel):
+class SwitchModelRequest(RequestModel):
     use_lora: StrictBool = Field(..., description="true: LoRA (local model), false: Ollama")
 
 
@@ -141,18 +174,18 @@ def error_responses(*statuses: int, body: bool = False, admin: bool = False) -> 
     return {status: {"model": ErrorResponse} for status in sorted(guard | set(statuses))}
 
 
-class LoadAdapterRequest(BaseModel):
+class LoadAdapterRequest(RequestModel):
     lora_name: StrictStr = Field(..., min_length=1, max_length=64, description="name requests will use")
     lora_path: StrictStr = Field(
         ..., min_length=1, max_length=1024, description="folder name or path inside the allowed adapter folders"
     )
 
 
-class UnloadAdapterRequest(BaseModel):
+class UnloadAdapterRequest(RequestModel):
     lora_name: StrictStr = Field(..., min_length=1, max_length=64)
 
 
-class RebuildRequest(BaseModel):
+class RebuildRequest(RequestModel):
     rebuild: StrictBool = Field(
         False, description="true: re-embed every document; false: only new and changed ones (unchanged are reused)"
     )
@@ -185,7 +218,7 @@ class StoreVersionsResponse(BaseModel):
     versions: list[StoreVersion] = Field(..., description="kept versions, oldest first")
 
 
-class RollbackRequest(BaseModel):
+class RollbackRequest(RequestModel):
     version: StrictStr = Field(..., pattern=r"^v[0-9]{1,12}$", examples=["v000002"])
 
 

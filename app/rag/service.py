@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+import unicodedata
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,12 @@ class AskResult:
 class ChatResult:
     result: GenerationResult
     sources: list[SearchHit]
+
+
+def is_blank(text: str) -> bool:
+    """Nothing to search or answer: only whitespace, control characters (Cc) and invisible format
+    characters (Cf: zero-width space and joiners, the byte-order mark), which `str.strip` keeps."""
+    return all(char.isspace() or unicodedata.category(char) in ("Cc", "Cf") for char in text)
 
 
 def _spec_text(spec: AdapterSpec | None) -> str | list[dict[str, float]]:
@@ -210,7 +217,7 @@ class RAGService:
 
     def _checked_query(self, query: str) -> str:
         query = query.strip()
-        if not query:
+        if is_blank(query):
             raise ValidationFailedError("query must not be empty")
         if len(query) > self._settings.max_query_chars:
             raise ValidationFailedError(
