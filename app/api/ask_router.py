@@ -70,4 +70,6 @@ def _response(result: AskResult) -> AskResponse:
         adapters=result.adapters,
         processing_time=round(result.processing_time, 4),
         usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
+        finish_reason=result.finish_reason,
+        notice=result.notice,
     )

@@ -125,6 +125,7 @@ def _response(completion: _Completion, chat: ChatResult, with_sources: bool) -> 
         ],
         usage=_usage(result),
         sources=_sources(chat.sources) if with_sources else None,
+        notice=result.notice,
     )
 
 
@@ -150,6 +151,7 @@ async def _chunks(
         ChoiceDelta(),
         finish_reason=_FINISH_REASONS[chat.result.finish_reason],
         sources=_sources(chat.sources) if with_sources else None,
+        notice=chat.result.notice,
     )
     if include_usage:
         yield _sse(_base_chunk(completion, choices=[], usage=_usage(chat.result)))
@@ -161,9 +163,10 @@ def _chunk(
     delta: ChoiceDelta,
     finish_reason: OpenAIFinishReason | None = None,
     sources: list[SourceDocument] | None = None,
+    notice: str | None = None,
 ) -> str:
     choice = ChatCompletionChunkChoice(delta=delta, finish_reason=finish_reason)
-    return _sse(_base_chunk(completion, choices=[choice], sources=sources))
+    return _sse(_base_chunk(completion, choices=[choice], sources=sources, notice=notice))
 
 
 def _base_chunk(completion: _Completion, **fields: Any) -> ChatCompletionChunk:

@@ -261,6 +261,7 @@ class CompletionUsage(BaseModel):
 
 
 OpenAIFinishReason = Literal["stop", "length"]
+NOTICE_DESCRIPTION = "only when the answer is blank: a sentence saying so (in the last chunk when streaming)"
 
 
 class ChatCompletionChoice(BaseModel):
@@ -282,6 +283,7 @@ class ChatCompletionResponse(BaseModel):
     sources: list[SourceDocument] | None = Field(
         default=None, exclude_if=_omit_none, description="with rag: true, the passages the answer was given from"
     )
+    notice: str | None = Field(default=None, exclude_if=_omit_none, description=NOTICE_DESCRIPTION)
 
 
 class ChoiceDelta(BaseModel):
@@ -306,6 +308,7 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChatCompletionChunkChoice]
     usage: CompletionUsage | None = Field(default=None, exclude_if=_omit_none)
     sources: list[SourceDocument] | None = Field(default=None, exclude_if=_omit_none)
+    notice: str | None = Field(default=None, exclude_if=_omit_none, description=NOTICE_DESCRIPTION)
 
 
 class ModelCard(BaseModel):

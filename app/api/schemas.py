@@ -119,6 +119,10 @@ class AskResponse(BaseModel):
     adapters: str = Field("", description="the adapter (or weighted mix) that answered; empty for none")
     processing_time: float = Field(..., description="seconds")
     usage: Usage
+    finish_reason: Literal["stop", "length", "cancelled"] = Field(
+        ..., description="stop: the model ended its answer (or a stop string); length: the token budget ran out"
+    )
+    notice: str | None = Field(None, description="set when the answer is blank, saying so; null otherwise")
 
 
 class SwitchModelRequest(RequestModel):

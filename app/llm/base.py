@@ -33,6 +33,11 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
 
 
+EMPTY_ANSWER_NOTICE = (
+    "the model generated no text for this request; rephrase it, or try another adapter or the base model"
+)
+
+
 @dataclass(frozen=True)
 class GenerationResult:
     text: str
@@ -41,6 +46,11 @@ class GenerationResult:
     completion_tokens: int
     finish_reason: FinishReason
     adapters: str = ""  # the adapter key that answered (`sql`, `sql*0.7+code*0.3`), empty when none
+
+    @property
+    def notice(self) -> str | None:
+        """Said with the answer when there is no text to show, so a blank answer is never silent."""
+        return EMPTY_ANSWER_NOTICE if not self.text.strip() else None
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from app.llm.base import (
     AdapterSpec,
     ChatMessage,
     ComponentHealth,
+    FinishReason,
     GenerationParams,
     GenerationResult,
     ModelUsed,
@@ -44,6 +45,8 @@ class AskResult:
     prompt_tokens: int
     completion_tokens: int
     adapters: str
+    finish_reason: FinishReason
+    notice: str | None
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,8 @@ class RAGService:
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
             adapters=result.adapters,
+            finish_reason=result.finish_reason,
+            notice=result.notice,
         )
 
     async def chat(
