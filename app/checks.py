@@ -40,7 +40,8 @@ def check_base_model(settings: Settings) -> CheckResult:
         return CheckResult("base model", False, f"{name} has no config.json", "point BASE_MODEL_NAME at a model folder")
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(name, "config.json", cache_dir=str(settings.cache_dir) if settings.cache_dir else None)
+    cache_dir = str(settings.cache_dir) if settings.cache_dir else None
+    cached = try_to_load_from_cache(name, "config.json", cache_dir=cache_dir)
     if isinstance(cached, str):
         return CheckResult("base model", True, f"hub id {name}, in the local cache")
     return CheckResult(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -84,6 +85,24 @@ class Settings(BaseSettings):
     retrieval_top_k: int = Field(4, ge=1, le=50)
     chunk_size: int = Field(500, ge=50, le=8000, description="characters per chunk")
     chunk_overlap: int = Field(80, ge=0, le=2000)
+    retrieval_mode: str = Field(
+        "hybrid",
+        description="how chunks are found, a name in app/rag/retrieval/registry.py: hybrid (dense + BM25, fused), "
+        "dense (embeddings only) or lexical (BM25 only)",
+    )
+    hybrid_fusion: str = Field(
+        "relative", description="hybrid: how the two rankings are fused: relative (scores scaled 0..1 and summed) "
+        "or rrf (reciprocal rank fusion); see app/rag/retrieval/hybrid.py"
+    )
+    rrf_k: int = Field(60, ge=1, le=10_000, description="hybrid with HYBRID_FUSION=rrf: the constant k of the fusion")
+    retrieval_candidates: int = Field(
+        20, ge=1, le=1000, description="hybrid: candidates each side (dense, BM25) contributes to the fusion"
+    )
+    reranker_model: str = Field(
+        "", description="sentence-transformers CrossEncoder (local folder or cached hub id) that re-orders the "
+        "candidates; empty: no re-ranking"
+    )
+    reranker_candidates: int = Field(20, ge=1, le=1000, description="candidates the re-ranker scores per question")
 
     # Server
     api_host: str = "127.0.0.1"
@@ -112,7 +131,7 @@ class Settings(BaseSettings):
     def _upper_log_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("device", "torch_dtype", "quantization_type", "embedding_dtype", mode="before")
+    @field_validator("device", "torch_dtype", "quantization_type", "embedding_dtype", "retrieval_mode", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
@@ -170,12 +189,36 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
+    @model_validator(mode="after")
+    def _ollama_is_not_ourselves(self) -> Settings:
+        """This server answers Ollama's API too: an OLLAMA_BASE_URL naming it would send every Ollama-backend
+        generation back to itself, each waiting on the next, until the deadline."""
+        url = urlsplit(self.ollama_base_url)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        if port == self.api_port and _same_host(url.hostname or "", self.api_host):
+            raise ValueError(
+                f"OLLAMA_BASE_URL={self.ollama_base_url} is this server itself (API_HOST={self.api_host}, "
+                f"API_PORT={self.api_port}): point it at a real Ollama server, or change API_PORT"
+            )
+        return self
+
     @property
     def ollama_embedding_model(self) -> str | None:
         """The Ollama model name when EMBEDDING_MODEL is `ollama:<name>`, else None."""
         if self.embedding_model.startswith(OLLAMA_EMBEDDING_PREFIX):
             return self.embedding_model[len(OLLAMA_EMBEDDING_PREFIX) :]
         return None
+
+
+_THIS_MACHINE = frozenset({"localhost", "0.0.0.0", "::"})  # with every loopback address
+
+
+def _same_host(url_host: str, api_host: str) -> bool:
+    """Whether a URL's host reaches a server bound to `api_host` on this machine: the same name, or a local
+    name for a server listening on loopback or on every interface."""
+    url_host, api_host = url_host.lower().strip("[]"), api_host.lower().strip("[]")
+    local = url_host in _THIS_MACHINE or _is_loopback(url_host)
+    return url_host == api_host or (local and (api_host in _THIS_MACHINE or _is_loopback(api_host)))
 
 
 def _is_loopback(host: str) -> bool:

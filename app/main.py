@@ -10,26 +10,37 @@ import anyio
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from app.api import admin_router, ask_router, health_router, model_router, openai_router, store_router
+from app.api import (
+    admin_router,
+    ask_router,
+    health_router,
+    model_router,
+    ollama_router,
+    openai_router,
+    store_router,
+)
 from app.api.errors import install_error_handlers
 from app.api.security import RequestGuard
 from app.config import Settings
 from app.llm.manager import BACKEND_LOADERS, BackendLoader, ModelManager
 from app.rag.embeddings import create_embedder
-from app.rag.service import RAGService, Retriever
+from app.rag.retrieval.live_store import LiveStore
+from app.rag.retrieval.registry import create_retriever
+from app.rag.service import RAGService
 from app.rag.store_admin import VectorStoreAdmin
 
 logger = logging.getLogger(__name__)
 
 
 async def build_rag_service(settings: Settings, loaders: Mapping[str, BackendLoader]) -> RAGService:
-    """Load the embedder, the vector store and the active backend (all off the event loop)."""
+    """Load the embedder, the vector store, the retriever and the active backend (all off the event loop)."""
     embedder = await anyio.to_thread.run_sync(create_embedder, settings)
-    retriever = Retriever(embedder, settings.vector_store_path)
-    await anyio.to_thread.run_sync(retriever.reload)
+    store = LiveStore(embedder, settings.vector_store_path)
+    await anyio.to_thread.run_sync(store.reload)
+    retriever = await anyio.to_thread.run_sync(create_retriever, settings, store)
     models = ModelManager(settings, loaders)
     await models.start()
-    return RAGService(settings, models, retriever)
+    return RAGService(settings, models, retriever, store)
 
 
 def create_app(settings: Settings, loaders: Mapping[str, BackendLoader] = BACKEND_LOADERS) -> FastAPI:
@@ -37,7 +48,7 @@ def create_app(settings: Settings, loaders: Mapping[str, BackendLoader] = BACKEN
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = await build_rag_service(settings, loaders)
         app.state.rag_service = service
-        app.state.store_admin = VectorStoreAdmin(settings, service.retriever)
+        app.state.store_admin = VectorStoreAdmin(settings, service.store)
         logger.info("lora-rag ready: active backend %s", service.models.active)
         if not (settings.api_key_list or settings.admin_api_key_list):
             logger.warning("no API keys configured: every caller is trusted (API_HOST=%s)", settings.api_host)
@@ -55,6 +66,6 @@ def create_app(settings: Settings, loaders: Mapping[str, BackendLoader] = BACKEN
     )
     install_error_handlers(app)
     app.add_middleware(RequestGuard, settings=settings)
-    for module in (ask_router, model_router, health_router, admin_router, store_router, openai_router):
+    for module in (ask_router, model_router, health_router, admin_router, store_router, openai_router, ollama_router):
         app.include_router(module.router)
     return app

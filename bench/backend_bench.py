@@ -74,7 +74,7 @@ def adapter_change(ctx: Context) -> SectionResult:
         reloads.append(time.perf_counter() - started)
     same_s = statistics.median(same)
     # What a change adds: paired, each B-after-A request against the B-after-B one that follows it.
-    change_s = statistics.median(after - again for after, again in zip(switched, same))
+    change_s = statistics.median(after - again for after, again in zip(switched, same, strict=True))
     reload_s = statistics.median(reloads) - same_s  # what a reload adds to the same request
     data = {"tokens_per_request": tokens, "repeats": repeats, "all_switched_s": switched, "all_same_s": same,
             "all_reloads_s": reloads,

@@ -84,7 +84,7 @@ async def _sample_rss(pid: int, started: float, stop: asyncio.Event, recorder: R
             return
         try:
             await asyncio.wait_for(stop.wait(), timeout=1.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
 

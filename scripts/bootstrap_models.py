@@ -24,7 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base = resolve_base_model(settings.base_model_name, settings.cache_dir)
         embedding = (
-            settings.embedding_model if settings.ollama_embedding_model else resolve_embedding_model(settings.embedding_model)
+            settings.embedding_model
+            if settings.ollama_embedding_model
+            else resolve_embedding_model(settings.embedding_model)
         )
     except AppError as error:
         fail(error.message)

@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", type=Path, help="folder of documents (default: SAMPLE_CORPUS_PATH, ./docs)")
     parser.add_argument("--store", type=Path, help="vector store folder (default: VECTOR_STORE_PATH, ./vector_store)")
-    parser.add_argument("--rebuild", action="store_true", help="start the store afresh from this folder only (re-embeds every file)")
+    parser.add_argument(
+        "--rebuild", action="store_true", help="start the store afresh from this folder only (re-embeds every file)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 

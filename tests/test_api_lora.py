@@ -34,7 +34,9 @@ def service_url(
 
 
 def test_ask_answers_with_the_real_model_and_the_right_source(service_url: str) -> None:
-    response = httpx.post(f"{service_url}/ask", json={"query": "How many kilograms does a blue basket hold?"}, timeout=120)
+    response = httpx.post(
+        f"{service_url}/ask", json={"query": "How many kilograms does a blue basket hold?"}, timeout=120
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model_used"] == "base"  # no adapter at LORA_MODEL_PATH
@@ -89,7 +91,9 @@ def test_switch_while_requests_are_in_flight(service_url: str) -> None:
     assert all(r.status_code == 200 for r in before + switches + after), [r.text for r in before + after]
     assert [r.json()["model_used"] for r in before] == ["base"] * 3
     assert [r.json()["model_used"] for r in after] == ["ollama"] * 3
-    assert switches[0].json() == {"using_lora": False, "active_backend": "ollama", "message": switches[0].json()["message"]}
+    assert switches[0].json() == {
+        "using_lora": False, "active_backend": "ollama", "message": switches[0].json()["message"]
+    }
     assert switches[-1].json()["using_lora"] is True
 
 

@@ -21,7 +21,7 @@ def test_chunks_respect_size_keep_sentences_whole_and_overlap() -> None:
     assert len(chunks) > 5
     assert all(len(c.text) <= 120 for c in chunks)
     assert all(c.text.endswith(".") for c in chunks)
-    for previous, current in zip(chunks, chunks[1:]):
+    for previous, current in zip(chunks, chunks[1:], strict=False):
         assert current.text.split(". ")[0] + "." in previous.text  # the tail sentence repeats
     assert [c.index for c in chunks] == list(range(len(chunks)))
 

@@ -91,6 +91,7 @@ def test_sigkill_at_any_point_leaves_a_loadable_store_and_a_free_lock(
         "while reading and embedding (9 s)": lambda: _after(9.0),
         "staging folder created": lambda: _appears(store, ".writing-*"),
         "index written to the staging folder": lambda: _appears(store, ".writing-*/index.faiss"),
+        "lexical index being written": lambda: _appears(store, ".writing-*/lexical.npz"),
         "manifest written, just before the rename": lambda: _appears(store, ".writing-*/manifest.json"),
         "new version folder in place": lambda: _new_version(store),
         "CURRENT switched, old versions being pruned": lambda: _switched(store),
@@ -106,6 +107,9 @@ def test_sigkill_at_any_point_leaves_a_loadable_store_and_a_free_lock(
             assert loaded.version == old_version, point
         hit = loaded.search(embedder.embed(["Document 1. tide ferry"])[0], k=1)[0]
         assert hit.chunk.metadata["source"] in sources
+        # The lexical index loaded with the same version, whole: it finds what the docstore holds.
+        assert loaded.lexical.size == loaded.size
+        assert loaded.search_lexical("document 1", k=1)[0].chunk.metadata["source"] in sources
         with ingestion_lock(store):  # the dead process's lock went with it
             pass
         outcomes[point] = f"{'killed' if killed else 'finished first'}, serving {loaded.version} " + (

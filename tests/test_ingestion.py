@@ -61,7 +61,9 @@ def test_every_format_is_indexed_with_source_and_position(corpus_store: Path, em
         ("参观茶园要多少钱？", "corpus/zh/茶园.md"),
     ],
 )
-def test_retrieval_finds_the_right_file(corpus_store: Path, embedder: Embedder, question: str, expected_source: str) -> None:
+def test_retrieval_finds_the_right_file(
+    corpus_store: Path, embedder: Embedder, question: str, expected_source: str
+) -> None:
     store = load_store(corpus_store)
     hits = store.search(embedder.embed([question])[0], k=2)
     assert hits[0].chunk.metadata["source"] == expected_source
@@ -70,7 +72,9 @@ def test_retrieval_finds_the_right_file(corpus_store: Path, embedder: Embedder, 
 
 def test_store_holds_no_pickle_and_keeps_chinese_readable(corpus_store: Path) -> None:
     version = corpus_store / str(current_version(corpus_store))
-    assert sorted(p.name for p in version.iterdir()) == [DOCSTORE_FILE, INDEX_FILE, "manifest.json"]
+    assert sorted(p.name for p in version.iterdir()) == [
+        DOCSTORE_FILE, INDEX_FILE, "lexical.json", "lexical.npz", "manifest.json"
+    ]
     docstore = (version / DOCSTORE_FILE).read_text(encoding="utf-8")
     assert "云雾茶园" in docstore  # stored as UTF-8 text, not \u escapes
     json.loads(docstore)

@@ -56,7 +56,7 @@ def test_interleaved_concurrent_requests_never_see_another_adapter(url: str) -> 
                   for i, choice in enumerate(choices))
             )
 
-    for choice, response in zip(choices, asyncio.run(run())):
+    for choice, response in zip(choices, asyncio.run(run()), strict=True):
         assert response.status_code == 200, response.text
         body = response.json()
         wanted = {"alpha": "ALPHA", "bravo": "BRAVO"}.get(next(iter(choice.values())) if not isinstance(
@@ -107,7 +107,9 @@ def test_load_during_traffic_and_unload_in_use(url: str, adapters_dir: Path) -> 
             traffic = [asyncio.ensure_future(client.post("/ask", json={"query": f"Q{i}?", "adapter": "bravo"}))
                        for i in range(6)]
             await asyncio.sleep(0.2)
-            load = await client.post("/admin/load-lora-adapter", json={"lora_name": "charlie", "lora_path": "charlie-src"})
+            load = await client.post(
+                "/admin/load-lora-adapter", json={"lora_name": "charlie", "lora_path": "charlie-src"}
+            )
             unload = await client.post("/admin/unload-lora-adapter", json={"lora_name": "bravo"})
             done = await asyncio.gather(*traffic)
             after = await client.post("/ask", json={"query": "Q?", "adapter": "bravo"})
@@ -133,12 +135,14 @@ def test_vllm_routes_status_codes(url: str, adapters_dir: Path) -> None:
         duplicate = client.post("/v1/load_lora_adapter", json={"lora_name": "alpha", "lora_path": "bravo"})
         unknown = client.post("/v1/unload_lora_adapter", json={"lora_name": "zulu"})
         missing = client.post("/v1/load_lora_adapter", json={"lora_name": "zulu", "lora_path": "no-such-folder"})
-    assert duplicate.status_code == 400 and "already loaded" in duplicate.json()["message"]
+    assert duplicate.status_code == 400 and "already loaded" in duplicate.json()["error"]["message"]
     assert unknown.status_code == 404
     assert missing.status_code == 400
 
 
-def test_adapter_paths_outside_the_root_are_refused_before_reading(url: str, adapters_dir: Path, tmp_path: Path) -> None:
+def test_adapter_paths_outside_the_root_are_refused_before_reading(
+    url: str, adapters_dir: Path, tmp_path: Path
+) -> None:
     outside = tmp_path / "outside"
     shutil.copytree(adapters_dir / "alpha", outside)
     os.symlink(outside, adapters_dir / "sneaky")

@@ -45,7 +45,7 @@ def test_large_store_gives_the_exact_top4_scores_and_vectors(tmp_path: Path) -> 
 
     exact = queries @ vectors.T
     same = 0
-    for query, scores in zip(queries, exact):
+    for query, scores in zip(queries, exact, strict=True):
         hits = store.search(query, 4)
         expected = np.argsort(-scores)[:4]
         same += [hit.chunk.metadata["chunk_index"] for hit in hits] == expected.tolist()
@@ -119,7 +119,7 @@ def test_bfloat16_embedder_keeps_the_float_vectors(bfloat16_embedder: Embedder, 
     fast, reference = bfloat16_embedder.embed(texts), float_embedder.embed(texts)
     assert fast.dtype == np.float32
     cosines = np.sum(fast * reference, axis=1)
-    assert cosines.min() >= 0.99, dict(zip(texts, cosines.round(4)))
+    assert cosines.min() >= 0.99, dict(zip(texts, cosines.round(4), strict=True))
     assert not np.array_equal(fast, reference)  # it really is another path
 
 
@@ -139,4 +139,5 @@ def test_bfloat16_embedder_retrieves_the_same_top_chunk(
 ) -> None:
     texts = [chunk.text for chunk in load_store(corpus_store).chunks]
     fast_top, float_top = _top_chunks(bfloat16_embedder, texts), _top_chunks(float_embedder, texts)
-    assert fast_top == float_top, [(q, a[:60], b[:60]) for q, a, b in zip(QUESTIONS, fast_top, float_top) if a != b]
+    differences = [(q, a[:60], b[:60]) for q, a, b in zip(QUESTIONS, fast_top, float_top, strict=True) if a != b]
+    assert fast_top == float_top, differences

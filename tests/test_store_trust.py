@@ -21,7 +21,7 @@ import pytest
 
 from app.errors import InvalidStoreVersionError, VectorStoreError
 from app.rag.embeddings import Embedder
-from app.rag.service import Retriever
+from app.rag.retrieval.live_store import LiveStore
 from app.rag.vector_store import (
     CURRENT_FILE,
     DOCSTORE_FILE,
@@ -155,7 +155,7 @@ def test_a_manifest_entry_that_is_a_path_is_refused_and_not_read(
 def test_current_naming_anything_but_a_version_of_the_store_is_refused_and_the_last_good_one_served(
     store: Path, elsewhere: Path, embedder: Embedder, content: Callable[[Path], bytes]
 ) -> None:
-    retriever = Retriever(embedder, store)
+    retriever = LiveStore(embedder, store)
     assert retriever.reload() is not None
     (store / CURRENT_FILE).write_bytes(content(elsewhere))
 

@@ -12,15 +12,18 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import PlainTextResponse
 
 from app.api.deps import get_rag_service
-from app.api.schemas import ErrorResponse, LoadAdapterRequest, UnloadAdapterRequest, error_responses
+from app.api.errors import OPENAI
+from app.api.schemas import LoadAdapterRequest, UnloadAdapterRequest, error_responses
 from app.rag.service import RAGService
 
 router = APIRouter(tags=["admin"])
 _ERRORS = error_responses(404, 503, body=True, admin=True)
-# vLLM answers success as plain text and errors as JSON. A `model` entry would be documented in the route's
-# text/plain, so the vLLM routes declare their error bodies with the JSON media type themselves.
+# vLLM answers success as plain text and errors as JSON (OpenAI's envelope, as every /v1 route). A `model` entry
+# would be documented in the route's text/plain, so the vLLM routes declare their error bodies with the JSON media
+# type themselves, by reference: /v1/chat/completions puts the envelope's schema among the components.
 _VLLM_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"content": {"application/json": {"schema": ErrorResponse.model_json_schema()}}} for status in _ERRORS
+    status: {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{OPENAI.model.__name__}"}}}}
+    for status in error_responses(404, 503, body=True, admin=True, envelope=OPENAI)
 }
 Service = Annotated[RAGService, Depends(get_rag_service)]
 

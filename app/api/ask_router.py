@@ -62,10 +62,7 @@ def _event(name: str, data: object) -> str:
 def _response(result: AskResult) -> AskResponse:
     return AskResponse(
         answer=result.answer,
-        source_documents=[
-            SourceDocument(content=hit.chunk.text, metadata=hit.chunk.metadata, score=hit.score)
-            for hit in result.sources
-        ],
+        source_documents=[SourceDocument.from_hit(hit) for hit in result.sources],
         model_used=result.model_used,
         adapters=result.adapters,
         processing_time=round(result.processing_time, 4),

@@ -6,8 +6,6 @@ The official `openai` client and LangChain's `ChatOpenAI` work against it with `
 
 from __future__ import annotations
 
-import json
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -16,9 +14,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from app.api.deps import get_rag_service
 from app.api.disconnect import Watch
+from app.api.errors import OPENAI, describe_error
 from app.api.openai_schemas import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -34,12 +34,9 @@ from app.api.openai_schemas import (
 )
 from app.api.schemas import SourceDocument, error_responses
 from app.api.streaming import PieceStream, start_streaming
-from app.errors import AppError
 from app.llm.base import FinishReason, GenerationResult, TextCallback
 from app.rag.service import ChatResult, RAGService
 from app.rag.vector_store import SearchHit
-
-logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["openai"])
 Service = Annotated[RAGService, Depends(get_rag_service)]
@@ -60,7 +57,10 @@ class _Completion:
 @router.post(
     "/v1/chat/completions",
     response_model=ChatCompletionResponse,
-    responses={**error_responses(404, 503, 504, body=True), 200: {"content": {"text/event-stream": {}}}},
+    responses={
+        **error_responses(404, 503, 504, body=True, envelope=OPENAI),
+        200: {"content": {"text/event-stream": {}}},
+    },
 )
 async def chat_completions(
     request: ChatCompletionRequest, service: Service, watch: Watch
@@ -93,7 +93,7 @@ async def chat_completions(
     )
 
 
-@router.get("/v1/models", response_model=ModelList, responses=error_responses())
+@router.get("/v1/models", response_model=ModelList, responses=error_responses(envelope=OPENAI))
 async def list_models(service: Service) -> ModelList:
     """The models `model` may name: the base model first, then each adapter with `parent` = the base model."""
     return _model_list(*service.models.served_model_names())
@@ -137,13 +137,8 @@ async def _chunks(
         yield _chunk(completion, ChoiceDelta(content=piece))
     try:
         chat = stream.result
-    except AppError as error:
-        yield _event({"error": {"message": error.message, "type": error.code, "code": error.code}})
-        yield _DONE
-        return
-    except Exception:
-        logger.exception("chat completion %s failed while streaming", completion.id)
-        yield _event({"error": {"message": "internal error; the server log has the details", "type": "internal_error"}})
+    except Exception as error:  # the stream has begun: the error becomes its last event
+        yield _sse(OPENAI.body(describe_error(error)))
         yield _DONE
         return
     yield _chunk(
@@ -173,12 +168,8 @@ def _base_chunk(completion: _Completion, **fields: Any) -> ChatCompletionChunk:
     return ChatCompletionChunk(id=completion.id, created=completion.created, model=completion.model, **fields)
 
 
-def _sse(chunk: ChatCompletionChunk) -> str:
+def _sse(chunk: BaseModel) -> str:
     return f"data: {chunk.model_dump_json()}\n\n"
-
-
-def _event(data: object) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
 def _usage(result: GenerationResult) -> CompletionUsage:
@@ -190,4 +181,4 @@ def _usage(result: GenerationResult) -> CompletionUsage:
 
 
 def _sources(hits: list[SearchHit]) -> list[SourceDocument]:
-    return [SourceDocument(content=hit.chunk.text, metadata=hit.chunk.metadata, score=hit.score) for hit in hits]
+    return [SourceDocument.from_hit(hit) for hit in hits]

@@ -6,8 +6,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator, model_validator
 
+from app.api.errors import OURS, Envelope
 from app.errors import ValidationFailedError
 from app.llm.base import AdapterSpec
+from app.rag.vector_store import ScoreKind, SearchHit
 
 BASE_ADAPTER = "__base__"
 
@@ -61,12 +63,15 @@ class AdapterFields(RequestModel):
         None, max_length=8, description="one adapter, or several combined with equal weights"
     )
     adapters: list[AdapterWeight] | None = Field(
-        None, max_length=8, description='weighted mix, e.g. [{"name": "sql", "weight": 0.7}, {"name": "code", "weight": 0.3}]'
+        None,
+        max_length=8,
+        description='weighted mix, e.g. [{"name": "sql", "weight": 0.7}, {"name": "code", "weight": 0.3}]',
     )
 
     @model_validator(mode="after")
     def _one_way_only(self) -> AdapterFields:
-        given = [name for name in ("adapter", "adapter_id", "lora_adapter_ids", "adapters") if name in self.model_fields_set]
+        ways = ("adapter", "adapter_id", "lora_adapter_ids", "adapters")
+        given = [name for name in ways if name in self.model_fields_set]
         if len(given) > 1:
             raise ValueError(f"give only one of {', '.join(given)}")
         return self
@@ -104,7 +109,17 @@ class AskRequest(AdapterFields):
 class SourceDocument(BaseModel):
     content: str
     metadata: dict[str, Any]
-    score: float = Field(..., description="cosine similarity of the chunk to the query (higher is closer)")
+    score: float = Field(..., description="how well the chunk matches the query (higher is closer); see score_kind")
+    score_kind: ScoreKind = Field(
+        ...,
+        description="what score is, by RETRIEVAL_MODE: relative or rrf (hybrid: the fused dense and BM25 rankings, "
+        "by HYBRID_FUSION), cosine (dense: cosine similarity of the embeddings), bm25 (lexical), cross_encoder "
+        "(RERANKER_MODEL's relevance); scores of different kinds are not comparable",
+    )
+
+    @classmethod
+    def from_hit(cls, hit: SearchHit) -> SourceDocument:
+        return cls(content=hit.chunk.text, metadata=hit.chunk.metadata, score=hit.score, score_kind=hit.score_kind)
 
 
 class Usage(BaseModel):
@@ -165,17 +180,14 @@ class ReadinessResponse(BaseModel):
     status: Literal["healthy", "degraded", "unhealthy"]
 
 
-class ErrorResponse(BaseModel):
-    error: str = Field(..., description="stable machine-readable code")
-    message: str = Field(..., description="what went wrong and what to do")
-
-
-def error_responses(*statuses: int, body: bool = False, admin: bool = False) -> dict[int | str, dict[str, Any]]:
-    """A route's `responses=`: an `ErrorResponse` body for `statuses` and for what the request guard may
-    answer before the route runs (401 key, 429 rate limit; with `body`: 400 invalid JSON, 413 too large,
-    422 invalid fields; with `admin`: 403 user key)."""
+def error_responses(
+    *statuses: int, body: bool = False, admin: bool = False, envelope: Envelope = OURS
+) -> dict[int | str, dict[str, Any]]:
+    """A route's `responses=`: the envelope's error body (`ErrorResponse` for our own routes) for `statuses`
+    and for what the request guard may answer before the route runs (401 key, 429 rate limit; with `body`:
+    400 invalid JSON, 413 too large, 422 invalid fields; with `admin`: 403 user key)."""
     guard = {401, 429} | ({400, 413, 422} if body else set()) | ({403} if admin else set())
-    return {status: {"model": ErrorResponse} for status in sorted(guard | set(statuses))}
+    return {status: {"model": envelope.model} for status in sorted({envelope.status(s) for s in guard | set(statuses)})}
 
 
 class LoadAdapterRequest(RequestModel):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import math
 import re
@@ -25,6 +24,7 @@ from urllib.parse import unquote
 
 from starlette.requests import Request
 
+from app.api.errors import ErrorInfo, error_response
 from app.config import Settings
 
 logger = logging.getLogger(__name__)
@@ -169,37 +169,38 @@ class RequestGuard:
             if wait is not None:
                 # No key is looked at meanwhile, good ones included: otherwise the answer would tell a right
                 # guess from a wrong one and the throttle would not slow guessing at all.
-                await _reply(send, 429, "auth_throttled",
+                await _reply(scope, receive, send, 429, "auth_throttled",
                              f"too many invalid API keys from this address; retry in {wait} s",
                              {"Retry-After": str(wait)})
                 return
             key = _bearer_key(scope)
             if key is None:
-                await _reply(send, 401, "unauthorized", "send an API key as `Authorization: Bearer <key>`",
-                             {"WWW-Authenticate": "Bearer"})
+                await _reply(scope, receive, send, 401, "unauthorized",
+                             "send an API key as `Authorization: Bearer <key>`", {"WWW-Authenticate": "Bearer"})
                 return
             caller = _digest(key)
             is_admin = self._admin_keys.contains(caller)
             if not (is_admin or self._user_keys.contains(caller)):
                 if self._throttle is not None:
                     self._throttle.record(address)
-                await _reply(send, 401, "unauthorized", "the API key is not valid", {"WWW-Authenticate": "Bearer"})
+                await _reply(scope, receive, send, 401, "unauthorized", "the API key is not valid",
+                             {"WWW-Authenticate": "Bearer"})
                 return
             if path_role == "admin" and not is_admin:
-                await _reply(send, 403, "forbidden", "this route needs an admin API key")
+                await _reply(scope, receive, send, 403, "forbidden", "this route needs an admin API key")
                 return
             role = "admin" if is_admin else "user"
         scope = {**scope, "state": {**scope.get("state", {}), ROLE_STATE_KEY: role}}
         if path_role != "open" and self._limiter is not None:
             wait = self._limiter.retry_after(caller)
             if wait is not None:
-                await _reply(send, 429, "rate_limited", f"too many requests; retry in {wait} s",
+                await _reply(scope, receive, send, 429, "rate_limited", f"too many requests; retry in {wait} s",
                              {"Retry-After": str(wait)})
                 return
         if scope["method"] in _BODY_METHODS:
             body = await _read_body(receive, self._max_body)
             if body is None:
-                await _reply(send, 413, "payload_too_large",
+                await _reply(scope, receive, send, 413, "payload_too_large",
                              f"the request body is over the limit of MAX_BODY_BYTES={self._max_body} bytes")
                 return
             scope = _as_json(scope)
@@ -300,9 +301,9 @@ def _as_json(scope: Scope) -> Scope:
     return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
 
 
-async def _reply(send: Send, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps({"error": code, "message": message}).encode()
-    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-    await send({"type": "http.response.body", "body": body})
+async def _reply(
+    scope: Scope, receive: Receive, send: Send, status: int, code: str, message: str,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Answer before the app runs, in the error envelope of the API the path belongs to."""
+    await error_response(scope["path"], ErrorInfo(status, code, message), headers)(scope, receive, send)

@@ -22,9 +22,10 @@ from app.llm.base import AdapterSpec
 from app.llm.merging import WeightMerger
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from peft import PeftModel
+    from typing_extensions import TypeIs
 
-    from app.llm.engine import GenerationJob, PreparedBatch
+    from app.llm.engine import CausalLM, GenerationJob, PreparedBatch, ServedModel
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +61,9 @@ class AdapterRecord:
 
 class AdapterManager:
     def __init__(
-        self, model: PreTrainedModel, *, max_loaded: int, default_adapter: str | None, merge_cache_bytes: int
+        self, model: CausalLM, *, max_loaded: int, default_adapter: str | None, merge_cache_bytes: int
     ) -> None:
-        self.model = model  # becomes a PeftModel when the first adapter is attached
+        self.model: ServedModel = model  # becomes a PeftModel when the first adapter is attached
         self._max_loaded = max_loaded
         self._default_setting = default_adapter
         self._records: dict[str, AdapterRecord] = {}
@@ -204,7 +205,7 @@ class AdapterManager:
         than plain LoRA, PEFT's mixed batch with one adapter name per row."""
         from app.llm.engine import PreparedBatch
 
-        if not hasattr(self.model, "peft_config"):
+        if not _is_peft(self.model):
             return PreparedBatch(self.model, jobs, None)
         distinct = set(peft_names)
         if len(distinct) > 1:
@@ -213,7 +214,7 @@ class AdapterManager:
             return PreparedBatch(self.model, jobs, peft_names)
         only = distinct.pop() if distinct else BASE
         if not self._merger.run_plain(self.model, None if only == BASE else only):
-            self.model.set_adapter(only, inference_mode=True)  # type: ignore[operator]
+            self.model.set_adapter(only, inference_mode=True)
         return PreparedBatch(self.model, jobs, None)
 
     def _activate(self, key: str, pinned: set[str]) -> str:
@@ -267,8 +268,8 @@ class AdapterManager:
     def _peft_load(self, record: AdapterRecord) -> None:
         """PEFT's `from_pretrained` in its two steps (wrap, then load weights), so that a failure while loading
         the weights leaves a PeftModel here whose half-made adapter can be removed."""
-        if hasattr(self.model, "peft_config"):
-            self.model.load_adapter(str(record.path), adapter_name=record.name, is_trainable=False)  # type: ignore[operator]
+        if _is_peft(self.model):
+            self.model.load_adapter(str(record.path), adapter_name=record.name, is_trainable=False)
             return
         from peft import LoraConfig, PeftModel
         from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
@@ -277,7 +278,7 @@ class AdapterManager:
         config.inference_mode = True
         wrapper = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)  # type: ignore[call-overload]
         self.model = wrapper(self.model, config, record.name)
-        self.model.load_adapter(str(record.path), adapter_name=record.name, is_trainable=False)  # type: ignore[operator]
+        self.model.load_adapter(str(record.path), adapter_name=record.name, is_trainable=False)
 
     def _make_room(self, pinned: set[str], limit: int | None = None) -> None:
         """Unload least recently used adapters until fewer than `limit` (default MAX_LOADED_ADAPTERS) remain."""
@@ -303,20 +304,25 @@ class AdapterManager:
     def _remove_peft_adapter(self, peft_name: str) -> None:
         """Delete an adapter from PEFT. PEFT keeps answering for its active adapter, so another one is made
         active first; with no adapter left the LoRA layers are taken out and the plain base model is kept."""
-        peft_config = getattr(self.model, "peft_config", None)
-        if peft_config is None or peft_name not in peft_config:
+        if not _is_peft(self.model) or peft_name not in self.model.peft_config:
             return
-        remaining = [name for name in peft_config if name != peft_name]
+        remaining = [name for name in self.model.peft_config if name != peft_name]
         if not remaining:
-            self.model = self.model.unload()  # type: ignore[operator]
+            self.model = self.model.unload()
             return
         if self.model.active_adapter == peft_name:
-            self.model.set_adapter(remaining[0])  # type: ignore[operator]
-        self.model.delete_adapter(peft_name)  # type: ignore[operator]
+            self.model.set_adapter(remaining[0])
+        self.model.delete_adapter(peft_name)
 
     def _touch(self, peft_name: str) -> None:
         self._lru[peft_name] = None
         self._lru.move_to_end(peft_name)
+
+
+def _is_peft(model: ServedModel) -> TypeIs[PeftModel]:
+    """Whether PEFT's wrapper is on the model (an adapter attached), told without importing peft: only the
+    wrapper has `peft_config` at run time (transformers declares it on every model for its own integration)."""
+    return hasattr(model, "peft_config")
 
 
 def _is_mix(key: str) -> bool:

@@ -158,7 +158,8 @@ def check_adapter_fits(model: nn.Module, adapter: AdapterInfo) -> None:
     from safetensors import safe_open
 
     # Once adapters are attached, the model is a PeftModel whose targets wrap the original Linear.
-    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_base_model = getattr(model, "get_base_model", None)
+    root: nn.Module = get_base_model() if get_base_model is not None else model
     modules = dict(root.named_modules())
     name = adapter.path.name
     ranks: dict[str, dict[str, int]] = {}  # module -> {"A": rows of lora_A, "B": columns of lora_B}

@@ -100,5 +100,6 @@ class GenerationBackend(ABC):
     def describe(self) -> dict[str, Any]:
         """Facts for /model_info (model names, device, quantization)."""
 
-    async def close(self) -> None:
+    # Deliberately not abstract: an optional hook, a no-op for backends that hold nothing to release.
+    async def close(self) -> None:  # noqa: B027
         """Release resources held by the backend (default: nothing to release)."""

@@ -17,14 +17,22 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
-from transformers import LogitsProcessor, StoppingCriteria
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from app.errors import AppError, NumericalFailureError
 from app.llm.base import GenerationParams
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
+
+    # What AutoModelForCausalLM loads: a PreTrainedModel with GenerationMixin's `generate` (transformers
+    # declares this type for type checkers only; PreTrainedModel alone has no `generate`).
+    from transformers.models.auto.modeling_auto import _BaseModelWithGenerate as CausalLM
+
+    #: The model that serves: the causal LM, or PEFT's wrapper around it once an adapter is attached.
+    ServedModel = CausalLM | PeftModel
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +61,7 @@ class PreparedBatch:
     """What `prepare` hands back: the model to run, the rows that can run (the others already failed),
     and each row's PEFT adapter name (None when every row runs the same weights)."""
 
-    model: PreTrainedModel
+    model: ServedModel
     jobs: list[GenerationJob]
     adapter_names: list[str] | None
 
@@ -170,20 +178,22 @@ class GenerationEngine:
         kwargs: dict[str, Any] = {}
         if prepared.adapter_names is not None:
             kwargs["adapter_names"] = prepared.adapter_names
-        processors: list[LogitsProcessor] = [_RowGuard(jobs, self._eos_ids)]
+        processors = LogitsProcessorList([_RowGuard(jobs, self._eos_ids)])
         if all(job.params.temperature == 0 for job in jobs):
             kwargs["do_sample"] = False
         else:
             kwargs.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
             processors.append(_PerRowSampling(jobs, device))
         with torch.inference_mode():
-            prepared.model.generate(
+            # transformers types `generate`'s self as a Protocol its own models do not satisfy for mypy
+            # (settable `device` and `dtype`, which PreTrainedModel has as read-only properties).
+            prepared.model.generate(  # type: ignore[misc]
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
                 max_new_tokens=max(job.params.max_new_tokens for job in jobs),
                 pad_token_id=pad_id,
                 streamer=_BatchStreamer(jobs, self._tokenizer, self._eos_ids),
-                stopping_criteria=[_RowsFinished(jobs)],
+                stopping_criteria=StoppingCriteriaList([_RowsFinished(jobs)]),
                 logits_processor=processors,
                 **kwargs,
             )
@@ -239,15 +249,15 @@ class _PerRowSampling(LogitsProcessor):
         self._top_p = torch.tensor([[j.params.top_p] for j in jobs], device=device)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = scores.float()
-        scaled = scores / self._temperature.clamp(min=1e-5)
+        logits = scores.float()
+        scaled = logits / self._temperature.clamp(min=1e-5)
         sorted_scores, order = scaled.sort(dim=-1, descending=True)
         probabilities = sorted_scores.softmax(dim=-1)
         # Drop a token once the tokens before it already reach top_p (the most likely one always stays).
         drop_sorted = (probabilities.cumsum(dim=-1) - probabilities) >= self._top_p
         drop = drop_sorted.scatter(1, order, drop_sorted)
         sampled = scaled.masked_fill(drop, float("-inf"))
-        only_argmax = torch.full_like(scores, float("-inf")).scatter(1, scores.argmax(dim=-1, keepdim=True), 0.0)
+        only_argmax = torch.full_like(logits, float("-inf")).scatter(1, logits.argmax(dim=-1, keepdim=True), 0.0)
         return torch.where(self._temperature == 0, only_argmax, sampled)  # type: ignore[return-value]
 
 
@@ -293,7 +303,8 @@ class _BatchStreamer(BaseStreamer):
             self._emit(job)
 
     def _emit(self, job: GenerationJob) -> None:
-        text = self._tokenizer.decode(job.tokens, skip_special_tokens=True)
+        # One sequence decodes to a str; transformers types every decode as `str | list[str]` (no overload).
+        text: str = self._tokenizer.decode(job.tokens, skip_special_tokens=True)  # type: ignore[assignment]
         for stop in job.params.stop:
             position = text.find(stop)
             if position >= 0:

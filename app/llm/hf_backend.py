@@ -103,7 +103,8 @@ class HFLoraBackend(GenerationBackend):
                 "Check BASE_MODEL_NAME (an HF hub id available offline, or a folder with config.json)."
             ) from None
         if "device_map" not in load_kwargs:
-            model.to(device)
+            # transformers wraps `to` in functools.wraps, whose typeshed type does not bind self on a method.
+            model.to(device)  # type: ignore[arg-type]
         model.eval()
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -174,9 +175,11 @@ class HFLoraBackend(GenerationBackend):
     def encode(self, messages: list[ChatMessage]) -> list[int]:
         """Prompt token ids through the model's chat template (a plain transcript when it has none)."""
         if self._tokenizer.chat_template:
-            ids = self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+            conversation = [{"role": m["role"], "content": m["content"]} for m in messages]
+            ids = self._tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
             if not isinstance(ids, list):  # transformers 5 answers a BatchEncoding
-                ids = ids["input_ids"]
+                # Never a str with tokenize=True; transformers has no overload that says so.
+                ids = ids["input_ids"]  # type: ignore[index]
         else:
             prompt = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
             ids = self._tokenizer(prompt)["input_ids"]

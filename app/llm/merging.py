@@ -18,12 +18,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 from torch import nn
 
 if TYPE_CHECKING:
     import torch
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.lora.layer import LoraLayer
 
 
 @dataclass(frozen=True)
@@ -32,11 +34,17 @@ class _Slot:
 
     parent: nn.Module
     attribute: str
-    layer: nn.Module  # the PEFT wrapper
+    layer: LoraLayer  # the PEFT wrapper (a Module too)
     base: nn.Module  # the Linear (or int8 Linear) it wraps
 
 
-MergedSet = dict[nn.Module, "torch.Tensor"]  # PEFT layer -> its base weight with the adapter folded in
+MergedSet = dict["LoraLayer", "torch.Tensor"]  # PEFT layer -> its base weight with the adapter folded in
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    """`module.weight`: torch types any attribute of a Module as `Tensor | Module`, but every layer here (the
+    base layers, PEFT's lora_A and lora_B Linears) holds its weight as a tensor."""
+    return cast("torch.Tensor", module.weight)
 
 
 def _slots(model: nn.Module) -> list[_Slot]:
@@ -91,18 +99,20 @@ def _row_lora(slot: _Slot, row_adapters: list[str | None]) -> nn.Module:
     import torch
 
     layer = slot.layer
-    present = {name for name in row_adapters if name is not None and name in layer.lora_A}  # type: ignore[operator]
+    present = {name for name in row_adapters if name is not None and name in layer.lora_A}
     if not present:
         return slot.base
-    first = layer.lora_A[next(iter(present))].weight  # type: ignore[index]
-    rank = max(layer.lora_A[name].weight.shape[0] for name in present)  # type: ignore[index]
-    down = torch.zeros(len(row_adapters), layer.in_features, rank, dtype=first.dtype)  # type: ignore[arg-type]
-    up = torch.zeros(len(row_adapters), rank, layer.out_features, dtype=first.dtype)  # type: ignore[arg-type]
+    in_features, out_features = layer.in_features, layer.out_features
+    assert in_features is not None and out_features is not None  # PEFT knows both for a Linear
+    first = _weight(layer.lora_A[next(iter(present))])
+    rank = max(_weight(layer.lora_A[name]).shape[0] for name in present)
+    down = torch.zeros(len(row_adapters), in_features, rank, dtype=first.dtype)
+    up = torch.zeros(len(row_adapters), rank, out_features, dtype=first.dtype)
     for row, name in enumerate(row_adapters):
         if name in present:
-            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight  # type: ignore[index]
+            a, b = _weight(layer.lora_A[name]), _weight(layer.lora_B[name])
             down[row, :, : a.shape[0]] = a.T
-            up[row, : a.shape[0], :] = b.T * layer.scaling[name]  # type: ignore[index]
+            up[row, : a.shape[0], :] = b.T * layer.scaling[name]
     return _RowLora(slot.base, down.to(first.device), up.to(first.device))
 
 
@@ -116,7 +126,7 @@ class WeightMerger:
     def __init__(self, cache_bytes: int) -> None:
         self._cache_bytes = cache_bytes
         self._layout: list[_Slot] | None = None  # found once per model change
-        self._originals: dict[nn.Module, torch.Tensor] = {}  # PEFT layer -> its base weight as loaded
+        self._originals: dict[LoraLayer, torch.Tensor] = {}  # PEFT layer -> its base weight as loaded
         self._sets: OrderedDict[str, MergedSet] = OrderedDict()  # built merged sets, least recently used first
         self._mode: Literal["peft", "plain", "rows"] = "peft"  # what sits in the module tree now
         self.merged: str | None = None
@@ -130,7 +140,7 @@ class WeightMerger:
         slots = self._slots(model)
         merged: MergedSet = {}
         if peft_name is not None:
-            carrying = [slot for slot in slots if peft_name in slot.layer.lora_A]  # type: ignore[operator]
+            carrying = [slot for slot in slots if peft_name in slot.layer.lora_A]
             if not carrying or not all(_can_merge(slot, peft_name) for slot in carrying):
                 return False
             merged = self._sets.get(peft_name) or self._build(carrying, peft_name)
@@ -151,7 +161,7 @@ class WeightMerger:
         self.restore()
         slots = self._slots(model)
         names = {name for name in row_adapters if name is not None}
-        if not all(_plain_lora(slot, name) for slot in slots for name in names if name in slot.layer.lora_A):  # type: ignore[operator]
+        if not all(_plain_lora(slot, name) for slot in slots for name in names if name in slot.layer.lora_A):
             return False
         for slot in slots:
             setattr(slot.parent, slot.attribute, _row_lora(slot, row_adapters))
@@ -177,14 +187,15 @@ class WeightMerger:
     def _slots(self, model: nn.Module) -> list[_Slot]:
         if self._layout is None:
             self._layout = _slots(model)
-            self._originals = {slot.layer: slot.base.weight.data for slot in self._layout}
+            self._originals = {slot.layer: _weight(slot.base).data for slot in self._layout}
         return self._layout
 
     def _build(self, carrying: list[_Slot], peft_name: str) -> MergedSet:
         merged: MergedSet = {}
         for slot in carrying:
             original = self._originals[slot.layer]
-            merged[slot.layer] = original + slot.layer.get_delta_weight(peft_name).to(original.dtype)  # type: ignore[operator]
+            layer = cast("LoraLinear", slot.layer)  # _can_merge let through only plain LoRA on a Linear
+            merged[slot.layer] = original + layer.get_delta_weight(peft_name).to(original.dtype)
         return merged
 
     def _trim(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -69,7 +70,7 @@ class OllamaBackend(GenerationBackend):
         }
         if params.stop:
             options["stop"] = list(params.stop)
-        prompt = [(m["role"], m["content"]) for m in messages]
+        prompt: list[tuple[str, str]] = [(m["role"], m["content"]) for m in messages]
         try:
             if on_text is None:
                 reply = await self._chat.ainvoke(prompt, options=options)
@@ -79,7 +80,7 @@ class OllamaBackend(GenerationBackend):
             raise self._translate(error) from None
         if not isinstance(reply, AIMessage) or not isinstance(reply.content, str):
             raise BackendUnavailableError(f"Ollama at {self.base_url} answered something that is not a chat reply")
-        usage = reply.usage_metadata or {}
+        usage: Mapping[str, Any] = reply.usage_metadata or {}
         done_reason = reply.response_metadata.get("done_reason")
         return GenerationResult(
             text=_THINK_BLOCK.sub("", reply.content).strip(),

@@ -25,7 +25,8 @@ class Int8Linear(nn.Linear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         # PEFT reads the base layer's weight for device and dtype only; the real weight is packed below.
         self.weight = nn.Parameter(torch.empty(0, dtype=torch.float32), requires_grad=False)
-        self.bias = None
+        # torch infers Linear.bias as a Parameter from its __init__; it is None on a Linear without a bias.
+        self.bias = None  # type: ignore[assignment]
         weight = linear.weight.detach().float()
         scales = (weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0).double()
         zero_points = torch.zeros(weight.shape[0], dtype=torch.long)

@@ -31,7 +31,8 @@ class _Sentence:
 
 def split_sentences(text: str) -> list[tuple[int, str]]:
     """(offset, sentence) pairs, stripped; whitespace-only pieces are dropped."""
-    pieces, position = [], 0
+    pieces: list[tuple[int, str]] = []
+    position = 0
     for match in _SENTENCE_END.finditer(text):
         if match.end() == 0:
             continue

@@ -101,7 +101,8 @@ class _KeptChunks:
 
     def keep(self, name: str, entry: FileEntry) -> None:
         assert self._previous is not None
-        self.add(name, entry.sha256, [self._previous.chunks[i] for i in entry.chunk_ids], self._previous.vectors(entry.chunk_ids))
+        chunks = [self._previous.chunks[i] for i in entry.chunk_ids]
+        self.add(name, entry.sha256, chunks, self._previous.vectors(entry.chunk_ids))
 
     def add(self, name: str, sha256: str, chunks: list[StoredChunk], vectors: np.ndarray) -> None:
         self.files[name] = FileEntry(sha256, list(range(len(self.chunks), len(self.chunks) + len(chunks))))
@@ -191,7 +192,7 @@ def ingest_folder(
             return report
 
         new_vectors = _embed_pending(embedder, pending, show_progress)
-        for item, vectors in zip(pending, _split(new_vectors, [len(item.chunks) for item in pending])):
+        for item, vectors in zip(pending, _split(new_vectors, [len(item.chunks) for item in pending]), strict=True):
             kept.add(item.source, item.sha256, item.chunks, vectors)
         store = VectorStore(kept.index(lambda: _dimension(embedder)), kept.chunks, kept.files, embedder.name)
         report.version = write_store(store_path, store)

@@ -9,13 +9,12 @@ import time
 import unicodedata
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import anyio
 
 from app.config import Settings
-from app.errors import AppError, BackendTimeoutError, ServiceBusyError, ValidationFailedError, VectorStoreError
+from app.errors import AppError, BackendTimeoutError, ServiceBusyError, ValidationFailedError
 from app.llm.adapters import has_adapter_files
 from app.llm.base import (
     AdapterSpec,
@@ -31,7 +30,9 @@ from app.llm.manager import LORA, OLLAMA, ModelManager
 from app.llm.model_source import default_cache_dir
 from app.rag.embeddings import Embedder
 from app.rag.prompts import build_messages, with_context
-from app.rag.vector_store import SearchHit, VectorStore, load_store
+from app.rag.retrieval.base import Retriever
+from app.rag.retrieval.live_store import LiveStore
+from app.rag.vector_store import SearchHit
 
 logger = logging.getLogger(__name__)
 
@@ -61,43 +62,10 @@ def is_blank(text: str) -> bool:
     return all(char.isspace() or unicodedata.category(char) in ("Cc", "Cf") for char in text)
 
 
-def _spec_text(spec: AdapterSpec | None) -> str | list[dict[str, float]]:
+def _spec_text(spec: AdapterSpec | None) -> str | list[dict[str, str | float]]:
     if spec is None:
         return "server-default"
     return [{"name": name, "weight": weight} for name, weight in spec] if spec else "base"
-
-
-class Retriever:
-    """Embeds the question and searches the live store version; `reload` swaps in a new version whole."""
-
-    def __init__(self, embedder: Embedder, store_path: Path) -> None:
-        self.embedder = embedder
-        self.store_path = store_path
-        self._store: VectorStore | None = None
-        self.load_error: str | None = None
-
-    @property
-    def store(self) -> VectorStore | None:
-        return self._store
-
-    def reload(self) -> VectorStore | None:
-        """Load the store's live version and return it; on failure keep serving the last good one
-        and return None (`load_error` says why)."""
-        try:
-            store = load_store(self.store_path, expected_embedding_model=self.embedder.name)
-        except VectorStoreError as error:
-            self.load_error = error.message
-            logger.error("vector store not loaded: %s", error.message)
-            return None
-        self._store, self.load_error = store, None
-        logger.info("vector store %s loaded: %d chunks", store.version, store.size)
-        return store
-
-    def search(self, query: str, k: int) -> list[SearchHit]:
-        store = self._store
-        if store is None:
-            raise VectorStoreError(self.load_error or "the vector store is not loaded")
-        return store.search(self.embedder.embed([query])[0], k)
 
 
 class GenerationLimiter:
@@ -125,10 +93,11 @@ class GenerationLimiter:
 
 
 class RAGService:
-    def __init__(self, settings: Settings, models: ModelManager, retriever: Retriever) -> None:
+    def __init__(self, settings: Settings, models: ModelManager, retriever: Retriever, store: LiveStore) -> None:
         self._settings = settings
         self.models = models
-        self.retriever = retriever
+        self.retriever = retriever  # whichever RETRIEVAL_MODE chose; only its `search` is used here
+        self.store = store  # the version it searches, for health and for store administration
         self._limiter = GenerationLimiter(settings.max_concurrent_generations, settings.max_queued_requests)
 
     async def ask(
@@ -171,6 +140,11 @@ class RAGService:
             messages = with_context(messages, hits)
         result = await self.generate(messages, params, True, adapters, on_text)
         return ChatResult(result=result, sources=hits)
+
+    @property
+    def embedder(self) -> Embedder:
+        """The embedder the store's vectors were made with (also /api/embed's model)."""
+        return self.store.embedder
 
     def default_params(self) -> GenerationParams:
         settings = self._settings
@@ -265,16 +239,17 @@ class RAGService:
         }
 
     async def health(self) -> HealthReport:
-        store = self.retriever.store
+        store = self.store.store
         components = {
             "rag_handler": ComponentHealth(ok=True, detail="ready"),
             "vector_store": ComponentHealth(ok=True, detail=f"{store.size} chunks ({store.version})")
             if store is not None
-            else ComponentHealth(ok=False, detail=self.retriever.load_error or "not loaded"),
+            else ComponentHealth(ok=False, detail=self.store.load_error or "not loaded"),
             "lora_model": await self.models.component_health(LORA),
             "ollama_service": await self.models.component_health(OLLAMA),
         }
         active = components["lora_model" if self.models.active == LORA else "ollama_service"]
+        status: Literal["healthy", "degraded", "unhealthy"]
         if not active.ok or not components["vector_store"].ok:
             status = "unhealthy"
         elif all(component.ok for component in components.values()):

@@ -1,7 +1,7 @@
 """Vector store administration while the service runs: rebuild, list versions, roll back.
 
 Each operation changes the store on disk under the ingestion lock (a second one, or a `scripts/ingest.py`
-run, gets ConflictError), then the retriever loads the live version and swaps it in whole, so requests
+run, gets ConflictError), then the live store loads the live version and swaps it in whole, so requests
 see the old version or the new one and no restart is needed.
 """
 
@@ -15,7 +15,7 @@ import anyio
 from app.config import Settings
 from app.errors import VectorStoreError
 from app.rag.ingestion import IngestReport, ingest_with_settings, roll_back
-from app.rag.service import Retriever
+from app.rag.retrieval.live_store import LiveStore
 from app.rag.vector_store import VectorStore, VersionInfo, current_version, list_versions
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class RebuildResult:
 @dataclass(frozen=True)
 class StoreVersions:
     current: str | None  # named by CURRENT on disk
-    serving: str | None  # loaded by the retriever (differs when a load failed)
+    serving: str | None  # loaded and searched (differs when a load failed)
     versions: list[VersionInfo]
 
 
@@ -42,9 +42,9 @@ class RollbackResult:
 
 
 class VectorStoreAdmin:
-    def __init__(self, settings: Settings, retriever: Retriever) -> None:
+    def __init__(self, settings: Settings, live: LiveStore) -> None:
         self._settings = settings
-        self._retriever = retriever
+        self._live = live
 
     async def rebuild(self, rebuild: bool) -> RebuildResult:
         """Ingest SAMPLE_CORPUS_PATH (new and changed files; `rebuild`: every file) and serve the result."""
@@ -54,16 +54,16 @@ class VectorStoreAdmin:
         return RebuildResult(report, store)
 
     async def versions(self) -> StoreVersions:
-        store = self._retriever.store
+        store = self._live.store
         path = self._settings.vector_store_path
         current, kept = await anyio.to_thread.run_sync(lambda: (current_version(path), list_versions(path)))
         return StoreVersions(current, store.version if store else None, kept)
 
     async def rollback(self, version: str) -> RollbackResult:
         """Verify `version` and make it live; the version served until now is kept for a roll forward."""
-        previous = self._retriever.store
+        previous = self._live.store
         await anyio.to_thread.run_sync(
-            roll_back, self._settings.vector_store_path, version, self._retriever.embedder.name
+            roll_back, self._settings.vector_store_path, version, self._live.embedder.name
         )
         store = await self._serve_live_version()
         logger.info("vector store rolled back to %s", store.version)
@@ -76,13 +76,13 @@ class VectorStoreAdmin:
             self._settings.sample_corpus_path,
             rebuild=rebuild,
             show_progress=False,
-            embedder=self._retriever.embedder,
+            embedder=self._live.embedder,
         )
 
     async def _serve_live_version(self) -> VectorStore:
-        store = await anyio.to_thread.run_sync(self._retriever.reload)
+        store = await anyio.to_thread.run_sync(self._live.reload)
         if store is None:
-            serving = self._retriever.store
+            serving = self._live.store
             still = f"still serving {serving.version}" if serving else "no version is being served"
-            raise VectorStoreError(f"the live version could not be loaded ({self._retriever.load_error}); {still}")
+            raise VectorStoreError(f"the live version could not be loaded ({self._live.load_error}); {still}")
         return store

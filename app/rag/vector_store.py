@@ -2,7 +2,8 @@
 
 Layout of VECTOR_STORE_PATH:
     CURRENT              name of the live version folder, replaced atomically
-    v000001/ v000002/    index.faiss + docstore.json + manifest.json (sha256 of the other two)
+    v000001/ v000002/    index.faiss + docstore.json + lexical.npz + lexical.json (the BM25 index, see
+                         `lexical_index`) + manifest.json (sha256 of the other four)
 A version folder is complete before CURRENT names it, so a crash at any point leaves the previous
 version live; a tampered or half-written version is refused on load. The last KEEP_VERSIONS versions
 stay on disk, so CURRENT can be pointed back at one of them (`switch_version`).
@@ -23,14 +24,15 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from app.errors import InvalidStoreVersionError, NotFoundError, VectorStoreError
+from app.rag.lexical_index import ARRAYS_FILE, VOCABULARY_FILE, LexicalIndex, LexicalIndexError
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +40,11 @@ CURRENT_FILE = "CURRENT"
 INDEX_FILE = "index.faiss"
 DOCSTORE_FILE = "docstore.json"
 MANIFEST_FILE = "manifest.json"
-VERIFIED_FILES = (INDEX_FILE, DOCSTORE_FILE)  # what the loader opens besides the manifest: each needs a checksum
+# What the loader opens besides the manifest: each needs a checksum.
+VERIFIED_FILES = (INDEX_FILE, DOCSTORE_FILE, ARRAYS_FILE, VOCABULARY_FILE)
 VERSION_NAME = re.compile(r"v[0-9]+")  # `_next_version` writes v000001, v000002, ...
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # as hexdigest() writes it
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 2: with the lexical index
 KEEP_VERSIONS = 3
 # From this many chunks on, the index scans 8-bit codes and re-ranks the best candidates exactly: a flat scan
 # reads all float32 vectors per query (154 MB at 100k x 384-d, 12 ms on one core, memory-bound) where the
@@ -65,10 +68,17 @@ class FileEntry:
     chunk_ids: list[int]
 
 
+#: what `SearchHit.score` is: cosine similarity (dense), BM25 (lexical), relative-score or reciprocal rank fusion
+#: (hybrid) or a cross-encoder's relevance (re-ranked); higher is better for each, but kinds do not compare
+ScoreKind = Literal["cosine", "bm25", "relative", "rrf", "cross_encoder"]
+
+
 @dataclass(frozen=True)
 class SearchHit:
+    chunk_id: int  # in the version searched: hits of two searches of one version are the same chunk by it
     chunk: StoredChunk
     score: float
+    score_kind: ScoreKind
 
 
 @dataclass
@@ -81,6 +91,11 @@ class VectorStore:
     embedding_model: str
     version: str = ""
     created_at: str = field(default="")
+    lexical_index: InitVar[LexicalIndex | None] = None  # the one loaded with the version; None: built from chunks
+    lexical: LexicalIndex = field(init=False)
+
+    def __post_init__(self, lexical_index: LexicalIndex | None) -> None:
+        self.lexical = lexical_index or LexicalIndex.build([chunk.text for chunk in self.chunks])
 
     @property
     def size(self) -> int:
@@ -92,9 +107,16 @@ class VectorStore:
         with _one_omp_thread():
             scores, ids = self.index.search(np.ascontiguousarray(query_vector.reshape(1, -1), dtype=np.float32), k)
         return [
-            SearchHit(chunk=self.chunks[int(i)], score=float(s))
+            SearchHit(chunk_id=int(i), chunk=self.chunks[int(i)], score=float(s), score_kind="cosine")
             for s, i in zip(scores[0], ids[0], strict=True)
             if i >= 0
+        ]
+
+    def search_lexical(self, query: str, k: int) -> list[SearchHit]:
+        """The `k` chunks of the best BM25 score for `query`'s words; only chunks that share a word with it."""
+        return [
+            SearchHit(chunk_id=i, chunk=self.chunks[i], score=score, score_kind="bm25")
+            for i, score in self.lexical.search(query, k)
         ]
 
     def vectors(self, chunk_ids: list[int]) -> np.ndarray:
@@ -232,24 +254,31 @@ def load_version(store_path: Path, version: str, expected_embedding_model: str |
                 )
         payload = json.loads(listed[DOCSTORE_FILE].path.read_text(encoding="utf-8"))
         index = faiss.read_index(str(listed[INDEX_FILE].path))
+        lexical = LexicalIndex.read(listed[ARRAYS_FILE].path, listed[VOCABULARY_FILE].path)
         chunks = [StoredChunk(text=str(c["text"]), metadata=dict(c["metadata"])) for c in payload["chunks"]]
         files = {
             name: FileEntry(str(e["sha256"]), [int(i) for i in e["chunk_ids"]]) for name, e in payload["files"].items()
         }
         model = str(manifest["embedding_model"])
-        consistent = index.ntotal == len(chunks) and manifest.get("format") == STORE_FORMAT
+        consistent = index.ntotal == len(chunks) == lexical.size
     except VectorStoreError:
         raise
+    except LexicalIndexError as error:
+        raise VectorStoreError(f"vector store {version}: its lexical index is unusable: {error}") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as error:
         raise VectorStoreError(f"vector store {version} is unreadable ({type(error).__name__})") from None
     if not consistent:
-        raise VectorStoreError(f"vector store {version} is inconsistent: {index.ntotal} vectors, {len(chunks)} chunks")
+        raise VectorStoreError(
+            f"vector store {version} is inconsistent: {index.ntotal} vectors, {len(chunks)} chunks, "
+            f"{lexical.size} in the lexical index"
+        )
     if expected_embedding_model is not None and model != expected_embedding_model:
         raise VectorStoreError(
             f"the vector store was built with EMBEDDING_MODEL={model}, not {expected_embedding_model}: "
             "rebuild it with `python scripts/ingest.py --source <folder> --rebuild`"
         )
-    return VectorStore(index, chunks, files, model, version=version, created_at=manifest.get("created_at", ""))
+    created_at = str(manifest.get("created_at", ""))
+    return VectorStore(index, chunks, files, model, version=version, created_at=created_at, lexical_index=lexical)
 
 
 @dataclass(frozen=True)
@@ -276,6 +305,11 @@ def _read_manifest(folder: Path, version: str) -> tuple[dict[str, Any], dict[str
     if manifest_path is None or not manifest_path.is_file():
         raise VectorStoreError(f"vector store {version}: {MANIFEST_FILE} is not a file in the version folder")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if manifest.get("format") != STORE_FORMAT:
+        raise VectorStoreError(
+            f"vector store {version} has format {manifest.get('format')!r}, this server reads {STORE_FORMAT} "
+            "(format 2 added the lexical index): rebuild it with `python scripts/ingest.py --source <folder> --rebuild`"
+        )
     checksums = manifest["checksums"]
     if not isinstance(checksums, dict):
         raise VectorStoreError(f"vector store {version}: the checksums in {MANIFEST_FILE} are not a mapping")
@@ -318,6 +352,8 @@ def write_store(store_path: Path, store: VectorStore) -> str:
             "files": {name: {"sha256": e.sha256, "chunk_ids": e.chunk_ids} for name, e in store.files.items()},
         }
         _fsync_write(staging / DOCSTORE_FILE, json.dumps(payload, ensure_ascii=False).encode("utf-8"))
+        _fsync_write(staging / ARRAYS_FILE, store.lexical.arrays_bytes())
+        _fsync_write(staging / VOCABULARY_FILE, store.lexical.vocabulary_bytes())
         manifest = {
             "format": STORE_FORMAT,
             "version": version,

@@ -1,0 +1,39 @@
+"""The store version being served, swapped whole by `reload` (after an ingestion, a rebuild, a rollback)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from app.errors import VectorStoreError
+from app.rag.embeddings import Embedder
+from app.rag.vector_store import VectorStore, load_store
+
+logger = logging.getLogger(__name__)
+
+
+class LiveStore:
+    """The loaded live version of the store at `store_path`, and the embedder its vectors were made with."""
+
+    def __init__(self, embedder: Embedder, store_path: Path) -> None:
+        self.embedder = embedder
+        self.store_path = store_path
+        self._store: VectorStore | None = None
+        self.load_error: str | None = None
+
+    @property
+    def store(self) -> VectorStore | None:
+        return self._store
+
+    def reload(self) -> VectorStore | None:
+        """Load the store's live version and return it; on failure keep serving the last good one
+        and return None (`load_error` says why)."""
+        try:
+            store = load_store(self.store_path, expected_embedding_model=self.embedder.name)
+        except VectorStoreError as error:
+            self.load_error = error.message
+            logger.error("vector store not loaded: %s", error.message)
+            return None
+        self._store, self.load_error = store, None
+        logger.info("vector store %s loaded: %d chunks", store.version, store.size)
+        return store

@@ -1,0 +1,108 @@
+"""9. Retrieval quality: recall@1, recall@4 and MRR of each RETRIEVAL_MODE on a labelled question set.
+
+bench/data/corpus holds ten short documents in English and the same ten topics written anew in Chinese;
+bench/data/questions.json asks about them in words unlike the text's, each with the file that answers it.
+A question is answered at rank r when the r-th distinct file among the hits is that file (MRR over the first
+EVALUATION_DEPTH chunks, 0 when it is not among them).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.config import Settings
+from app.rag.embeddings import Embedder
+from app.rag.ingestion import ingest_folder
+from app.rag.retrieval.base import Retriever
+from app.rag.retrieval.live_store import LiveStore
+from app.rag.retrieval.registry import RETRIEVERS
+from bench.common import Context, Row, SectionResult, verdict
+
+DATA = Path(__file__).resolve().parent / "data"
+CORPUS = DATA / "corpus"
+QUESTIONS = DATA / "questions.json"
+EVALUATION_DEPTH = 10
+LANGUAGES = ("en", "zh")
+
+
+@dataclass(frozen=True)
+class Question:
+    language: str
+    question: str
+    file: str  # relative to CORPUS
+
+
+@dataclass(frozen=True)
+class Quality:
+    questions: int
+    recall_at_1: float
+    recall_at_4: float
+    mrr: float
+    misses_at_1: list[str]  # the questions whose first file was not the right one
+
+
+def questions(language: str) -> list[Question]:
+    payload = json.loads(QUESTIONS.read_text(encoding="utf-8"))
+    return [Question(**item) for item in payload["questions"] if item["language"] == language]
+
+
+def file_ranks(retriever: Retriever, question: str) -> list[str]:
+    """The files of the hits, best first, each once, as `file` in the question set names them."""
+    files: list[str] = []
+    for hit in retriever.search(question, EVALUATION_DEPTH):
+        name = str(hit.chunk.metadata["source"])  # "zh/茶园.md": ingested from corpus/zh, named from there
+        if name not in files:
+            files.append(name)
+    return files
+
+
+def quality(retriever: Retriever, asked: Iterable[Question]) -> Quality:
+    ranks, misses = [], []
+    for item in asked:
+        files = file_ranks(retriever, item.question)
+        rank = files.index(item.file) + 1 if item.file in files else None
+        ranks.append(rank)
+        if rank != 1:
+            misses.append(item.question)
+    count = len(ranks)
+    return Quality(
+        questions=count,
+        recall_at_1=sum(rank == 1 for rank in ranks) / count,
+        recall_at_4=sum(rank is not None and rank <= 4 for rank in ranks) / count,
+        mrr=sum(1 / rank for rank in ranks if rank is not None) / count,
+        misses_at_1=misses,
+    )
+
+
+def live_store_of(folder: Path, embedder: Embedder, store_path: Path) -> LiveStore:
+    ingest_folder(folder, store_path, embedder, chunk_size=500, chunk_overlap=80, rebuild=True, show_progress=False)
+    live = LiveStore(embedder, store_path)
+    live.reload()
+    return live
+
+
+def retrieval_quality(ctx: Context) -> SectionResult:
+    from app.rag.embeddings import create_embedder
+
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    embedder = create_embedder(settings)
+    data: dict[str, dict[str, object]] = {}
+    rows = []
+    for language in LANGUAGES:
+        live = live_store_of(CORPUS / language, embedder, ctx.scratch / f"quality-{language}")
+        asked = questions(language)
+        results = {mode: quality(factory(settings, live), asked) for mode, factory in sorted(RETRIEVERS.items())}
+        data[language] = {mode: result.__dict__ for mode, result in results.items()}
+        for mode, result in results.items():
+            hybrid_zh = language == "zh" and mode == "hybrid"
+            rows.append(Row(
+                "9", f"retrieval quality, {language.upper()} ({result.questions} questions), {mode}: "
+                "recall@1 / recall@4 / MRR",
+                f"{result.recall_at_1:.2f} / {result.recall_at_4:.2f} / {result.mrr:.2f}",
+                "recall@1 >= 0.8" if hybrid_zh else "", verdict(result.recall_at_1 >= 0.8) if hybrid_zh else "",
+                f"{embedder.name}; {len(list((CORPUS / language).iterdir()))} documents, questions phrased unlike "
+                "the text (bench/data)"))
+    return SectionResult(9, "Retrieval quality", data, rows)

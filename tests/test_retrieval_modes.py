@@ -1,0 +1,130 @@
+"""Retrieval modes against the real embedder, the real FAISS and BM25 indexes of real ingested stores.
+
+The embedded embedder (MiniLM-L6) is English-only; bench/data holds ten documents in each language and questions
+phrased unlike their text. Lexical and hybrid retrieval must find Chinese answers that dense retrieval misses.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from app.config import SettingsError
+from app.errors import NotFoundError, VectorStoreError
+from app.rag.embeddings import Embedder
+from app.rag.ingestion import ingest_folder
+from app.rag.retrieval.hybrid import HybridRetriever
+from app.rag.retrieval.live_store import LiveStore
+from app.rag.retrieval.registry import RETRIEVERS, create_retriever
+from app.rag.retrieval.tokenize import tokenize
+from app.rag.vector_store import ARRAYS_FILE, MANIFEST_FILE, VOCABULARY_FILE, current_version, load_store
+from bench.retrieval_quality import CORPUS, live_store_of, quality, questions
+from tests.conftest import make_settings
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder) -> dict[str, LiveStore]:
+    folder = tmp_path_factory.mktemp("quality")
+    return {language: live_store_of(CORPUS / language, embedder, folder / language) for language in ("en", "zh")}
+
+
+def test_chinese_questions_phrased_unlike_the_text_find_their_file_first_in_hybrid_and_lexical_mode(
+    stores: dict[str, LiveStore], tmp_path: Path
+) -> None:
+    settings = make_settings(tmp_path)
+    results = {mode: quality(factory(settings, stores["zh"]), questions("zh")) for mode, factory in RETRIEVERS.items()}
+    # Why hybrid exists: the English-only embedder ranks the right Chinese file first for few of these (2 of 12
+    # when written); not asserted, a better embedder may well do better.
+    print({mode: result.recall_at_1 for mode, result in results.items()}, results["dense"].misses_at_1)
+    assert results["lexical"].recall_at_1 >= 0.8, results["lexical"].misses_at_1
+    assert results["hybrid"].recall_at_1 >= 0.8, results["hybrid"].misses_at_1
+    assert results["hybrid"].recall_at_4 == 1.0
+
+
+def test_on_english_questions_hybrid_finds_every_file_dense_finds(
+    stores: dict[str, LiveStore], tmp_path: Path
+) -> None:
+    settings = make_settings(tmp_path)
+    dense = quality(RETRIEVERS["dense"](settings, stores["en"]), questions("en"))
+    hybrid = quality(RETRIEVERS["hybrid"](settings, stores["en"]), questions("en"))
+    print("dense", dense, "hybrid", hybrid)
+    assert hybrid.recall_at_4 >= dense.recall_at_4
+    assert hybrid.recall_at_1 >= dense.recall_at_1 - 1 / dense.questions  # at most one question ranked lower
+
+
+def test_hits_say_which_score_they_carry(stores: dict[str, LiveStore], tmp_path: Path) -> None:
+    expected = {"dense": "cosine", "lexical": "bm25", "hybrid": "relative"}
+    for mode, kind in expected.items():
+        retriever = create_retriever(make_settings(tmp_path, retrieval_mode=mode), stores["zh"])
+        hits = retriever.search("熊猫一天要吃多少竹子？", 3)
+        assert hits and retriever.score_kind == kind and {hit.score_kind for hit in hits} == {kind}
+        assert [hit.score for hit in hits] == sorted((hit.score for hit in hits), reverse=True)
+    rrf = HybridRetriever(stores["zh"], "rrf", rrf_k=60, candidates=20)
+    assert {hit.score_kind for hit in rrf.search("熊猫", 3)} == {"rrf"}
+
+
+def test_an_unknown_mode_fusion_or_collection_is_refused_naming_the_valid_ones(
+    stores: dict[str, LiveStore], tmp_path: Path
+) -> None:
+    with pytest.raises(SettingsError, match=r"RETRIEVAL_MODE='sparse' is invalid: allowed: dense, hybrid, lexical"):
+        create_retriever(make_settings(tmp_path, retrieval_mode="sparse"), stores["en"])
+    with pytest.raises(SettingsError, match=r"HYBRID_FUSION='max' is invalid: allowed: relative, rrf"):
+        create_retriever(make_settings(tmp_path, hybrid_fusion="max"), stores["en"])
+    retriever = create_retriever(make_settings(tmp_path), stores["en"])
+    with pytest.raises(NotFoundError, match="no collection 'other'; collections: default"):
+        retriever.search("tea", 2, collection="other")
+
+
+def test_tokenizer_segments_chinese_and_splits_latin_words_in_mixed_text() -> None:
+    # Search mode: the long word and the words inside it, so either finds the other.
+    assert tokenize("LoRA适配器在GPU显存里") == ["lora", "适配", "配器", "适配器", "gpu", "显存", "里"]
+    assert tokenize("Ｆｕｌｌ-width DIGITS ２０２４ and the stop words") == [
+        "full", "width", "digits", "2024", "stop", "words"
+    ]
+
+
+def test_the_lexical_index_round_trips_through_a_store_version(stores: dict[str, LiveStore]) -> None:
+    live = stores["zh"]
+    assert live.store is not None
+    loaded = load_store(live.store_path)
+    for question in ("高铁行李", "饺子 面粉", "backup"):
+        assert loaded.search_lexical(question, 5) == live.store.search_lexical(question, 5)
+    assert loaded.lexical.size == loaded.size == 10
+
+
+@pytest.mark.parametrize("name", [ARRAYS_FILE, VOCABULARY_FILE])
+def test_a_tampered_or_unlisted_lexical_file_is_refused(
+    stores: dict[str, LiveStore], tmp_path: Path, name: str
+) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(stores["en"].store_path, store)
+    version_folder = store / str(current_version(store))
+    original = (version_folder / name).read_bytes()
+    (version_folder / name).write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(VectorStoreError, match=f"'{name}' does not match its checksum"):
+        load_store(store)
+
+    (version_folder / name).write_bytes(original)
+    payload = json.loads((version_folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    del payload["checksums"][name]
+    (version_folder / MANIFEST_FILE).write_text(json.dumps(payload), encoding="utf-8")
+    with pytest.raises(VectorStoreError, match=f"has no checksum for {name}"):
+        load_store(store)
+
+
+def test_incremental_ingestion_keeps_the_lexical_index_in_step(tmp_path: Path, embedder: Embedder) -> None:
+    source, store = tmp_path / "docs", tmp_path / "store"
+    shutil.copytree(CORPUS / "zh", source)
+    ingest_folder(source, store, embedder, chunk_size=500, chunk_overlap=80, show_progress=False)
+    assert load_store(store).search_lexical("饺子", 1)[0].chunk.metadata["source"] == "docs/饺子.md"
+
+    (source / "饺子.md").write_text("# 韭菜盒子\n\n韭菜切碎，和鸡蛋拌匀，包进面皮里煎熟。", encoding="utf-8")
+    report = ingest_folder(source, store, embedder, chunk_size=500, chunk_overlap=80, show_progress=False)
+    assert report.updated == ["docs/饺子.md"] and report.chunks_embedded == 1
+    updated = load_store(store)
+    assert updated.search_lexical("饺子", 5) == []  # the old words are gone with the old chunk
+    assert updated.search_lexical("韭菜", 1)[0].chunk.metadata["source"] == "docs/饺子.md"
+    assert updated.search_lexical("熊猫", 1)[0].chunk.metadata["source"] == "docs/熊猫.md"  # kept files still found
