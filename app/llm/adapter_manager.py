@@ -6,7 +6,6 @@ Only the generation engine's thread calls the methods that touch the model (`pre
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import threading
@@ -19,17 +18,18 @@ from typing import TYPE_CHECKING, Any
 from app.errors import AdapterError, AppError, BackendUnavailableError, NotFoundError
 from app.llm.adapters import AdapterInfo, check_adapter_fits, has_adapter_files, inspect_adapter
 from app.llm.base import AdapterSpec
+from app.llm.jobs import BASE_KEY, BASE_MODEL, AdapterChoice
 from app.llm.merging import WeightMerger
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from typing_extensions import TypeIs
 
-    from app.llm.engine import CausalLM, GenerationJob, PreparedBatch, ServedModel
+    from app.llm.engine import CausalLM, PreparedBatch, ServedModel
+    from app.llm.jobs import GenerationJob
 
 logger = logging.getLogger(__name__)
 
-BASE = "__base__"
 DEFAULT_NAME = "default"
 ADAPTER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 _MAX_REASON_CHARS = 2000
@@ -37,15 +37,6 @@ _MAX_REASON_CHARS = 2000
 
 class AdapterNotFoundError(NotFoundError):
     code = "adapter_not_found"
-
-
-def spec_key(spec: AdapterSpec) -> str:
-    """A stable text key: `__base__`, `sql`, or `sql*0.7+code*0.3` (names sorted)."""
-    if not spec:
-        return BASE
-    if len(spec) == 1 and spec[0][1] == 1.0:
-        return spec[0][0]
-    return "+".join(f"{name}*{weight:g}" for name, weight in sorted(spec))
 
 
 @dataclass
@@ -67,7 +58,7 @@ class AdapterManager:
         self._max_loaded = max_loaded
         self._default_setting = default_adapter
         self._records: dict[str, AdapterRecord] = {}
-        self._mixes: dict[str, AdapterSpec] = {}
+        self._mixes: dict[str, AdapterChoice] = {}  # by key
         self._lru: OrderedDict[str, None] = OrderedDict()  # attached PEFT adapter names, least recent first
         self._lock = threading.Lock()
         self._merger = WeightMerger(merge_cache_bytes)
@@ -83,7 +74,7 @@ class AdapterManager:
                 return DEFAULT_NAME
             return next(iter(self._records)) if len(self._records) == 1 else None
 
-    def resolve(self, spec: AdapterSpec | None) -> AdapterSpec:
+    def resolve(self, spec: AdapterSpec | None) -> AdapterChoice:
         """The request's choice made concrete (None: the server default), every name checked."""
         if spec is None:
             default = self.default_name
@@ -92,7 +83,7 @@ class AdapterManager:
                     f"the server's default adapter '{self._default_setting}' (DEFAULT_ADAPTER) is not loaded: "
                     'load it again, or name an adapter (or "__base__") in the request'
                 )
-            return ((default, 1.0),) if default else ()
+            return AdapterChoice.single(default) if default else BASE_MODEL
         with self._lock:
             missing = [name for name, _ in spec if name not in self._records]
             known = sorted(self._records)
@@ -100,7 +91,7 @@ class AdapterManager:
             raise AdapterNotFoundError(
                 f"adapter '{missing[0]}' is not loaded; available: {', '.join(known) or '(none)'}"
             )
-        return spec
+        return AdapterChoice(spec)
 
     def names(self) -> list[str]:
         with self._lock:
@@ -136,7 +127,7 @@ class AdapterManager:
         """The adapter (or mix key) folded into the base weights right now, if any."""
         merged = self._merger.merged
         with self._lock:
-            return next((key for key in self._mixes if _mix_peft_name(key) == merged), merged)
+            return next((key for key, mix in self._mixes.items() if mix.peft_name == merged), merged)
 
     def record(self, name: str) -> AdapterRecord | None:
         with self._lock:
@@ -146,7 +137,7 @@ class AdapterManager:
 
     def load(self, name: str, path: Path) -> AdapterRecord:
         """Register and attach an adapter. Same name and path again: no-op; same name, other path: refused."""
-        if not ADAPTER_NAME_PATTERN.match(name) or name == BASE:
+        if not ADAPTER_NAME_PATTERN.match(name) or name == BASE_KEY:
             raise AdapterError(f"adapter name '{name}' is invalid: use letters, digits, '-' and '_' (max 64)")
         existing = self.record(name)
         if existing is not None:
@@ -166,37 +157,33 @@ class AdapterManager:
         """Forget an adapter (and the mixes built from it); later requests naming it get 404."""
         with self._lock:
             record = self._records.pop(name, None)
-            dependent = [key for key, spec in self._mixes.items() if any(n == name for n, _ in spec)]
-            for key in dependent:
-                del self._mixes[key]
+            dependent = [self._mixes.pop(key) for key, mix in list(self._mixes.items()) if name in mix.names]
         if record is None:
             raise AdapterNotFoundError(f"adapter '{name}' is not loaded")
-        for peft_name in [name, *(_mix_peft_name(key) for key in dependent)]:
+        for peft_name in [name, *(mix.peft_name for mix in dependent)]:
             self._detach(peft_name)
 
     def prepare_batch(self, jobs: list[GenerationJob]) -> PreparedBatch:
         """Attach every row's adapter (or mix). Rows whose adapter cannot be had fail alone."""
-        from app.llm.engine import fail_job
-
-        wanted = {job.adapter_key for job in jobs}
-        names: dict[str, str] = {}
-        for key in wanted:
+        wanted = {job.adapter for job in jobs}
+        names: dict[AdapterChoice, str] = {}
+        for choice in wanted:
             try:
-                names[key] = self._activate(key, pinned=wanted)
+                names[choice] = self._activate(choice, pinned=wanted)
             except AppError as error:
                 for job in jobs:
-                    if job.adapter_key == key:
-                        fail_job(job, error)
-        runnable = [job for job in jobs if job.adapter_key in names]
+                    if job.adapter == choice:
+                        job.fail(error)
+        runnable = [job for job in jobs if job.adapter in names]
         now = time.time()
         with self._lock:
             for job in runnable:
-                for name in _component_names(job.adapter_key):
+                for name in job.adapter.names:
                     record = self._records.get(name)
                     if record is not None:
                         record.requests_served += 1
                         record.last_used = now
-        return self._arrange(runnable, [names[job.adapter_key] for job in runnable])
+        return self._arrange(runnable, [names[job.adapter] for job in runnable])
 
     def _arrange(self, jobs: list[GenerationJob], peft_names: list[str]) -> PreparedBatch:
         """How the batch runs. One adapter (or none) for every row: the plain model without PEFT layers, the
@@ -209,47 +196,48 @@ class AdapterManager:
             return PreparedBatch(self.model, jobs, None)
         distinct = set(peft_names)
         if len(distinct) > 1:
-            if self._merger.run_rows(self.model, [None if name == BASE else name for name in peft_names]):
+            if self._merger.run_rows(self.model, [None if name == BASE_KEY else name for name in peft_names]):
                 return PreparedBatch(self.model, jobs, None)
             return PreparedBatch(self.model, jobs, peft_names)
-        only = distinct.pop() if distinct else BASE
-        if not self._merger.run_plain(self.model, None if only == BASE else only):
+        only = distinct.pop() if distinct else BASE_KEY
+        if not self._merger.run_plain(self.model, None if only == BASE_KEY else only):
             self.model.set_adapter(only, inference_mode=True)
         return PreparedBatch(self.model, jobs, None)
 
-    def _activate(self, key: str, pinned: set[str]) -> str:
-        if key == BASE:
-            return BASE
-        if not _is_mix(key):
-            record = self.record(key)
-            if record is None:
-                raise AdapterNotFoundError(f"adapter '{key}' is not loaded")
-            if not record.loaded:
-                self._attach(record, pinned)
-            self._touch(key)
-            return key
-        return self._activate_mix(key, pinned)
+    def _activate(self, choice: AdapterChoice, pinned: set[AdapterChoice]) -> str:
+        """Attach what `choice` needs and return its PEFT adapter name (BASE_KEY for the base model)."""
+        if choice.is_base:
+            return BASE_KEY
+        if choice.is_mix:
+            return self._activate_mix(choice, pinned)
+        name = choice.names[0]
+        record = self.record(name)
+        if record is None:
+            raise AdapterNotFoundError(f"adapter '{name}' is not loaded")
+        if not record.loaded:
+            self._attach(record, pinned)
+        self._touch(name)
+        return name
 
-    def _activate_mix(self, key: str, pinned: set[str]) -> str:
+    def _activate_mix(self, mix: AdapterChoice, pinned: set[AdapterChoice]) -> str:
         """A weighted combination ΔW = Σ wᵢ·BᵢAᵢ·scalingᵢ, built once (PEFT `cat`: exact) and cached."""
-        peft_name = _mix_peft_name(key)
+        peft_name = mix.peft_name
         if peft_name in self._lru:
             self._touch(peft_name)
             return peft_name
-        spec = _parse_mix_key(key)
-        components = [self._activate(name, pinned | {key}) for name, _ in spec]
-        self._make_room(pinned | set(components))
+        components = [self._activate(AdapterChoice.single(name), pinned | {mix}) for name in mix.names]
+        self._make_room(pinned | {AdapterChoice.single(name) for name in components})
         self._merger.model_changing()
         self.model.add_weighted_adapter(  # type: ignore[operator]
-            adapters=components, weights=[w for _, w in spec], adapter_name=peft_name, combination_type="cat"
+            adapters=components, weights=list(mix.weights), adapter_name=peft_name, combination_type="cat"
         )
         with self._lock:
-            self._mixes[key] = spec
+            self._mixes[mix.key] = mix
         self._touch(peft_name)
-        logger.info("built adapter mix %s", key)
+        logger.info("built adapter mix %s", mix.key)
         return peft_name
 
-    def _attach(self, record: AdapterRecord, pinned: set[str] | None = None) -> None:
+    def _attach(self, record: AdapterRecord, pinned: set[AdapterChoice] | None = None) -> None:
         check_adapter_fits(self.model, record.info)
         self._merger.model_changing()
         try:
@@ -262,7 +250,7 @@ class AdapterManager:
         record.loaded, record.loaded_at = True, time.time()
         self._touch(record.name)
         # Evict after attaching, the new adapter counted among the MAX_LOADED_ADAPTERS it may keep.
-        self._make_room((pinned or set()) | {record.name}, limit=self._max_loaded + 1)
+        self._make_room((pinned or set()) | {AdapterChoice.single(record.name)}, limit=self._max_loaded + 1)
         logger.info("adapter %s attached from %s", record.name, record.path)
 
     def _peft_load(self, record: AdapterRecord) -> None:
@@ -280,9 +268,9 @@ class AdapterManager:
         self.model = wrapper(self.model, config, record.name)
         self.model.load_adapter(str(record.path), adapter_name=record.name, is_trainable=False)
 
-    def _make_room(self, pinned: set[str], limit: int | None = None) -> None:
+    def _make_room(self, pinned: set[AdapterChoice], limit: int | None = None) -> None:
         """Unload least recently used adapters until fewer than `limit` (default MAX_LOADED_ADAPTERS) remain."""
-        keep = {_mix_peft_name(key) for key in pinned} | {name for key in pinned for name in _component_names(key)}
+        keep = {choice.peft_name for choice in pinned} | {name for choice in pinned for name in choice.names}
         while len(self._lru) >= (limit or self._max_loaded):
             victim = next((name for name in self._lru if name not in keep), None)
             if victim is None:
@@ -298,7 +286,7 @@ class AdapterManager:
             record = self._records.get(peft_name)
             if record is not None:
                 record.loaded, record.loaded_at = False, None
-            for key in [k for k in self._mixes if _mix_peft_name(k) == peft_name]:
+            for key in [key for key, mix in self._mixes.items() if mix.peft_name == peft_name]:
                 del self._mixes[key]
 
     def _remove_peft_adapter(self, peft_name: str) -> None:
@@ -323,24 +311,6 @@ def _is_peft(model: ServedModel) -> TypeIs[PeftModel]:
     """Whether PEFT's wrapper is on the model (an adapter attached), told without importing peft: only the
     wrapper has `peft_config` at run time (transformers declares it on every model for its own integration)."""
     return hasattr(model, "peft_config")
-
-
-def _is_mix(key: str) -> bool:
-    return "*" in key or "+" in key
-
-
-def _parse_mix_key(key: str) -> AdapterSpec:
-    """The inverse of `spec_key` for a mix: `alpha*0.7+bravo*0.3` -> (("alpha", 0.7), ("bravo", 0.3))."""
-    return tuple((name, float(weight)) for name, _, weight in (part.partition("*") for part in key.split("+")))
-
-
-def _component_names(key: str) -> list[str]:
-    return [part.partition("*")[0] for part in key.split("+")]
-
-
-def _mix_peft_name(key: str) -> str:
-    # PEFT adapter names become module keys, which may not contain the '.' of a weight.
-    return "mix_" + hashlib.sha1(key.encode()).hexdigest()[:12] if _is_mix(key) else key
 
 
 def discover_adapters(lora_model_path: Path, adapters_dir: Path, listed: dict[str, Path]) -> dict[str, Path]:

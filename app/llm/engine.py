@@ -13,15 +13,15 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from app.errors import AppError, NumericalFailureError
-from app.llm.base import GenerationParams
+from app.llm.jobs import GenerationJob
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -37,23 +37,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-FinishReason = Literal["stop", "length", "cancelled"]
-
-
-@dataclass
-class GenerationJob:
-    """One request's generation; the engine fills the output fields and resolves `future`."""
-
-    input_ids: list[int]
-    params: GenerationParams
-    adapter_key: str  # what the request asked for, resolved to a PEFT adapter name on the engine thread
-    on_text: Callable[[str], None] | None = None
-    future: concurrent.futures.Future[GenerationJob] = field(default_factory=concurrent.futures.Future)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: FinishReason | None = None
-    error: AppError | None = None  # this row failed alone; the batch's other rows go on
 
 
 @dataclass(frozen=True)
@@ -116,7 +99,7 @@ class GenerationEngine:
                 self._wakeup.wait()
             if self._closed:
                 for job in self._jobs:
-                    fail_job(job, RuntimeError("the server is shutting down"))
+                    job.fail(RuntimeError("the server is shutting down"))
                 return None
             if self._controls:
                 return self._controls.popleft()
@@ -146,7 +129,7 @@ class GenerationEngine:
     def _skip_cancelled(job: GenerationJob) -> bool:
         if job.cancelled.is_set():
             job.finish_reason = "cancelled"
-            _resolve(job)
+            job.resolve()
             return True
         return False
 
@@ -159,13 +142,13 @@ class GenerationEngine:
             if not isinstance(error, AppError):
                 logger.exception("generation failed for a batch of %d", len(jobs))
             for job in jobs:
-                fail_job(job, error)
+                job.fail(error)
             return
         for job in prepared.jobs:
             if job.error is not None:
-                fail_job(job, job.error)
+                job.fail(job.error)
             else:
-                _resolve(job)
+                job.resolve()
 
     def _generate(self, prepared: PreparedBatch) -> None:
         jobs = prepared.jobs
@@ -197,17 +180,6 @@ class GenerationEngine:
                 logits_processor=processors,
                 **kwargs,
             )
-
-
-def _resolve(job: GenerationJob) -> None:
-    """Hand the job back; its future may already be cancelled when the caller went away."""
-    if not job.future.done():
-        job.future.set_result(job)
-
-
-def fail_job(job: GenerationJob, error: BaseException) -> None:
-    if not job.future.done():
-        job.future.set_exception(error)
 
 
 def _eos_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:

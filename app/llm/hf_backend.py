@@ -16,7 +16,7 @@ import anyio
 
 from app.config import Settings
 from app.errors import AppError, BadRequestError, ModelLoadError
-from app.llm.adapter_manager import AdapterManager, AdapterRecord, discover_adapters, spec_key
+from app.llm.adapter_manager import AdapterManager, AdapterRecord, discover_adapters
 from app.llm.base import (
     AdapterSpec,
     ChatMessage,
@@ -26,6 +26,7 @@ from app.llm.base import (
     GenerationResult,
     TextCallback,
 )
+from app.llm.jobs import GenerationJob
 from app.llm.model_source import resolve_base_model
 from app.llm.numerics import NumericPath, choose_numeric_path
 
@@ -147,14 +148,12 @@ class HFLoraBackend(GenerationBackend):
         adapters: AdapterSpec | None = None,
         on_text: TextCallback | None = None,
     ) -> GenerationResult:
-        from app.llm.engine import GenerationJob
-
-        spec = self.adapters.resolve(adapters)
+        choice = self.adapters.resolve(adapters)
         loop = asyncio.get_running_loop()
         job = GenerationJob(
             input_ids=self.encode(messages),
             params=params,
-            adapter_key=spec_key(spec),
+            adapter=choice,
             on_text=_on_loop(loop, on_text) if on_text else None,
         )
         self._engine.submit(job)
@@ -165,11 +164,11 @@ class HFLoraBackend(GenerationBackend):
             raise
         return GenerationResult(
             text=job.text.strip(),
-            model_used="lora" if spec else "base",
+            model_used="base" if choice.is_base else "lora",
             prompt_tokens=len(job.input_ids),
             completion_tokens=len(job.tokens),
             finish_reason=job.finish_reason or "stop",
-            adapters=spec_key(spec) if spec else "",
+            adapters="" if choice.is_base else choice.key,
         )
 
     def encode(self, messages: list[ChatMessage]) -> list[int]:

@@ -1,0 +1,93 @@
+"""What crosses from a request to the generation engine: the resolved adapter choice and the job.
+
+Nothing here imports torch, so the request side (backends, the adapter catalogue, tests) can build and read
+jobs without loading the model's libraries.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from app.errors import AppError
+from app.llm.base import GenerationParams
+
+FinishReason = Literal["stop", "length", "cancelled"]
+BASE_KEY = "__base__"
+
+
+@dataclass(frozen=True)
+class AdapterChoice:
+    """A request's adapters once resolved against the loaded ones: the base model alone (no parts), one adapter
+    at weight 1, or a weighted mix. Built once when the request is resolved; the engine reads it, never a text."""
+
+    parts: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def single(cls, name: str) -> AdapterChoice:
+        return cls(((name, 1.0),))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.parts)
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return tuple(weight for _, weight in self.parts)
+
+    @property
+    def is_base(self) -> bool:
+        return not self.parts
+
+    @property
+    def is_mix(self) -> bool:
+        return len(self.parts) > 1 or (len(self.parts) == 1 and self.parts[0][1] != 1.0)
+
+    @property
+    def key(self) -> str:
+        """A stable text for logs and responses: `__base__`, `sql`, or `sql*0.7+code*0.3` (names sorted)."""
+        if self.is_base:
+            return BASE_KEY
+        if not self.is_mix:
+            return self.parts[0][0]
+        return "+".join(f"{name}*{weight:g}" for name, weight in sorted(self.parts))
+
+    @property
+    def peft_name(self) -> str:
+        """The adapter's name inside PEFT. A mix gets a digest: PEFT names become module keys, which may not
+        contain the '.' of a weight."""
+        if not self.is_mix:
+            return self.key
+        return "mix_" + hashlib.sha1(self.key.encode()).hexdigest()[:12]
+
+
+BASE_MODEL = AdapterChoice()
+
+
+@dataclass
+class GenerationJob:
+    """One request's generation; the engine fills the output fields and resolves `future`."""
+
+    input_ids: list[int]
+    params: GenerationParams
+    adapter: AdapterChoice
+    on_text: Callable[[str], None] | None = None
+    future: concurrent.futures.Future[GenerationJob] = field(default_factory=concurrent.futures.Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    error: AppError | None = None  # this row failed alone; the batch's other rows go on
+
+    def resolve(self) -> None:
+        """Hand the job back; its future may already be cancelled when the caller went away."""
+        if not self.future.done():
+            self.future.set_result(self)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
