@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from app.checks import check_base_model, check_device, run_config_checks
+from app.checks import check_base_model, check_device, check_retrieval, run_config_checks
 from app.cli import fail, settings_or_exit
 from app.errors import AppError
 from app.logging_config import configure_logging
@@ -58,11 +58,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"active backend ({backend}): {'can serve' if active_ok else 'cannot serve'}")
         return 0 if active_ok else 1
 
+    # Fail before the server starts, in one line, rather than in the middle of uvicorn's start-up.
+    checks = [check_retrieval(settings, load_reranker=False)]
     if settings.use_lora_default:
-        # Fail before the server starts, in one line, rather than in the middle of uvicorn's start-up.
-        for check in (check_base_model(settings), check_device(settings)):
-            if not check.ok:
-                fail(f"{check.name}: {check.detail} ({check.hint})")
+        checks += [check_base_model(settings), check_device(settings)]
+    for check in checks:
+        if not check.ok:
+            fail(f"{check.name}: {check.detail} ({check.hint})")
 
     if not store_exists(settings.vector_store_path):
         logger.info("no vector store yet: building it from %s", settings.sample_corpus_path)

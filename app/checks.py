@@ -75,6 +75,31 @@ def check_numerics(settings: Settings) -> CheckResult:
     return CheckResult("numeric path", True, f"{path.dtype}, quantization {path.quantization} ({path.reason}{cpu})")
 
 
+def check_retrieval(settings: Settings, load_reranker: bool = True) -> CheckResult:
+    """RETRIEVAL_MODE and HYBRID_FUSION are names the registries know; RERANKER_MODEL loads (when asked: the
+    launcher checks names only before start, and the service loads the re-ranker itself)."""
+    from app.rag.retrieval.hybrid import FUSIONS
+    from app.rag.retrieval.registry import RETRIEVERS
+    from app.rag.retrieval.rerank import load_cross_encoder
+
+    mode = settings.retrieval_mode
+    if mode not in RETRIEVERS:
+        return CheckResult("retrieval", False, f"RETRIEVAL_MODE={mode!r} is unknown",
+                           f"use one of {', '.join(sorted(RETRIEVERS))}")
+    if mode == "hybrid" and settings.hybrid_fusion not in FUSIONS:
+        return CheckResult("retrieval", False, f"HYBRID_FUSION={settings.hybrid_fusion!r} is unknown",
+                           f"use one of {', '.join(sorted(FUSIONS))}")
+    detail = f"{mode} ({settings.hybrid_fusion} fusion)" if mode == "hybrid" else mode
+    if not settings.reranker_model:
+        return CheckResult("retrieval", True, detail)
+    if load_reranker:
+        try:
+            load_cross_encoder(settings.reranker_model, settings.cache_dir)
+        except AppError as error:
+            return CheckResult("retrieval", False, error.message, "point RERANKER_MODEL at a cross-encoder folder")
+    return CheckResult("retrieval", True, f"{detail}, re-ranked by {settings.reranker_model}")
+
+
 def check_adapter(settings: Settings) -> CheckResult:
     path = settings.lora_model_path
     if not has_adapter_files(path):
@@ -128,6 +153,7 @@ def run_config_checks(settings: Settings) -> tuple[list[CheckResult], bool]:
         check_numerics(settings),
         check_adapter(settings),
         check_vector_store(settings),
+        check_retrieval(settings),
         check_embedding_model(settings),
         check_ollama(settings),
     ]

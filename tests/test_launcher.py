@@ -40,7 +40,8 @@ def test_config_check_reports_each_part_and_exit_status_follows_the_active_backe
     lora = _config_check(env)
     assert lora.returncode == 0, lora.stdout + lora.stderr
     lines = lora.stdout.splitlines()
-    for name in ("base model", "LoRA adapter", "vector store", "embedding model", "Ollama"):
+    parts = ("base model", "numeric path", "LoRA adapter", "vector store", "retrieval", "embedding model", "Ollama")
+    for name in parts:
         assert any(name in line for line in lines), name
     assert any(line.startswith("[FAIL] Ollama") and "ollama serve" in line for line in lines)
     ollama_down = _config_check(env, "--use-lora", "false")
@@ -53,6 +54,14 @@ def test_config_check_reports_each_part_and_exit_status_follows_the_active_backe
 def test_bad_use_lora_value_is_a_usage_error(tmp_path: Path) -> None:
     result = _config_check(_env(tmp_path), "--use-lora", "maybe")
     assert result.returncode == 2 and "expected true or false" in result.stderr
+
+
+@pytest.mark.parametrize(("variable", "value"), [("RETRIEVAL_MODE", "fancy"), ("HYBRID_FUSION", "average")])
+def test_an_unknown_retrieval_name_stops_the_launcher_in_one_line(tmp_path: Path, variable: str, value: str) -> None:
+    result = subprocess.run([sys.executable, "start_lora_rag.py"], cwd=REPO_ROOT, capture_output=True, text=True,
+                            env=_env(tmp_path, **{variable: value}), timeout=300)
+    assert result.returncode != 0 and f"{variable}='{value}' is unknown" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr and not (tmp_path / "store").exists()
 
 
 @pytest.mark.slow
