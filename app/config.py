@@ -123,6 +123,10 @@ class Settings(BaseSettings):
     auth_failure_window_seconds: float = Field(60.0, gt=0, le=86_400, description="the window of AUTH_FAILURE_LIMIT")
     request_timeout_seconds: float = Field(300.0, gt=0, le=86_400, description="deadline of one generation")
     max_body_bytes: int = Field(1_000_000, ge=1024, le=100_000_000)
+    metrics_enabled: bool = Field(True, description="serve Prometheus metrics at GET /metrics")
+    metrics_require_key: bool = Field(
+        False, description="GET /metrics needs a user API key; off: open like the health probes, for scrapers"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     verbose: bool = False
 
@@ -131,7 +135,8 @@ class Settings(BaseSettings):
     def _upper_log_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("device", "torch_dtype", "quantization_type", "embedding_dtype", "retrieval_mode", mode="before")
+    @field_validator("device", "torch_dtype", "quantization_type", "embedding_dtype", "retrieval_mode", "hybrid_fusion",
+                     mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value

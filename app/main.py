@@ -20,19 +20,23 @@ from app.api import (
     store_router,
 )
 from app.api.errors import install_error_handlers
+from app.api.metrics import Metrics, RequestMetrics, RouteNote
+from app.api.metrics import router as metrics_router
 from app.api.security import RequestGuard
 from app.config import Settings
 from app.llm.manager import BACKEND_LOADERS, BackendLoader, ModelManager
 from app.rag.embeddings import create_embedder
 from app.rag.retrieval.live_store import LiveStore
 from app.rag.retrieval.registry import create_retriever
-from app.rag.service import RAGService
+from app.rag.service import RAGService, ServiceObserver
 from app.rag.store_admin import VectorStoreAdmin
 
 logger = logging.getLogger(__name__)
 
 
-async def build_rag_service(settings: Settings, loaders: Mapping[str, BackendLoader]) -> RAGService:
+async def build_rag_service(
+    settings: Settings, loaders: Mapping[str, BackendLoader], observer: ServiceObserver | None = None
+) -> RAGService:
     """Load the embedder, the vector store, the retriever and the active backend (all off the event loop)."""
     embedder = await anyio.to_thread.run_sync(create_embedder, settings)
     store = LiveStore(embedder, settings.vector_store_path)
@@ -40,13 +44,13 @@ async def build_rag_service(settings: Settings, loaders: Mapping[str, BackendLoa
     retriever = await anyio.to_thread.run_sync(create_retriever, settings, store)
     models = ModelManager(settings, loaders)
     await models.start()
-    return RAGService(settings, models, retriever, store)
+    return RAGService(settings, models, retriever, store, observer)
 
 
 def create_app(settings: Settings, loaders: Mapping[str, BackendLoader] = BACKEND_LOADERS) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = await build_rag_service(settings, loaders)
+        service = await build_rag_service(settings, loaders, metrics)
         app.state.rag_service = service
         app.state.store_admin = VectorStoreAdmin(settings, service.store)
         logger.info("lora-rag ready: active backend %s", service.models.active)
@@ -65,7 +69,14 @@ def create_app(settings: Settings, loaders: Mapping[str, BackendLoader] = BACKEN
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    metrics = Metrics(settings, app.state) if settings.metrics_enabled else None
+    if metrics is not None:
+        app.add_middleware(RouteNote)  # inside the guard, which copies the scope FastAPI routes on
     app.add_middleware(RequestGuard, settings=settings)
+    if metrics is not None:
+        app.add_middleware(RequestMetrics, metrics=metrics)  # outside the guard: its refusals count too
+        app.state.metrics = metrics
+        app.include_router(metrics_router)
     for module in (ask_router, model_router, health_router, admin_router, store_router, openai_router, ollama_router):
         app.include_router(module.router)
     return app

@@ -6,6 +6,7 @@ bodies and status codes (400 invalid or duplicate, 404 unknown) so vLLM tooling 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
@@ -13,6 +14,7 @@ from fastapi.responses import PlainTextResponse
 
 from app.api.deps import get_rag_service
 from app.api.errors import OPENAI
+from app.api.metrics import AdapterChange, adapter_change_counter
 from app.api.schemas import LoadAdapterRequest, UnloadAdapterRequest, error_responses
 from app.rag.service import RAGService
 
@@ -26,19 +28,23 @@ _VLLM_ERRORS: dict[int | str, dict[str, Any]] = {
     for status in error_responses(404, 503, body=True, admin=True, envelope=OPENAI)
 }
 Service = Annotated[RAGService, Depends(get_rag_service)]
+CountChange = Annotated[Callable[[AdapterChange], None], Depends(adapter_change_counter)]
 
 
 @router.post("/admin/load-lora-adapter", responses=_ERRORS)
-async def load_adapter(request: LoadAdapterRequest, service: Service) -> dict[str, Any]:
+async def load_adapter(request: LoadAdapterRequest, service: Service, count: CountChange) -> dict[str, Any]:
     """Attach the adapter at `lora_path` (a name or path inside the allowed adapter folders) as `lora_name`.
     Loading the same name from the same path again is harmless."""
-    return await service.models.load_adapter(request.lora_name, request.lora_path)
+    entry = await service.models.load_adapter(request.lora_name, request.lora_path)
+    count("load")
+    return entry
 
 
 @router.post("/admin/unload-lora-adapter", responses=_ERRORS)
-async def unload_adapter(request: UnloadAdapterRequest, service: Service) -> dict[str, str]:
+async def unload_adapter(request: UnloadAdapterRequest, service: Service, count: CountChange) -> dict[str, str]:
     """Detach an adapter; requests already generating with it finish, later ones get 404."""
     await service.models.unload_adapter(request.lora_name)
+    count("unload")
     return {"unloaded": request.lora_name}
 
 
@@ -50,14 +56,16 @@ async def list_adapters(service: Service) -> dict[str, Any]:
 
 
 @router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=_VLLM_ERRORS)
-async def vllm_load_adapter(request: LoadAdapterRequest, service: Service) -> str:
+async def vllm_load_adapter(request: LoadAdapterRequest, service: Service, count: CountChange) -> str:
     """vLLM-compatible load."""
     await service.models.load_adapter(request.lora_name, request.lora_path)
+    count("load")
     return f"Success: LoRA adapter '{request.lora_name}' added successfully."
 
 
 @router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=_VLLM_ERRORS)
-async def vllm_unload_adapter(request: UnloadAdapterRequest, service: Service) -> str:
+async def vllm_unload_adapter(request: UnloadAdapterRequest, service: Service, count: CountChange) -> str:
     """vLLM-compatible unload."""
     await service.models.unload_adapter(request.lora_name)
+    count("unload")
     return f"Success: LoRA adapter '{request.lora_name}' removed successfully."

@@ -35,7 +35,10 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-OPEN_PATHS = frozenset({"/health/live", "/health/ready"})
+METRICS_PATH = "/metrics"
+# /metrics is open by default so that Prometheus scrapes it without a key (it shows no key, query or document
+# text); METRICS_REQUIRE_KEY takes it out of this set.
+OPEN_PATHS = frozenset({"/health/live", "/health/ready", METRICS_PATH})
 # /switch_model changes the backend for every caller, so it is an operator's action; a request's own
 # `use_lora` stays a user's choice.
 ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/switch_model"})
@@ -52,10 +55,10 @@ def normalise_path(path: str) -> str:
     return (decoded.rstrip("/") or "/").lower()
 
 
-def required_role(path: str) -> str:
+def required_role(path: str, open_paths: frozenset[str] = OPEN_PATHS) -> str:
     """'open', 'user' or 'admin' for a request path."""
     normal = normalise_path(path)
-    if normal in OPEN_PATHS:
+    if normal in open_paths:
         return "open"
     if normal in ADMIN_PATHS or normal == ADMIN_PREFIX or normal.startswith(ADMIN_PREFIX + "/"):
         return "admin"
@@ -151,6 +154,7 @@ class RequestGuard:
             else None
         )
         self._max_body = settings.max_body_bytes
+        self._open_paths = OPEN_PATHS - {METRICS_PATH} if settings.metrics_require_key else OPEN_PATHS
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -160,7 +164,7 @@ class RequestGuard:
             # FastAPI's routes answer only the methods they name, so HEAD would be 405 even on the health
             # probes. A HEAD is the GET without its body (RFC 9110): same status, same headers.
             scope, send = {**scope, "method": "GET"}, _without_body(send)
-        path_role = required_role(scope.get("raw_path", b"").decode("latin-1") or scope["path"])
+        path_role = required_role(scope.get("raw_path", b"").decode("latin-1") or scope["path"], self._open_paths)
         address = str((scope.get("client") or ("?",))[0])
         caller = _digest(f"client:{address}")
         role: CallerRole = "anonymous" if self._auth else "admin"  # no keys: loopback only, everyone is trusted

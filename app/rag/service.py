@@ -7,9 +7,11 @@ import json
 import logging
 import time
 import unicodedata
-from collections.abc import Awaitable
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import anyio
 
@@ -68,6 +70,24 @@ def _spec_text(spec: AdapterSpec | None) -> str | list[dict[str, str | float]]:
     return [{"name": name, "weight": weight} for name, weight in spec] if spec else "base"
 
 
+class ServiceObserver(Protocol):
+    """Told of each retrieval and each finished generation (app/api/metrics.py counts them for /metrics)."""
+
+    def retrieved(self, seconds: float) -> None: ...
+
+    def generated(self, result: GenerationResult) -> None: ...
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """The generations holding a place now, and the adapters they name (server default: not named)."""
+
+    running: int
+    waiting: int
+    running_adapters: tuple[str, ...]
+    waiting_adapters: tuple[str, ...]
+
+
 class GenerationLimiter:
     """At most `capacity` generations at once and `queue_size` waiting; beyond that, refuse at once."""
 
@@ -75,26 +95,52 @@ class GenerationLimiter:
         self._semaphore = asyncio.Semaphore(capacity)
         self._capacity = capacity
         self._queue_size = queue_size
-        self._admitted = 0
+        # Adapter names of the generations waiting and running, kept so monitoring can tell which adapters
+        # are busy (vLLM's lora_requests_info, which LoRA-aware gateways route by).
+        self._waiting: Counter[str] = Counter()
+        self._running: Counter[str] = Counter()
+        self._waiting_count = 0
+        self._running_count = 0
 
-    async def __aenter__(self) -> None:
-        if self._admitted >= self._capacity + self._queue_size:
+    @asynccontextmanager
+    async def place(self, adapters: Iterable[str]) -> AsyncIterator[None]:
+        """Hold a place for one generation naming `adapters` while the block runs."""
+        if self._waiting_count + self._running_count >= self._capacity + self._queue_size:
             raise ServiceBusyError("the server is at capacity; retry shortly", retry_after=2)
-        self._admitted += 1
+        names = Counter(set(adapters))
+        self._waiting_count += 1
+        self._waiting += names
         try:
             await self._semaphore.acquire()
-        except BaseException:
-            self._admitted -= 1
-            raise
+        finally:
+            self._waiting_count -= 1
+            self._waiting -= names
+        self._running_count += 1
+        self._running += names
+        try:
+            yield
+        finally:
+            self._semaphore.release()
+            self._running_count -= 1
+            self._running -= names
 
-    async def __aexit__(self, *_: object) -> None:
-        self._semaphore.release()
-        self._admitted -= 1
+    def state(self) -> QueueState:
+        return QueueState(
+            self._running_count, self._waiting_count, tuple(sorted(self._running)), tuple(sorted(self._waiting))
+        )
 
 
 class RAGService:
-    def __init__(self, settings: Settings, models: ModelManager, retriever: Retriever, store: LiveStore) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        models: ModelManager,
+        retriever: Retriever,
+        store: LiveStore,
+        observer: ServiceObserver | None = None,
+    ) -> None:
         self._settings = settings
+        self._observer = observer
         self.models = models
         self.retriever = retriever  # whichever RETRIEVAL_MODE chose; only its `search` is used here
         self.store = store  # the version it searches, for health and for store administration
@@ -168,7 +214,7 @@ class RAGService:
         try:
             backend = await self.models.backend_for(use_lora)
             event["backend"] = backend.name
-            async with self._limiter:
+            async with self._limiter.place(name for name, _ in adapters or ()):
                 result = await self._within_deadline(backend.generate(messages, params, adapters, on_text))
         except AppError as error:
             event.update(status=error.code, latency_ms=round((time.perf_counter() - started) * 1000, 1))
@@ -183,7 +229,12 @@ class RAGService:
             latency_ms=round((time.perf_counter() - started) * 1000, 1),
         )
         logger.info(json.dumps(event, ensure_ascii=False))
+        if self._observer is not None:
+            self._observer.generated(result)
         return result
+
+    def queue_state(self) -> QueueState:
+        return self._limiter.state()
 
     async def _within_deadline(self, generation: Awaitable[GenerationResult]) -> GenerationResult:
         """REQUEST_TIMEOUT_SECONDS bounds a generation; cancelling it frees its row in the engine."""
@@ -218,7 +269,11 @@ class RAGService:
                 )
 
     async def _retrieve(self, query: str) -> list[SearchHit]:
-        return await anyio.to_thread.run_sync(self.retriever.search, query, self._settings.retrieval_top_k)
+        started = time.perf_counter()
+        hits = await anyio.to_thread.run_sync(self.retriever.search, query, self._settings.retrieval_top_k)
+        if self._observer is not None:
+            self._observer.retrieved(time.perf_counter() - started)
+        return hits
 
     def model_info(self) -> dict[str, Any]:
         settings = self._settings
