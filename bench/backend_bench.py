@@ -140,7 +140,7 @@ def lora_overhead(ctx: Context) -> SectionResult:
             for name, (backend, spec) in variants.items():
                 rates[name].append(_rate(backend, tokens, spec)[0])
         weight_bytes = _weight_bytes(merged)
-        dtype = merged.facts.dtype
+        dtype = merged.facts.numerics.dtype
     finally:
         _close(served)
         _close(merged)
@@ -196,7 +196,7 @@ def llamacpp(ctx: Context) -> SectionResult:
             rates["ours_adapter"].append(_rate(ours, count, (("a", 1.0),))[0])
             rates["ours_int8_base"].append(_rate(int8, count, ())[0])
             rates["llamacpp"].append(peer.decode_rate(prompt, count)[0])
-        dtype = ours.facts.dtype
+        dtype = ours.facts.numerics.dtype
         weight_mb = _weight_bytes(ours) / 1e6
     finally:
         _close(ours)
