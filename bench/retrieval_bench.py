@@ -94,8 +94,8 @@ def _modes(ctx: Context, store: Any, count: int, rng: np.random.Generator, probe
     from app.rag.retrieval.live_store import LiveStore
     from app.rag.retrieval.registry import RETRIEVERS
 
-    queries = [" ".join(words) for words in _texts(len(probes), rng)]
-    queries = [" ".join(query.split()[:6]) for query in queries]  # a question's handful of words
+    # A question's handful of words, drawn like the chunks' words.
+    queries = [" ".join(text.split()[:6]) for text in _texts(len(probes), rng)]
     live = LiveStore(_PreparedEmbedder(dict(zip(queries, probes, strict=True))), ctx.scratch / f"store-{count}")
     live.reload()
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
