@@ -101,6 +101,7 @@ def test_evicting_the_active_adapter_keeps_loads_and_answers_working(adapters: d
     _load(backend, "two", adapters["two"])  # evicts "one", the active adapter
     assert _text(backend, (("two", 1.0),)) != one_answer
     assert _text(backend, (("one", 1.0),)) == one_answer  # attached again on demand, "two" evicted in turn
+    assert {entry["name"]: entry["evictions"] for entry in backend.adapter_catalogue()} == {"one": 1, "two": 1}
     assert _base_fingerprint(backend) == before
 
 

@@ -163,6 +163,7 @@ def test_adapter_families_name_the_adapters_on_the_real_model(
     assert _value(busy, "vllm:num_requests_running") == 1 and _value(busy, "vllm:num_requests_waiting") == 1
     assert _value(families, "lora_rag_adapter_requests", "lora_rag_adapter_requests_total", adapter="alpha") == 2
     assert _value(families, "lora_rag_adapter_loaded", adapter="alpha") == 1
+    assert _value(families, "lora_rag_adapter_evictions", "lora_rag_adapter_evictions_total", adapter="alpha") == 0
     assert _value(families, "lora_rag_adapter_changes", "lora_rag_adapter_changes_total", change="load") == 1
     first_token = "lora_rag_time_to_first_token_seconds"
     assert _value(families, first_token, f"{first_token}_count", route="/v1/chat/completions") == 1

@@ -145,10 +145,15 @@ def _adapter_families(service: RAGService) -> Iterable[Metric]:
         "MAX_LOADED_ADAPTERS), attached again on its next request",
         labels=["adapter"],
     )
+    evicted = CounterMetricFamily(
+        "lora_rag_adapter_evictions", "Times each adapter was detached as least recently used (MAX_LOADED_ADAPTERS)",
+        labels=["adapter"],
+    )
     for entry in catalogue:
         served.add_metric([entry["name"]], entry["requests_served"])
         attached.add_metric([entry["name"]], 1 if entry["status"] == "loaded" else 0)
-    return served, attached
+        evicted.add_metric([entry["name"]], entry["evictions"])
+    return served, attached, evicted
 
 
 def adapter_change_counter(request: Request) -> Callable[[AdapterChange], None]:

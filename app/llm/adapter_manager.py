@@ -48,6 +48,7 @@ class AdapterRecord:
     loaded_at: float | None = None
     last_used: float = 0.0
     requests_served: int = 0
+    evictions: int = 0  # times detached as least recently used (attached again on its next request)
 
 
 class AdapterManager:
@@ -113,6 +114,7 @@ class AdapterManager:
                     "loaded_at": r.loaded_at,
                     "uptime_seconds": round(now - r.loaded_at, 1) if r.loaded_at else None,
                     "requests_served": r.requests_served,
+                    "evictions": r.evictions,
                 }
                 for r in sorted(self._records.values(), key=lambda r: r.name)
             ]
@@ -276,6 +278,10 @@ class AdapterManager:
             if victim is None:
                 return  # everything attached is needed by this batch: go over the limit for now
             self._detach(victim)
+            with self._lock:
+                record = self._records.get(victim)  # None for a mix: only adapters are counted
+                if record is not None:
+                    record.evictions += 1
             logger.info("adapter %s unloaded (least recently used)", victim)
 
     def _detach(self, peft_name: str) -> None:
