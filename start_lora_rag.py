@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from app.checks import check_base_model, check_device, check_retrieval, run_config_checks
 from app.cli import fail, settings_or_exit
 from app.errors import AppError
+from app.llm.adapter_manager import ADAPTER_NAME_PATTERN
+from app.llm.jobs import BASE_KEY
 from app.logging_config import configure_logging
 from app.rag.ingestion import ingest_with_settings
 from app.rag.vector_store import store_exists
@@ -28,12 +31,38 @@ def _bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+def _adapter(item: str) -> tuple[str, Path]:
+    """`name=path`, or a bare path named after its folder (lmdeploy's `--adapters`)."""
+    name, separator, path_text = item.partition("=")
+    if not separator:
+        path_text = item
+    path = Path(path_text.strip())
+    if not path_text.strip() or not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{item!r}: {path_text!r} is not a folder")
+    if "," in path_text:  # LORA_ADAPTERS, which these entries join, separates its entries with commas
+        raise argparse.ArgumentTypeError(f"{item!r}: an adapter path may not contain a comma")
+    name = name.strip() if separator else path.resolve().name
+    if not ADAPTER_NAME_PATTERN.match(name) or name == BASE_KEY:
+        raise argparse.ArgumentTypeError(
+            f"{item!r}: adapter name {name!r} is invalid: use letters, digits, '-' and '_' (max 64), not {BASE_KEY}"
+        )
+    return name, path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", help="address to bind (API_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (API_PORT, default 8001)")
     parser.add_argument(
         "--use-lora", type=_bool, metavar="true|false", help="start on the LoRA model (true) or Ollama (false)"
+    )
+    parser.add_argument(
+        "--adapters",
+        nargs="+",
+        type=_adapter,
+        metavar="[NAME=]PATH",
+        help="LoRA adapters to serve by name, e.g. --adapters sql=/path/a code=/path/b; a bare path is named after "
+        "its folder. Added to LORA_ADAPTERS; on a name clash the flag wins",
     )
     parser.add_argument("--verbose", action="store_true", default=None, help="debug logging")
     parser.add_argument(
@@ -43,9 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         "(status 0 only if the active backend can serve)",
     )
     args = parser.parse_args(argv)
-    settings = settings_or_exit(
-        api_host=args.host, api_port=args.port, use_lora_default=args.use_lora, verbose=args.verbose
-    )
+    overrides = {
+        "api_host": args.host, "api_port": args.port, "use_lora_default": args.use_lora, "verbose": args.verbose
+    }
+    settings = settings_or_exit(**overrides)
+    if args.adapters:  # read again: the flag's entries join LORA_ADAPTERS, known once the settings are read
+        adapters = {**settings.named_adapters, **dict(args.adapters)}
+        listed = ",".join(f"{name}={path}" for name, path in adapters.items())
+        settings = settings_or_exit(**overrides, lora_adapters=listed)
     configure_logging(settings)
 
     if args.config_check:

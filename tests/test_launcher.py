@@ -7,13 +7,17 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
+from app.llm.model_source import resolve_base_model
 from tests.conftest import CORPUS, REPO_ROOT, closed_port
 from tests.ollama_wire_server import OllamaWireServer
+from tests.test_adapters import _save_lora
 
 
 def _env(tmp_path: Path, **variables: str) -> dict[str, str]:
@@ -64,12 +68,24 @@ def test_an_unknown_retrieval_name_stops_the_launcher_in_one_line(tmp_path: Path
     assert "Traceback" not in result.stdout + result.stderr and not (tmp_path / "store").exists()
 
 
-@pytest.mark.slow
-def test_service_starts_builds_its_store_and_answers(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("item", "message"), [
+    ("x=/missing", "'/missing' is not a folder"),
+    ("bad.name={folder}", "adapter name 'bad.name' is invalid"),
+    ("={folder}", "adapter name '' is invalid"),
+])
+def test_a_bad_adapters_item_is_a_usage_error(tmp_path: Path, item: str, message: str) -> None:
+    result = _config_check(_env(tmp_path), "--adapters", item.format(folder=tmp_path))
+    assert result.returncode == 2 and message in result.stderr.splitlines()[-1], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@contextmanager
+def _launched(env: dict[str, str], *args: str) -> Iterator[str]:
+    """`start_lora_rag.py --port <free> *args` running until ready; yields its URL, stops it with Ctrl-C after."""
     port = closed_port()
     process = subprocess.Popen(
-        [sys.executable, "start_lora_rag.py", "--port", str(port)],
-        cwd=REPO_ROOT, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "start_lora_rag.py", "--port", str(port), *args],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -83,12 +99,30 @@ def test_service_starts_builds_its_store_and_answers(tmp_path: Path) -> None:
                 pass
             assert time.monotonic() < deadline, "the service did not become ready"
             time.sleep(0.5)
+        yield url
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    assert process.returncode == 0
+
+
+@pytest.mark.slow
+def test_service_starts_builds_its_store_and_answers(tmp_path: Path) -> None:
+    with _launched(_env(tmp_path)) as url:
         answer = httpx.post(f"{url}/ask", json={"query": "Which cables are used for brakes?"}, timeout=120)
         assert answer.status_code == 200
         assert answer.json()["answer"].strip()
         assert answer.json()["source_documents"][0]["metadata"]["source"] == "corpus/bicycles.txt"
         assert (tmp_path / "store" / "CURRENT").is_file()
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=60)
-    assert process.returncode == 0
+
+
+@pytest.mark.slow
+def test_adapters_flag_serves_a_bare_folder_by_its_name_beside_lora_adapters(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_base_model("embedded:SmolLM2-135M-Instruct", None))
+    adapter = _save_lora(base, tmp_path / "my-style", seed=3)
+    env = _env(tmp_path, LORA_ADAPTERS_DIR=str(tmp_path / "no-adapters"), LORA_ADAPTERS=f"from-env={adapter}")
+    with _launched(env, "--adapters", str(adapter), f"renamed={adapter}") as url:
+        models = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
+    assert {"my-style", "renamed", "from-env"} <= {model["id"] for model in models}

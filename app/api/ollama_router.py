@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-import anyio
-import numpy as np
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
@@ -51,7 +49,6 @@ from app.api.ollama_schemas import (
 from app.api.openai_schemas import ModelNotFoundError
 from app.api.schemas import error_responses
 from app.api.streaming import PieceStream, start_streaming
-from app.config import OLLAMA_EMBEDDING_PREFIX
 from app.errors import BadRequestError
 from app.llm.base import AdapterSpec, ChatMessage, GenerationResult, TextCallback
 from app.rag.service import ChatResult, RAGService
@@ -83,12 +80,6 @@ def _split_tag(model: str) -> tuple[str, str]:
     return (name, tag) if colon and tag in (LATEST, RAG) else (model, LATEST)
 
 
-def _embedding_name(service: RAGService) -> str:
-    """The embedder's public name: EMBEDDING_MODEL without its `embedded:` or `ollama:` prefix."""
-    name = service.embedder.name
-    return name.partition(":")[2] if name.startswith(("embedded:", OLLAMA_EMBEDDING_PREFIX)) else name
-
-
 def _not_found(model: str) -> ModelNotFoundError:
     return ModelNotFoundError(f'model "{model}" not found, try pulling it first')  # Ollama's words
 
@@ -100,7 +91,7 @@ def _resolve(model: str, service: RAGService, verb: str) -> _Model:
         spec: AdapterSpec = ()
     elif served in adapters:
         spec = ((served, 1.0),)
-    elif served == _split_tag(_embedding_name(service))[0]:
+    elif served == _split_tag(service.embedding_name)[0]:
         raise BadRequestError(f'"{model}" does not support {verb}')  # Ollama's answer for an embedding model
     else:
         raise _not_found(model)
@@ -226,7 +217,7 @@ def _entries(service: RAGService) -> list[ModelEntry]:
     base, adapters = service.models.served_model_names()
     served = [(base, ""), *((name, base) for name in adapters)]
     models = [_entry(f"{name}:{tag}", parent) for name, parent in served for tag in (LATEST, RAG)]
-    return [*models, _entry(_embedding_name(service))]
+    return [*models, _entry(service.embedding_name)]
 
 
 @router.get("/tags", response_model=TagsResponse, responses=error_responses(envelope=OLLAMA))
@@ -251,7 +242,7 @@ async def show(request: OllamaShowRequest, service: Service) -> ShowResponse:
     entry = next((e for e in _entries(service) if _split_tag(e.name) == _split_tag(name)), None)
     if entry is None:
         raise ModelNotFoundError(f"model '{name}' not found")  # /api/show's own wording in Ollama
-    embedding = entry.name == _embedding_name(service)
+    embedding = entry.name == service.embedding_name
     return ShowResponse(
         modelfile=f"# served by lora-rag\nFROM {entry.name}\n",
         parameters="",
@@ -273,17 +264,12 @@ async def version() -> VersionResponse:
 async def embed(request: OllamaEmbedRequest, service: Service) -> EmbedResponse:
     """Vectors from the embedder the documents are searched with (unit length, as Ollama's)."""
     started = time.perf_counter_ns()
-    name = _embedding_name(service)
-    if _split_tag(request.model)[0] != _split_tag(name)[0]:
+    if _split_tag(request.model)[0] != _split_tag(service.embedding_name)[0]:
         raise _not_found(request.model)
-    texts = request.texts
-    vectors = await anyio.to_thread.run_sync(service.embedder.embed, texts) if texts else np.zeros((0, 0))
-    if request.dimensions is not None:
-        vectors = vectors[:, : request.dimensions]
-        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    embeddings = await service.embed(request.texts, request.dimensions)
     return EmbedResponse(
         model=request.model,
-        embeddings=vectors.astype(float).tolist(),
+        embeddings=embeddings.vectors.astype(float).tolist(),
         total_duration=time.perf_counter_ns() - started,
-        prompt_eval_count=sum(len(text.split()) for text in texts),  # words: the embedder does not report tokens
+        prompt_eval_count=embeddings.words,
     )

@@ -1,17 +1,20 @@
-"""The OpenAI-compatible API: POST /v1/chat/completions, GET /v1/models (and /models).
+"""The OpenAI-compatible API: POST /v1/chat/completions, POST /v1/embeddings, GET /v1/models (and /models).
 
 The official `openai` client and LangChain's `ChatOpenAI` work against it with `base_url=<server>/v1`.
-`model` picks the base model or one adapter; `rag: true` answers from the indexed documents.
+`model` picks the base model or one adapter; `rag: true` answers from the indexed documents. Embeddings come
+from the embedder the documents are searched with.
 """
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
@@ -28,8 +31,14 @@ from app.api.openai_schemas import (
     ChatCompletionResponse,
     ChoiceDelta,
     CompletionUsage,
+    Embedding,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
+    EncodingFormat,
     ModelCard,
     ModelList,
+    ModelNotFoundError,
     OpenAIFinishReason,
 )
 from app.api.schemas import SourceDocument, error_responses
@@ -91,6 +100,37 @@ async def chat_completions(
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache"},
     )
+
+
+@router.post(
+    "/v1/embeddings", response_model=EmbeddingResponse, responses=error_responses(404, 503, body=True, envelope=OPENAI)
+)
+async def embeddings(request: EmbeddingRequest, service: Service) -> EmbeddingResponse:
+    """Create embeddings, as OpenAI's API does, with the embedder the documents are searched with.
+
+    `model` is EMBEDDING_MODEL, with or without its `embedded:` / `ollama:` prefix. Vectors have unit length;
+    `dimensions` keeps the first that many, renormalised. `encoding_format: "base64"` sends each vector as
+    little-endian float32 bytes in base64. `usage` counts whitespace-separated words: the embedder reports no
+    token counts. Token-id inputs are refused with 400.
+    """
+    texts = request.texts()
+    if request.model not in (service.embedder.name, service.embedding_name):
+        raise ModelNotFoundError(
+            f"model {request.model!r} is not an embedding model served here; use {service.embedding_name!r}"
+        )
+    embedded = await service.embed(texts, request.dimensions)
+    data = [
+        Embedding(index=index, embedding=_encoded(vector, request.encoding_format))
+        for index, vector in enumerate(embedded.vectors)
+    ]
+    usage = EmbeddingUsage(prompt_tokens=embedded.words, total_tokens=embedded.words)
+    return EmbeddingResponse(data=data, model=request.model, usage=usage)
+
+
+def _encoded(vector: np.ndarray, encoding_format: EncodingFormat) -> list[float] | str:
+    if encoding_format == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return [float(value) for value in vector]
 
 
 @router.get("/v1/models", response_model=ModelList, responses=error_responses(envelope=OPENAI))

@@ -325,3 +325,57 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+#: OpenAI's own limit on inputs per embeddings request; the body limit (MAX_BODY_BYTES) bounds their total size.
+MAX_EMBEDDING_INPUTS = 2048
+EncodingFormat = Literal["float", "base64"]
+
+
+class EmbeddingRequest(RequestModel):
+    """An embeddings request as OpenAI's API takes it; the vectors come from the embedder the documents are
+    searched with. Token-id arrays (which OpenAI also takes) are refused: this server embeds text."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] = Field(
+        ..., description=f"one text or a list of up to {MAX_EMBEDDING_INPUTS} texts", examples=[["a cat", "un chat"]]
+    )
+    model: StrictStr = Field(..., min_length=1, description="EMBEDDING_MODEL, with or without its `embedded:` prefix")
+    encoding_format: EncodingFormat = Field(
+        "float", description="base64: each vector as little-endian float32 bytes, base64-encoded"
+    )
+    dimensions: StrictInt | None = Field(None, ge=1, description="keep only the first this many dimensions")
+    user: StrictStr | None = Field(None, description="accepted and ignored")
+
+    def texts(self) -> list[str]:
+        """The texts to embed; `BadRequestError` for token ids, an empty list or an empty text (as OpenAI)."""
+        texts = [self.input] if isinstance(self.input, str) else self.input
+        if not texts:
+            raise BadRequestError("input must not be empty")
+        if len(texts) > MAX_EMBEDDING_INPUTS:
+            raise BadRequestError(f"input has {len(texts)} entries; the limit is {MAX_EMBEDDING_INPUTS}")
+        strings = [text for text in texts if isinstance(text, str)]
+        if len(strings) != len(texts):
+            raise UnsupportedParameterError("input as token ids is not supported: send the text itself")
+        if any(not text for text in strings):
+            raise BadRequestError("input must not contain empty strings")
+        return strings
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(..., description="floats, or a base64 string with encoding_format=base64")
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int = Field(..., description="whitespace-separated words of the input (no tokenizer counts here)")
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str = Field(..., description="the `model` of the request")
+    usage: EmbeddingUsage

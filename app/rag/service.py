@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import anyio
+import numpy as np
 
-from app.config import Settings
+from app.config import OLLAMA_EMBEDDING_PREFIX, Settings
 from app.errors import AppError, BackendTimeoutError, ServiceBusyError, ValidationFailedError
 from app.llm.adapters import has_adapter_files
 from app.llm.base import (
@@ -56,6 +57,12 @@ class AskResult:
 class ChatResult:
     result: GenerationResult
     sources: list[SearchHit]
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    vectors: np.ndarray  # (texts, dimensions), unit length
+    words: int  # whitespace-separated words of the texts: the embedders report no token counts
 
 
 def is_blank(text: str) -> bool:
@@ -189,8 +196,29 @@ class RAGService:
 
     @property
     def embedder(self) -> Embedder:
-        """The embedder the store's vectors were made with (also /api/embed's model)."""
+        """The embedder the store's vectors were made with (also /api/embed's and /v1/embeddings' model)."""
         return self.store.embedder
+
+    @property
+    def embedding_name(self) -> str:
+        """The embedder's public name: EMBEDDING_MODEL without its `embedded:` or `ollama:` prefix."""
+        name = self.embedder.name
+        return name.partition(":")[2] if name.startswith(("embedded:", OLLAMA_EMBEDDING_PREFIX)) else name
+
+    async def embed(self, texts: list[str], dimensions: int | None = None) -> Embeddings:
+        """The embedder's vectors of `texts` (off the event loop); with `dimensions`, the first that many of each,
+        renormalised to unit length. Each text is held to MAX_QUERY_CHARS, as a question is."""
+        limit = self._settings.max_query_chars
+        for number, text in enumerate(texts):
+            if len(text) > limit:
+                raise ValidationFailedError(
+                    f"input[{number}] is {len(text)} characters; the limit is MAX_QUERY_CHARS={limit}"
+                )
+        vectors = await anyio.to_thread.run_sync(self.embedder.embed, texts) if texts else np.zeros((0, 0))
+        if dimensions is not None:
+            vectors = vectors[:, :dimensions]
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return Embeddings(vectors=vectors, words=sum(len(text.split()) for text in texts))
 
     def default_params(self) -> GenerationParams:
         settings = self._settings
