@@ -38,8 +38,9 @@ def cancellations(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 
 
 def _cancelled_routes(caplog: pytest.LogCaptureFixture) -> list[str]:
-    """The route of each logged cancellation, in order."""
-    return [r.getMessage().split(":")[0] for r in caplog.records if "client disconnected" in r.getMessage()]
+    """The route of each logged cancellation, sorted: requests that leave close together (a stream closed while
+    another waits behind it) are noticed in either order."""
+    return sorted(r.getMessage().split(":")[0] for r in caplog.records if "client disconnected" in r.getMessage())
 
 
 def _short_answer(url: str, admitted_within: float) -> tuple[httpx.Response, float]:
@@ -149,8 +150,7 @@ def test_requests_whose_clients_leave_while_queued_free_their_queue_place(
     assert waited == [True, True, True]
     assert answer.status_code == 200, answer.text
     assert elapsed < PROMPT_SECONDS, f"the next request waited {elapsed:.1f} s behind abandoned generations"
-    assert _cancelled_routes(cancellations) == ["POST /v1/chat/completions", "POST /ask", "POST /v1/chat/completions",
-                                                "POST /ask"]
+    assert _cancelled_routes(cancellations) == ["POST /ask"] * 2 + ["POST /v1/chat/completions"] * 2
 
 
 def test_a_row_waiting_in_the_engine_is_dropped_when_its_client_leaves(
@@ -170,4 +170,4 @@ def test_a_row_waiting_in_the_engine_is_dropped_when_its_client_leaves(
         answer, elapsed = _short_answer(url, admitted_within=5)
     assert answer.status_code == 200, answer.text
     assert elapsed < PROMPT_SECONDS, f"the next request waited {elapsed:.1f} s behind the abandoned generation"
-    assert _cancelled_routes(cancellations) == ["POST /v1/chat/completions", "POST /ask"]
+    assert _cancelled_routes(cancellations) == ["POST /ask", "POST /v1/chat/completions"]
