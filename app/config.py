@@ -91,8 +91,13 @@ class Settings(BaseSettings):
         "dense (embeddings only) or lexical (BM25 only)",
     )
     hybrid_fusion: str = Field(
-        "relative", description="hybrid: how the two rankings are fused: relative (scores scaled 0..1 and summed) "
-        "or rrf (reciprocal rank fusion); see app/rag/retrieval/hybrid.py"
+        "calibrated", description="hybrid: how the two rankings are fused: calibrated (cosine plus BM25 as a share "
+        "of the best the question could reach), relative (scores scaled 0..1 per question and summed) or rrf "
+        "(reciprocal rank fusion); see app/rag/retrieval/hybrid.py"
+    )
+    hybrid_lexical_weight: float = Field(
+        2.0, ge=0, le=100, allow_inf_nan=False,
+        description="hybrid with HYBRID_FUSION=calibrated: the weight of the BM25 side against the cosine",
     )
     rrf_k: int = Field(60, ge=1, le=10_000, description="hybrid with HYBRID_FUSION=rrf: the constant k of the fusion")
     retrieval_candidates: int = Field(
@@ -103,6 +108,14 @@ class Settings(BaseSettings):
         "candidates; empty: no re-ranking"
     )
     reranker_candidates: int = Field(20, ge=1, le=1000, description="candidates the re-ranker scores per question")
+
+    max_upload_mb: float = Field(20.0, gt=0, le=1024, description="largest document POST /documents accepts")
+
+    # Classification (/api/v1/inference)
+    classifier_models_path: Path = Field(
+        Path("./classifiers"), description="each sub-folder is a trained classifier (LoRA adapter + head + labels)"
+    )
+    max_predict_texts: int = Field(256, ge=1, le=100_000, description="texts in one prediction request")
 
     # Server
     api_host: str = "127.0.0.1"

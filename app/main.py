@@ -13,11 +13,13 @@ from fastapi_offline import FastAPIOffline
 from app.api import (
     admin_router,
     ask_router,
+    documents_router,
     health_router,
     model_router,
     ollama_router,
     openai_router,
     store_router,
+    web_router,
 )
 from app.api.errors import install_error_handlers
 from app.api.metrics import Metrics, RequestMetrics, RouteNote
@@ -25,8 +27,9 @@ from app.api.metrics import router as metrics_router
 from app.api.security import RequestGuard
 from app.config import Settings
 from app.llm.manager import BACKEND_LOADERS, BackendLoader, ModelManager
+from app.rag.collections import Collections
+from app.rag.documents import DocumentService
 from app.rag.embeddings import create_embedder
-from app.rag.retrieval.live_store import LiveStore
 from app.rag.retrieval.registry import create_retriever
 from app.rag.service import RAGService, ServiceObserver
 from app.rag.store_admin import VectorStoreAdmin
@@ -39,12 +42,12 @@ async def build_rag_service(
 ) -> RAGService:
     """Load the embedder, the vector store, the retriever and the active backend (all off the event loop)."""
     embedder = await anyio.to_thread.run_sync(create_embedder, settings)
-    store = LiveStore(embedder, settings.vector_store_path)
-    await anyio.to_thread.run_sync(store.reload)
-    retriever = await anyio.to_thread.run_sync(create_retriever, settings, store)
+    collections = Collections(embedder, settings.vector_store_path)
+    await anyio.to_thread.run_sync(collections.reload_all)
+    retriever = await anyio.to_thread.run_sync(create_retriever, settings, collections)
     models = ModelManager(settings, loaders)
     await models.start()
-    return RAGService(settings, models, retriever, store, observer)
+    return RAGService(settings, models, retriever, collections, observer)
 
 
 def create_app(settings: Settings, loaders: Mapping[str, BackendLoader] = BACKEND_LOADERS) -> FastAPI:
@@ -52,7 +55,8 @@ def create_app(settings: Settings, loaders: Mapping[str, BackendLoader] = BACKEN
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = await build_rag_service(settings, loaders, metrics)
         app.state.rag_service = service
-        app.state.store_admin = VectorStoreAdmin(settings, service.store)
+        app.state.store_admin = VectorStoreAdmin(settings, service.collections.default)
+        app.state.documents = DocumentService(settings, service.collections)
         logger.info("lora-rag ready: active backend %s", service.models.active)
         if not (settings.api_key_list or settings.admin_api_key_list):
             logger.warning("no API keys configured: every caller is trusted (API_HOST=%s)", settings.api_host)
@@ -77,6 +81,7 @@ def create_app(settings: Settings, loaders: Mapping[str, BackendLoader] = BACKEN
         app.add_middleware(RequestMetrics, metrics=metrics)  # outside the guard: its refusals count too
         app.state.metrics = metrics
         app.include_router(metrics_router)
-    for module in (ask_router, model_router, health_router, admin_router, store_router, openai_router, ollama_router):
+    for module in (ask_router, model_router, health_router, admin_router, store_router, documents_router, openai_router,
+                   ollama_router, web_router):
         app.include_router(module.router)
     return app

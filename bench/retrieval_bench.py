@@ -91,17 +91,18 @@ def _modes(ctx: Context, store: Any, count: int, rng: np.random.Generator, probe
            data: dict[str, Any]) -> list[Row]:
     """Each RETRIEVAL_MODE's `search` on the loaded store, query embedding excluded (prepared vectors)."""
     from app.config import Settings
-    from app.rag.retrieval.live_store import LiveStore
+    from app.rag.collections import Collections
     from app.rag.retrieval.registry import RETRIEVERS
 
     # A question's handful of words, drawn like the chunks' words.
     queries = [" ".join(text.split()[:6]) for text in _texts(len(probes), rng)]
-    live = LiveStore(_PreparedEmbedder(dict(zip(queries, probes, strict=True))), ctx.scratch / f"store-{count}")
-    live.reload()
+    embedder = _PreparedEmbedder(dict(zip(queries, probes, strict=True)))
+    collections = Collections(embedder, ctx.scratch / f"store-{count}")
+    collections.reload_all()
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
     rows = []
     for mode, factory in sorted(RETRIEVERS.items()):
-        retriever = factory(settings, live)
+        retriever = factory(settings, collections)
         for query in queries[:5]:  # warm-up
             retriever.search(query, TOP_K)
         seconds = []

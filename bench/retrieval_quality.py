@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.config import Settings
+from app.rag.collections import Collections
 from app.rag.embeddings import Embedder
 from app.rag.ingestion import ingest_folder
 from app.rag.retrieval.base import Retriever
-from app.rag.retrieval.live_store import LiveStore
 from app.rag.retrieval.registry import RETRIEVERS
 from bench.common import Context, Row, SectionResult, verdict
 
@@ -77,11 +77,12 @@ def quality(retriever: Retriever, asked: Iterable[Question]) -> Quality:
     )
 
 
-def live_store_of(folder: Path, embedder: Embedder, store_path: Path) -> LiveStore:
+def collections_of(folder: Path, embedder: Embedder, store_path: Path) -> Collections:
+    """`folder` ingested as the default collection of a store at `store_path`, loaded."""
     ingest_folder(folder, store_path, embedder, chunk_size=500, chunk_overlap=80, rebuild=True, show_progress=False)
-    live = LiveStore(embedder, store_path)
-    live.reload()
-    return live
+    collections = Collections(embedder, store_path)
+    collections.reload_all()
+    return collections
 
 
 def retrieval_quality(ctx: Context) -> SectionResult:
@@ -92,9 +93,9 @@ def retrieval_quality(ctx: Context) -> SectionResult:
     data: dict[str, dict[str, object]] = {}
     rows = []
     for language in LANGUAGES:
-        live = live_store_of(CORPUS / language, embedder, ctx.scratch / f"quality-{language}")
+        collections = collections_of(CORPUS / language, embedder, ctx.scratch / f"quality-{language}")
         asked = questions(language)
-        results = {mode: quality(factory(settings, live), asked) for mode, factory in sorted(RETRIEVERS.items())}
+        results = {mode: quality(factory(settings, collections), asked) for mode, factory in sorted(RETRIEVERS.items())}
         data[language] = {mode: result.__dict__ for mode, result in results.items()}
         for mode, result in results.items():
             hybrid_zh = language == "zh" and mode == "hybrid"

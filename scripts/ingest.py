@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.cli import fail, settings_or_exit  # noqa: E402
 from app.errors import AppError  # noqa: E402
 from app.logging_config import configure_logging  # noqa: E402
+from app.rag.collections import DEFAULT_COLLECTION  # noqa: E402
 from app.rag.ingestion import ingest_with_settings  # noqa: E402
 
 
@@ -25,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rebuild", action="store_true", help="start the store afresh from this folder only (re-embeds every file)"
     )
+    parser.add_argument(
+        "--collection", default=DEFAULT_COLLECTION,
+        help="the collection (a separate document set, chosen by `collection` on /ask) to ingest into; created "
+        f"by its first ingestion (default: {DEFAULT_COLLECTION})",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
@@ -32,11 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings)
     source = args.source or settings.sample_corpus_path
     try:
-        report = ingest_with_settings(settings, source, rebuild=args.rebuild, show_progress=not args.quiet)
+        report = ingest_with_settings(
+            settings, source, rebuild=args.rebuild, show_progress=not args.quiet, collection=args.collection
+        )
     except AppError as error:
         fail(error.message)
     print(
-        f"vector store {report.version} at {settings.vector_store_path}: {report.chunk_count} chunks "
+        f"collection {args.collection}, vector store {report.version} at {settings.vector_store_path}: "
+        f"{report.chunk_count} chunks "
         f"({len(report.added)} files added, {len(report.updated)} updated, {len(report.unchanged)} unchanged, "
         f"{len(report.removed)} removed; {report.chunks_embedded} chunks embedded in {report.seconds:.1f}s)"
     )

@@ -12,35 +12,13 @@ from app.errors import ConflictError, VectorStoreError
 from app.rag.embeddings import Embedder
 from app.rag.ingestion import ingest_folder, ingestion_lock
 from app.rag.vector_store import CURRENT_FILE, DOCSTORE_FILE, INDEX_FILE, current_version, load_store
-from tests.conftest import CORPUS
+from tests.conftest import CORPUS, pdf_with_text
 
 MODEL = "embedded:all-MiniLM-L6-v2"
 
 
 def _ingest(source: Path, store: Path, embedder: Embedder, **kwargs: object):  # type: ignore[no-untyped-def]
     return ingest_folder(source, store, embedder, chunk_size=300, chunk_overlap=50, show_progress=False, **kwargs)
-
-
-def _pdf_with_text(text: str) -> bytes:
-    """A minimal one-page PDF whose content stream shows `text` in Helvetica."""
-    stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
-    objects = [
-        b"<< /Type /Catalog /Pages 2 0 R >>",
-        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
-        b"/Resources << /Font << /F1 5 0 R >> >> >>",
-        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
-        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-    ]
-    out, offsets = bytearray(b"%PDF-1.4\n"), []
-    for number, body in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
-    return bytes(out)
 
 
 def test_every_format_is_indexed_with_source_and_position(corpus_store: Path, embedder: Embedder) -> None:
@@ -94,7 +72,7 @@ def test_reingest_skips_unchanged_updates_changed_and_drops_removed(tmp_path: Pa
 
     (source / "bicycles.txt").write_text("The workshop now repairs tyres in ten minutes.", encoding="utf-8")
     (source / "ferries.html").unlink()
-    (source / "notes.pdf").write_bytes(_pdf_with_text("Lighthouse keepers change shift at midnight."))
+    (source / "notes.pdf").write_bytes(pdf_with_text("Lighthouse keepers change shift at midnight."))
     third = _ingest(source, store, embedder)
     assert third.updated == ["docs/bicycles.txt"]
     assert third.removed == ["docs/ferries.html"]

@@ -175,7 +175,7 @@ def test_rag_answers_from_the_documents_and_returns_sources(client: OpenAI) -> N
     sources = (completion.model_extra or {})["sources"]
     assert sources[0]["metadata"]["source"] == "corpus/orchards.md"
     assert "eighteen kilograms" in sources[0]["content"] and sources[0]["score"] > 0
-    assert sources[0]["score_kind"] == "relative"  # hybrid retrieval, the default
+    assert sources[0]["score_kind"] == "calibrated"  # hybrid retrieval, the default
     plain = _create(client, model=BASE, messages=messages, max_tokens=2, temperature=0)
     assert completion.usage is not None and plain.usage is not None
     assert completion.usage.prompt_tokens > plain.usage.prompt_tokens + 50  # the passages are in the prompt

@@ -22,8 +22,8 @@ from app.config import EMBEDDED_EMBEDDING_MODEL
 from app.errors import ModelLoadError
 from app.llm.model_source import resolve_embedding_model
 from app.main import build_rag_service
+from app.rag.collections import Collections
 from app.rag.embeddings import Embedder
-from app.rag.retrieval.live_store import LiveStore
 from app.rag.retrieval.registry import create_retriever
 from app.rag.retrieval.rerank import RerankingRetriever
 from tests.conftest import make_settings
@@ -71,14 +71,15 @@ def reranker_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def live(corpus_store: Path, embedder: Embedder) -> LiveStore:
-    live = LiveStore(embedder, corpus_store)
-    assert live.reload() is not None, live.load_error
+def live(corpus_store: Path, embedder: Embedder) -> Collections:
+    live = Collections(embedder, corpus_store)
+    live.reload_all()
+    assert live.default.store is not None, live.default.load_error
     return live
 
 
 def test_with_reranker_model_set_hits_are_the_candidates_in_the_cross_encoders_order(
-    live: LiveStore, reranker_folder: Path, tmp_path: Path
+    live: Collections, reranker_folder: Path, tmp_path: Path
 ) -> None:
     settings = make_settings(tmp_path, reranker_model=str(reranker_folder), reranker_candidates=CANDIDATES)
     reranked = create_retriever(settings, live)
@@ -102,7 +103,7 @@ def test_with_reranker_model_set_hits_are_the_candidates_in_the_cross_encoders_o
 
 
 def test_the_reranker_scores_at_most_reranker_candidates_unless_more_hits_are_asked_for(
-    live: LiveStore, reranker_folder: Path, tmp_path: Path
+    live: Collections, reranker_folder: Path, tmp_path: Path
 ) -> None:
     inner = create_retriever(make_settings(tmp_path), live)
     assert len(inner.search(QUESTIONS[0], 50)) > CANDIDATES + 1  # the store has more than the re-ranker reads
@@ -138,7 +139,7 @@ def _damaged_weights(folder: Path) -> Path:
     ids=["missing-folder", "damaged-weights", "three-labels", "hub-id-not-cached"],
 )
 def test_an_unloadable_reranker_model_is_a_one_line_model_load_error_naming_it(
-    live: LiveStore, tmp_path: Path, make_model: Any, message: str
+    live: Collections, tmp_path: Path, make_model: Any, message: str
 ) -> None:
     name = str(make_model(tmp_path))
     # An empty CACHE_DIR: a hub id is looked up there only, and nothing is downloaded.

@@ -34,14 +34,15 @@ async def ask(
     `use_lora` picks the backend for this request only (true: the local LoRA model, false: Ollama).
     `adapter` / `adapter_id` / `lora_adapter_ids` / `adapters` pick LoRA adapters for this request
     (null or `"__base__"`: the base model alone). `model_used` says what answered: `lora`, `base` or `ollama`.
+    `collection` names the document set to answer from (default `default`; unknown: 404 listing the known ones).
     With `stream: true` the answer arrives as Server-Sent Events: `delta` events with pieces of text,
     then one `done` event carrying the full response (or an `error` event).
     """
     spec = request.adapter_spec()
     if not request.stream:
-        return _response(await watch.run(service.ask(request.query, request.use_lora, spec)))
+        return _response(await watch.run(service.ask(request.query, request.use_lora, spec, None, request.collection)))
     stream = await start_streaming(
-        watch, lambda on_text: service.ask(request.query, request.use_lora, spec, on_text)
+        watch, lambda on_text: service.ask(request.query, request.use_lora, spec, on_text, request.collection)
     )
     return StreamingResponse(_events(stream), media_type="text/event-stream")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
+from app.rag.documents import DocumentService
 from app.rag.service import RAGService
 from app.rag.store_admin import VectorStoreAdmin
 
@@ -16,3 +17,8 @@ def get_rag_service(request: Request) -> RAGService:
 def get_store_admin(request: Request) -> VectorStoreAdmin:
     admin: VectorStoreAdmin = request.app.state.store_admin
     return admin
+
+
+def get_documents(request: Request) -> DocumentService:
+    documents: DocumentService = request.app.state.documents
+    return documents

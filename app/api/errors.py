@@ -6,8 +6,10 @@
 - Ollama's on `/api/*`: `{"error": text}`, which the `ollama` client raises as `ResponseError`.
 
 OpenAI and Ollama never answer 422: a body that fails validation is their 400, so on their paths 422 becomes
-400 (our own API keeps 422). The request guard, the exception handlers and the streaming routes (for an error
-after the stream began) all build their bodies here.
+400 (our own API keeps 422). `/api/v1/*` is ours, not Ollama's (the classification service); on
+`/api/v1/inference/*` a body that fails validation is `invalid_request`, as that API documents.
+The request guard, the exception handlers and the streaming routes (for an error after the stream began) all
+build their bodies here.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
 from app.errors import AppError
 
@@ -29,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 OPENAI_PREFIX = "/v1"
 OLLAMA_PREFIX = "/api"
+OURS_UNDER_OLLAMA_PREFIX = "/api/v1"  # Ollama has no /api/v1; our classification service lives there
+INFERENCE_PREFIX = "/api/v1/inference"
 
 _HTTP_CODES = {
     400: "bad_request",
@@ -132,7 +137,7 @@ def envelope_for(path: str) -> Envelope:
     normal = path.lower()
     if _under(normal, OPENAI_PREFIX):
         return OPENAI
-    if _under(normal, OLLAMA_PREFIX):
+    if _under(normal, OLLAMA_PREFIX) and not _under(normal, OURS_UNDER_OLLAMA_PREFIX):
         return OLLAMA
     return OURS
 
@@ -154,7 +159,7 @@ def describe_error(error: BaseException) -> ErrorInfo:
     return _INTERNAL
 
 
-def _describe_validation(error: RequestValidationError) -> ErrorInfo:
+def _describe_validation(error: RequestValidationError, path: str) -> ErrorInfo:
     problems = error.errors()
     if any(problem.get("type") == "json_invalid" for problem in problems):
         return ErrorInfo(400, "invalid_json", "the request body is not valid JSON")
@@ -163,7 +168,16 @@ def _describe_validation(error: RequestValidationError) -> ErrorInfo:
         location = ".".join(str(part) for part in problem.get("loc", ()) if part != "body") or "body"
         fields.append(location)
         parts.append(f"{location}: {problem.get('msg', 'invalid')}")
-    return ErrorInfo(422, "validation_error", "; ".join(parts), param=fields[0] if fields else None)
+    code = "invalid_request" if _under(path.lower(), INFERENCE_PREFIX) else "validation_error"
+    return ErrorInfo(422, code, "; ".join(parts), param=fields[0] if fields else None)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.path_regex.fullmatch(request.url.path):
+            methods |= route.methods
+    return sorted(methods)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -174,13 +188,18 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        return error_response(request.url.path, _describe_validation(error))
+        return error_response(request.url.path, _describe_validation(error, request.url.path))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(error.status_code, "http_error")
         # Starlette's own headers stay: `Allow` on a 405 (RFC 9110), `WWW-Authenticate` on a 401.
-        return error_response(request.url.path, ErrorInfo(error.status_code, code, str(error.detail)), error.headers)
+        headers = dict(error.headers or {})
+        if error.status_code == 405:
+            # Starlette names only the methods of the first route on the path; a path served by several
+            # routes (GET and POST /documents) allows all of theirs.
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return error_response(request.url.path, ErrorInfo(error.status_code, code, str(error.detail)), headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:

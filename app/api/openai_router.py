@@ -90,7 +90,7 @@ async def chat_completions(
     completion = _Completion(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=request.model)
 
     def run(on_text: TextCallback | None) -> Awaitable[ChatResult]:
-        return service.chat(messages, params, adapters, request.rag, on_text)
+        return service.chat(messages, params, adapters, request.rag, on_text, request.collection)
 
     if not request.stream:
         return _response(completion, await watch.run(run(None)), request.rag)

@@ -28,6 +28,7 @@ from pydantic import (
 from app.api.schemas import AdapterFields, RequestModel, SourceDocument
 from app.errors import BadRequestError, NotFoundError
 from app.llm.base import AdapterSpec, ChatMessage, GenerationParams
+from app.rag.collections import DEFAULT_COLLECTION
 from app.rag.service import is_blank
 
 MAX_STOP_SEQUENCES = 4
@@ -146,6 +147,9 @@ class ChatCompletionRequest(AdapterFields):
     n: StrictInt | None = Field(None, description="only 1 is supported")
     rag: StrictBool = Field(
         False, description="true: answer from the indexed documents and return the passages used as `sources`"
+    )
+    collection: StrictStr = Field(
+        DEFAULT_COLLECTION, max_length=64, description="with rag: true, the document set to answer from"
     )
 
     # Accepted; they change nothing here (or only their neutral value is accepted).

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_
 from app.api.errors import OURS, Envelope
 from app.errors import ValidationFailedError
 from app.llm.base import AdapterSpec
+from app.rag.collections import DEFAULT_COLLECTION
 from app.rag.vector_store import ScoreKind, SearchHit
 
 BASE_ADAPTER = "__base__"
@@ -103,6 +104,9 @@ class AskRequest(AdapterFields):
     )
     stream: StrictBool = Field(
         False, description="true: Server-Sent Events, `delta` events with the answer's pieces, then the full response"
+    )
+    collection: StrictStr = Field(
+        DEFAULT_COLLECTION, max_length=64, description="the document set to answer from (see GET /collections)"
     )
 
 
@@ -242,3 +246,28 @@ class RollbackResponse(BaseModel):
     version: str = Field(..., description="the version now live and answering requests")
     previous: str | None = Field(..., description="the version that answered before")
     chunk_count: int
+
+
+class DocumentResponse(BaseModel):
+    document_id: str = Field(..., description="stable for the same content under the same name in a collection")
+    source: str = Field(..., description="the file name answers cite it by")
+    collection: str
+    chunks: int = Field(..., description="passages the document was split into")
+
+
+class DocumentEntry(DocumentResponse):
+    ingested_at: str = Field(..., description="when its content was indexed (ISO 8601, UTC)")
+
+
+class DocumentListResponse(BaseModel):
+    documents: list[DocumentEntry]
+
+
+class CollectionEntry(BaseModel):
+    name: str
+    documents: int
+    chunks: int
+
+
+class CollectionsResponse(BaseModel):
+    collections: list[CollectionEntry] = Field(..., description="`default` first, then the others by name")

@@ -38,11 +38,19 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 METRICS_PATH = "/metrics"
 # /metrics is open by default so that Prometheus scrapes it without a key (it shows no key, query or document
 # text); METRICS_REQUIRE_KEY takes it out of this set.
-OPEN_PATHS = frozenset({"/health/live", "/health/ready", METRICS_PATH})
+OPEN_PATHS = frozenset({"/health/live", "/health/ready", METRICS_PATH, "/"})
+# The web page and its scripts hold no secret (the caller types a key into the page, which sends it as Bearer).
+OPEN_PREFIXES = ("/web/",)
 # /switch_model changes the backend for every caller, so it is an operator's action; a request's own
 # `use_lora` stays a user's choice.
-ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/switch_model"})
-ADMIN_PREFIX = "/admin"
+ADMIN_PATHS = frozenset({
+    "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/switch_model",
+    # Loading and unloading a classifier changes what every caller's predictions can use.
+    "/api/v1/inference/models/load", "/api/v1/inference/models/unload",
+})
+# The documents a service answers from are the operator's to change, and listing them shows file names.
+ADMIN_PREFIXES = ("/admin", "/documents")
+UPLOAD_PATH = "/documents"
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 ROLE_STATE_KEY = "role"
 CallerRole = Literal["admin", "user", "anonymous"]
@@ -58,9 +66,9 @@ def normalise_path(path: str) -> str:
 def required_role(path: str, open_paths: frozenset[str] = OPEN_PATHS) -> str:
     """'open', 'user' or 'admin' for a request path."""
     normal = normalise_path(path)
-    if normal in open_paths:
+    if normal in open_paths or normal.startswith(OPEN_PREFIXES):
         return "open"
-    if normal in ADMIN_PATHS or normal == ADMIN_PREFIX or normal.startswith(ADMIN_PREFIX + "/"):
+    if normal in ADMIN_PATHS or any(normal == prefix or normal.startswith(prefix + "/") for prefix in ADMIN_PREFIXES):
         return "admin"
     return "user"
 
@@ -154,6 +162,10 @@ class RequestGuard:
             else None
         )
         self._max_body = settings.max_body_bytes
+        self._max_upload_mb = settings.max_upload_mb
+        # The multipart envelope around an uploaded file (boundaries, field headers, the collection field) is
+        # allowed on top; the file itself is held to MAX_UPLOAD_MB exactly by the documents service.
+        self._max_upload_body = int(settings.max_upload_mb * 1024 * 1024) + 64 * 1024
         self._open_paths = OPEN_PATHS - {METRICS_PATH} if settings.metrics_require_key else OPEN_PATHS
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -202,12 +214,15 @@ class RequestGuard:
                              {"Retry-After": str(wait)})
                 return
         if scope["method"] in _BODY_METHODS:
-            body = await _read_body(receive, self._max_body)
+            upload = normalise_path(scope["path"]) == UPLOAD_PATH
+            body = await _read_body(receive, self._max_upload_body if upload else self._max_body)
             if body is None:
+                limit = f"MAX_UPLOAD_MB={self._max_upload_mb:g}" if upload else f"MAX_BODY_BYTES={self._max_body} bytes"
                 await _reply(scope, receive, send, 413, "payload_too_large",
-                             f"the request body is over the limit of MAX_BODY_BYTES={self._max_body} bytes")
+                             f"the request body is over the limit of {limit}")
                 return
-            scope = _as_json(scope)
+            if not upload:  # an upload is multipart form data; every other body is JSON
+                scope = _as_json(scope)
             receive = _replay(body, receive)
         await self._app(scope, receive, send)
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,9 @@ import numpy as np
 from tqdm import tqdm
 
 from app.config import Settings
-from app.errors import BadRequestError, ConflictError, VectorStoreError
+from app.errors import BadRequestError, ConflictError, NotFoundError, VectorStoreError
 from app.rag.chunking import chunk_text
+from app.rag.collections import DEFAULT_COLLECTION, collection_path
 from app.rag.embeddings import EMBED_BATCH_SIZE, Embedder, create_embedder
 from app.rag.loaders import SUPPORTED_SUFFIXES, DocumentReadError, read_document
 from app.rag.vector_store import (
@@ -102,10 +104,11 @@ class _KeptChunks:
     def keep(self, name: str, entry: FileEntry) -> None:
         assert self._previous is not None
         chunks = [self._previous.chunks[i] for i in entry.chunk_ids]
-        self.add(name, entry.sha256, chunks, self._previous.vectors(entry.chunk_ids))
+        self.add(name, entry.sha256, chunks, self._previous.vectors(entry.chunk_ids), entry.ingested_at)
 
-    def add(self, name: str, sha256: str, chunks: list[StoredChunk], vectors: np.ndarray) -> None:
-        self.files[name] = FileEntry(sha256, list(range(len(self.chunks), len(self.chunks) + len(chunks))))
+    def add(self, name: str, sha256: str, chunks: list[StoredChunk], vectors: np.ndarray, ingested_at: str) -> None:
+        ids = list(range(len(self.chunks), len(self.chunks) + len(chunks)))
+        self.files[name] = FileEntry(sha256, ids, ingested_at)
         self.chunks.extend(chunks)
         self._vectors.append(vectors)
 
@@ -169,10 +172,7 @@ def ingest_folder(
                 report.failed[name] = str(error)
                 logger.warning("skipped %s: %s", name, error)
                 continue
-            chunks = [
-                StoredChunk(text=c.text, metadata={"source": name, "chunk_index": c.index, "start_char": c.start})
-                for c in chunk_text(text, chunk_size, chunk_overlap)
-            ]
+            chunks = _chunks_of(name, text, chunk_size, chunk_overlap)
             pending.append(_Pending(name, digest, chunks))
             (report.updated if old_entry else report.added).append(name)
         seen = {_source_name(source, path) for path in documents}
@@ -192,14 +192,83 @@ def ingest_folder(
             return report
 
         new_vectors = _embed_pending(embedder, pending, show_progress)
+        now = _now()
         for item, vectors in zip(pending, _split(new_vectors, [len(item.chunks) for item in pending]), strict=True):
-            kept.add(item.source, item.sha256, item.chunks, vectors)
-        store = VectorStore(kept.index(lambda: _dimension(embedder)), kept.chunks, kept.files, embedder.name)
-        report.version = write_store(store_path, store)
+            kept.add(item.source, item.sha256, item.chunks, vectors, now)
+        report.version = _write(store_path, kept, embedder)
         report.chunks_embedded = len(new_vectors)
         report.chunk_count = len(kept.chunks)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _chunks_of(source: str, text: str, chunk_size: int, chunk_overlap: int) -> list[StoredChunk]:
+    return [
+        StoredChunk(text=c.text, metadata={"source": source, "chunk_index": c.index, "start_char": c.start})
+        for c in chunk_text(text, chunk_size, chunk_overlap)
+    ]
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _write(store_path: Path, kept: _KeptChunks, embedder: Embedder) -> str:
+    store = VectorStore(kept.index(lambda: _dimension(embedder)), kept.chunks, kept.files, embedder.name)
+    return write_store(store_path, store)
+
+
+@dataclass(frozen=True)
+class DocumentChange:
+    """What adding or removing one document did to a store."""
+
+    source: str
+    entry: FileEntry
+    version: str  # the version now live (a new one, or the same when nothing changed)
+    written: bool  # False: nothing was written (a document with the same content was there already)
+
+
+def add_document(
+    store_path: Path, embedder: Embedder, source: str, text: str, sha256: str, *, chunk_size: int, chunk_overlap: int
+) -> DocumentChange:
+    """Add one document's text as `source` in a new version (a document of that name is replaced). The same
+    content already in the store, under any name, is not added twice: that document is returned unchanged."""
+    with ingestion_lock(store_path):
+        previous = _live_store(store_path, embedder.name)
+        files = previous.files if previous is not None else {}
+        same = next((name for name, entry in files.items() if entry.sha256 == sha256), None)
+        if same is not None and previous is not None:
+            return DocumentChange(same, files[same], previous.version, written=False)
+        chunks = _chunks_of(source, text, chunk_size, chunk_overlap)
+        if not chunks:
+            raise BadRequestError(f"{source} holds no text to index")
+        kept = _KeptChunks(previous)
+        for name, entry in files.items():
+            if name != source:
+                kept.keep(name, entry)
+        kept.add(source, sha256, chunks, _embed_pending(embedder, [_Pending(source, sha256, chunks)], False), _now())
+        version = _write(store_path, kept, embedder)
+        return DocumentChange(source, kept.files[source], version, written=True)
+
+
+def remove_document(store_path: Path, embedder: Embedder, source: str) -> DocumentChange:
+    """Write a new version without document `source`; NotFoundError when the live version does not hold it."""
+    with ingestion_lock(store_path):
+        previous = _live_store(store_path, embedder.name)
+        if previous is None or source not in previous.files:
+            raise NotFoundError(f"no document {source!r} in this collection")
+        kept = _KeptChunks(previous)
+        for name, entry in previous.files.items():
+            if name != source:
+                kept.keep(name, entry)
+        version = _write(store_path, kept, embedder)
+        return DocumentChange(source, previous.files[source], version, written=True)
+
+
+def _live_store(store_path: Path, embedding_model: str) -> VectorStore | None:
+    """The live version to change one document in; None for a new store. Unlike a folder's ingestion, which
+    reads every file again, one document cannot rebuild the others: an unreadable live version is an error."""
+    return load_store(store_path, expected_embedding_model=embedding_model) if store_exists(store_path) else None
 
 
 def _previous_store(store_path: Path, embedding_model: str, rebuild: bool) -> VectorStore | None:
@@ -234,12 +303,13 @@ def ingest_with_settings(
     rebuild: bool = False,
     show_progress: bool = True,
     embedder: Embedder | None = None,
+    collection: str = DEFAULT_COLLECTION,
 ) -> IngestReport:
-    """Ingest `source` into VECTOR_STORE_PATH with the configured chunking and embedder
+    """Ingest `source` into `collection` under VECTOR_STORE_PATH with the configured chunking and embedder
     (`embedder`: one already loaded, such as the running server's; None: load the configured one)."""
     return ingest_folder(
         source,
-        settings.vector_store_path,
+        collection_path(settings.vector_store_path, collection),
         embedder or create_embedder(settings),
         chunk_size=settings.chunk_size,
         chunk_overlap=settings.chunk_overlap,

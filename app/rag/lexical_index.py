@@ -63,6 +63,19 @@ class LexicalIndex:
         best = best[np.argsort(-scores[best], kind="stable")]
         return [(int(i), float(scores[i])) for i in best if scores[i] > 0]
 
+    def best_possible(self, query: str) -> float:
+        """The BM25 score a chunk would get for `query` if it held each of its words as well as the best chunk
+        does: the scale calibrated fusion divides by. A word no chunk holds counts as much as the rarest word
+        can, once (its IDF at one occurrence in a chunk of average length), so a question whose main words are
+        all missing is not scored as a full match on the one common word it shares."""
+        terms = set(tokenize(query))
+        known = set(self.model.get_tokens_ids(list(terms)))
+        scores = self.model.scores
+        data, indptr = scores["data"], scores["indptr"]
+        best = sum(float(data[indptr[t] : indptr[t + 1]].max()) for t in known if indptr[t + 1] > indptr[t])
+        rarest = float(np.log(1 + (self.size + 0.5) / 0.5))  # Lucene's IDF of a word in no chunk
+        return best + rarest * (len(terms) - len(known))
+
     def arrays_bytes(self) -> bytes:
         buffer = io.BytesIO()
         scores = self.model.scores

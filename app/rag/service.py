@@ -31,10 +31,10 @@ from app.llm.base import (
 )
 from app.llm.manager import LORA, OLLAMA, ModelManager
 from app.llm.model_source import default_cache_dir
+from app.rag.collections import DEFAULT_COLLECTION, Collections
 from app.rag.embeddings import Embedder
 from app.rag.prompts import build_messages, with_context
 from app.rag.retrieval.base import Retriever
-from app.rag.retrieval.live_store import LiveStore
 from app.rag.vector_store import SearchHit
 
 logger = logging.getLogger(__name__)
@@ -143,14 +143,14 @@ class RAGService:
         settings: Settings,
         models: ModelManager,
         retriever: Retriever,
-        store: LiveStore,
+        collections: Collections,
         observer: ServiceObserver | None = None,
     ) -> None:
         self._settings = settings
         self._observer = observer
         self.models = models
         self.retriever = retriever  # whichever RETRIEVAL_MODE chose; only its `search` is used here
-        self.store = store  # the version it searches, for health and for store administration
+        self.collections = collections  # the stores it searches, for health and for store administration
         self._limiter = GenerationLimiter(settings.max_concurrent_generations, settings.max_queued_requests)
 
     async def ask(
@@ -159,10 +159,11 @@ class RAGService:
         use_lora: bool | None = None,
         adapters: AdapterSpec | None = None,
         on_text: TextCallback | None = None,
+        collection: str = DEFAULT_COLLECTION,
     ) -> AskResult:
         started = time.perf_counter()
         query = self._checked_query(query)
-        hits = await self._retrieve(query)
+        hits = await self._retrieve(query, collection)
         result = await self.generate(build_messages(query, hits), self.default_params(), use_lora, adapters, on_text)
         return AskResult(
             answer=result.text,
@@ -183,13 +184,14 @@ class RAGService:
         adapters: AdapterSpec | None,
         use_rag: bool,
         on_text: TextCallback | None = None,
+        collection: str = DEFAULT_COLLECTION,
     ) -> ChatResult:
         """A chat completion on the local model; with `use_rag`, answered from the vector store."""
         self._check_messages(messages)
         hits: list[SearchHit] = []
         if use_rag:
             question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-            hits = await self._retrieve(self._checked_query(question))
+            hits = await self._retrieve(self._checked_query(question), collection)
             messages = with_context(messages, hits)
         result = await self.generate(messages, params, True, adapters, on_text)
         return ChatResult(result=result, sources=hits)
@@ -197,7 +199,7 @@ class RAGService:
     @property
     def embedder(self) -> Embedder:
         """The embedder the store's vectors were made with (also /api/embed's and /v1/embeddings' model)."""
-        return self.store.embedder
+        return self.collections.embedder
 
     @property
     def embedding_name(self) -> str:
@@ -296,9 +298,11 @@ class RAGService:
                     f"the limit is MAX_QUERY_CHARS={limits.max_query_chars}"
                 )
 
-    async def _retrieve(self, query: str) -> list[SearchHit]:
+    async def _retrieve(self, query: str, collection: str) -> list[SearchHit]:
         started = time.perf_counter()
-        hits = await anyio.to_thread.run_sync(self.retriever.search, query, self._settings.retrieval_top_k)
+        hits = await anyio.to_thread.run_sync(
+            self.retriever.search, query, self._settings.retrieval_top_k, collection
+        )
         if self._observer is not None:
             self._observer.retrieved(time.perf_counter() - started)
         return hits
@@ -322,12 +326,15 @@ class RAGService:
         }
 
     async def health(self) -> HealthReport:
-        store = self.store.store
+        default = self.collections.default
+        store = default.store
+        others = len(self.collections.names()) - 1
+        more = f"; {others} more collection{'s' if others != 1 else ''}" if others else ""
         components = {
             "rag_handler": ComponentHealth(ok=True, detail="ready"),
-            "vector_store": ComponentHealth(ok=True, detail=f"{store.size} chunks ({store.version})")
+            "vector_store": ComponentHealth(ok=True, detail=f"{store.size} chunks ({store.version}){more}")
             if store is not None
-            else ComponentHealth(ok=False, detail=self.store.load_error or "not loaded"),
+            else ComponentHealth(ok=False, detail=default.load_error or "not loaded"),
             "lora_model": await self.models.component_health(LORA),
             "ollama_service": await self.models.component_health(OLLAMA),
         }

@@ -66,11 +66,13 @@ class StoredChunk:
 class FileEntry:
     sha256: str
     chunk_ids: list[int]
+    ingested_at: str = ""  # ISO time its content was chunked and embedded; "" in stores written before it was kept
 
 
-#: what `SearchHit.score` is: cosine similarity (dense), BM25 (lexical), relative-score or reciprocal rank fusion
-#: (hybrid) or a cross-encoder's relevance (re-ranked); higher is better for each, but kinds do not compare
-ScoreKind = Literal["cosine", "bm25", "relative", "rrf", "cross_encoder"]
+#: what `SearchHit.score` is: cosine similarity (dense), BM25 (lexical), calibrated, relative-score or reciprocal
+#: rank fusion (hybrid) or a cross-encoder's relevance (re-ranked); higher is better for each, but kinds do not
+#: compare
+ScoreKind = Literal["cosine", "bm25", "calibrated", "relative", "rrf", "cross_encoder"]
 
 
 @dataclass(frozen=True)
@@ -257,7 +259,8 @@ def load_version(store_path: Path, version: str, expected_embedding_model: str |
         lexical = LexicalIndex.read(listed[ARRAYS_FILE].path, listed[VOCABULARY_FILE].path)
         chunks = [StoredChunk(text=str(c["text"]), metadata=dict(c["metadata"])) for c in payload["chunks"]]
         files = {
-            name: FileEntry(str(e["sha256"]), [int(i) for i in e["chunk_ids"]]) for name, e in payload["files"].items()
+            name: FileEntry(str(e["sha256"]), [int(i) for i in e["chunk_ids"]], str(e.get("ingested_at", "")))
+            for name, e in payload["files"].items()
         }
         model = str(manifest["embedding_model"])
         consistent = index.ntotal == len(chunks) == lexical.size
@@ -349,7 +352,10 @@ def write_store(store_path: Path, store: VectorStore) -> str:
         _fsync_file(staging / INDEX_FILE)  # faiss does not sync; the folder must be whole before it is named
         payload = {
             "chunks": [{"text": c.text, "metadata": c.metadata} for c in store.chunks],
-            "files": {name: {"sha256": e.sha256, "chunk_ids": e.chunk_ids} for name, e in store.files.items()},
+            "files": {
+                name: {"sha256": e.sha256, "chunk_ids": e.chunk_ids, "ingested_at": e.ingested_at}
+                for name, e in store.files.items()
+            },
         }
         _fsync_write(staging / DOCSTORE_FILE, json.dumps(payload, ensure_ascii=False).encode("utf-8"))
         _fsync_write(staging / ARRAYS_FILE, store.lexical.arrays_bytes())

@@ -10,4 +10,4 @@ class DenseRetriever(StoreRetriever):
     score_kind: ScoreKind = "cosine"
 
     def search_version(self, store: VectorStore, query: str, k: int) -> list[SearchHit]:
-        return store.search(self.live.embedder.embed([query])[0], k)
+        return store.search(self.embedder.embed([query])[0], k)

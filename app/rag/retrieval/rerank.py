@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import ModelLoadError
-from app.rag.retrieval.base import DEFAULT_COLLECTION, Retriever
+from app.rag.collections import DEFAULT_COLLECTION
+from app.rag.retrieval.base import Retriever
 from app.rag.vector_store import ScoreKind, SearchHit
 
 

@@ -1,0 +1,249 @@
+"""Documents managed while the service runs: add one file to a collection, list them, delete one.
+
+A document is one file of a collection's store (its chunks in both indexes). Adding or deleting one writes a
+new store version under the collection's ingestion lock and serves it at once, so the next question sees it.
+Uploads through this service wait for each other (one thread at a time); a `scripts/ingest.py` run writing the
+same collection meanwhile makes them fail with 409 instead of waiting on it.
+
+An upload is checked before anything is written: its name is one plain file name with a supported suffix,
+and its bytes are what the suffix says (a PDF starts with `%PDF-`; a text or HTML file decodes as text and
+holds no binary), so a renamed image or archive is refused rather than indexed as noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+
+import anyio
+
+from app.config import Settings
+from app.errors import AppError, BadRequestError, NotFoundError, VectorStoreError
+from app.rag.collections import CollectionInfo, Collections, collection_path
+from app.rag.ingestion import DocumentChange, add_document, remove_document
+from app.rag.loaders import SUPPORTED_SUFFIXES, DocumentReadError, read_document
+from app.rag.service import is_blank
+from app.rag.vector_store import FileEntry, VectorStore
+
+logger = logging.getLogger(__name__)
+
+MAX_FILE_NAME_CHARS = 255
+_SNIFF_BYTES = 8192
+# Signatures of common binary formats, to name what an upload really is.
+_BINARY_SIGNATURES = {
+    b"PK\x03\x04": "a ZIP archive (or an Office document)",
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"GIF8": "a GIF image",
+    b"\x7fELF": "a program (ELF)",
+    b"\x1f\x8b": "a gzip archive",
+    b"MZ": "a Windows program",
+}
+
+
+class InvalidFileNameError(BadRequestError):
+    code = "invalid_file_name"
+
+
+class EmptyDocumentError(BadRequestError):
+    code = "empty_document"
+
+
+class UnsupportedDocumentError(AppError):
+    """Not a kind of document this service reads."""
+
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class UnreadableDocumentError(AppError):
+    """A document of a supported kind whose text cannot be read (a damaged PDF, a scan without text)."""
+
+    status_code = 422
+    code = "unreadable_document"
+
+
+class DocumentTooLargeError(AppError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class DocumentNotFoundError(NotFoundError):
+    code = "document_not_found"
+
+
+@dataclass(frozen=True)
+class DocumentInfo:
+    document_id: str
+    source: str
+    collection: str
+    chunks: int
+    ingested_at: str
+
+
+def document_id(collection: str, source: str, sha256: str) -> str:
+    """Stable for the same content under the same name in the same collection, so uploading a file twice
+    gives the same id, and a document's id says which collection it is in without a lookup table."""
+    return hashlib.sha256(f"{collection}\n{source}\n{sha256}".encode()).hexdigest()[:32]
+
+
+def checked_file_name(name: str) -> str:
+    """An upload's file name when it is one plain name of a supported kind; else InvalidFileNameError or
+    UnsupportedDocumentError saying why."""
+    if not name or is_blank(name):
+        raise InvalidFileNameError("the uploaded file has no name: send it as multipart field `file` with a filename")
+    if "/" in name or "\\" in name or name in (".", "..") or PurePath(name).name != name:
+        raise InvalidFileNameError(f"file name {name[:80]!r} has path parts: send the file's own name only")
+    if name.startswith(".") or any(unicodedata.category(char) in ("Cc", "Cf") for char in name):
+        raise InvalidFileNameError(f"file name {name[:80]!r} is hidden or holds control characters")
+    if len(name) > MAX_FILE_NAME_CHARS:
+        raise InvalidFileNameError(f"file name is {len(name)} characters; the limit is {MAX_FILE_NAME_CHARS}")
+    if PurePath(name).suffix.lower() not in SUPPORTED_SUFFIXES:
+        raise UnsupportedDocumentError(
+            f"{name[:80]!r} is not a supported document: allowed: {', '.join(sorted(SUPPORTED_SUFFIXES))}"
+        )
+    return name
+
+
+def extract_text(name: str, data: bytes) -> str:
+    """The text of an upload after checking that its bytes are what its name says; refused with the error
+    that says what is wrong (empty, another kind of file, unreadable)."""
+    if not data:
+        raise EmptyDocumentError(f"{name} is empty")
+    head = data[:_SNIFF_BYTES]
+    suffix = PurePath(name).suffix.lower()
+    is_pdf_name, has_pdf_header = suffix == ".pdf", b"%PDF-" in head[:1024]
+    if is_pdf_name and not has_pdf_header:
+        raise UnsupportedDocumentError(f"{name} is {_binary_kind(head) or 'not a PDF (it has no %PDF- header)'}")
+    if has_pdf_header and not is_pdf_name:
+        raise UnsupportedDocumentError(f"{name} is a PDF, but its name ends in {suffix}: name it .pdf")
+    if not is_pdf_name:
+        kind = _binary_kind(head)
+        if kind is not None or b"\0" in head:
+            detail = kind or "binary (it holds NUL bytes; a UTF-16 text file: save it as UTF-8)"
+            raise UnsupportedDocumentError(f"{name} is {detail}, not text or HTML")
+        if not _decodes_as_text(data):
+            raise UnsupportedDocumentError(f"{name} is not text in UTF-8 or GB18030")
+    try:
+        text = read_document(Path(name), data)  # a plain name: only its suffix is read
+    except DocumentReadError as error:
+        raise UnreadableDocumentError(f"{name}: {error}") from None
+    if is_blank(text):
+        scan = " (a scanned PDF has images, not text)" if is_pdf_name else ""
+        raise UnreadableDocumentError(f"{name} holds no text to index{scan}")
+    return text
+
+
+def _binary_kind(head: bytes) -> str | None:
+    return next((kind for signature, kind in _BINARY_SIGNATURES.items() if head.startswith(signature)), None)
+
+
+def _decodes_as_text(data: bytes) -> bool:
+    for encoding in ("utf-8-sig", "gb18030"):
+        try:
+            text = data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        # Control characters other than whitespace mark a binary file that happens to decode.
+        controls = sum(1 for char in text[:_SNIFF_BYTES] if unicodedata.category(char) == "Cc" and not char.isspace())
+        return controls <= len(text[:_SNIFF_BYTES]) // 100
+    return False
+
+
+class DocumentService:
+    def __init__(self, settings: Settings, collections: Collections) -> None:
+        self._settings = settings
+        self._collections = collections
+        self._writing = threading.Lock()  # one document change at a time; the others wait their turn
+
+    async def add(self, file_name: str, data: bytes, collection: str) -> tuple[DocumentInfo, bool]:
+        """Index one uploaded file in `collection` (created by its first document); searchable on return.
+        Returns the document and whether it is new (False: the same content was there already)."""
+        collection_path(self._settings.vector_store_path, collection)  # the name is checked before the file
+        name = checked_file_name(file_name)
+        limit = self._settings.max_upload_mb
+        if len(data) > limit * 1024 * 1024:
+            size = len(data) / 1024 / 1024
+            raise DocumentTooLargeError(f"{name} is {size:.1f} MB; the limit is MAX_UPLOAD_MB={limit:g}")
+        text = extract_text(name, data)
+        sha256 = hashlib.sha256(data).hexdigest()
+        change = await anyio.to_thread.run_sync(self._add, collection, name, text, sha256)
+        if change.written:
+            logger.info("document %s added to collection %s (%d chunks, version %s)",
+                        name, collection, len(change.entry.chunk_ids), change.version)
+        return self._info(collection, change.source, change.entry, ""), change.written
+
+    def collections(self) -> list[CollectionInfo]:
+        return self._collections.describe()
+
+    async def list(self, collection: str | None) -> list[DocumentInfo]:
+        """The documents of `collection`, or of every collection, as the versions being served hold them."""
+        names = [collection] if collection is not None else self._collections.names()
+        documents = []
+        for name in names:
+            store = self._collections.live(name).store
+            if store is not None:
+                documents += [
+                    self._info(name, source, entry, store.created_at) for source, entry in store.files.items()
+                ]
+        return documents
+
+    async def delete(self, document: str) -> DocumentInfo:
+        """Take a document's chunks out of both indexes in a new version of its collection."""
+        for collection in self._collections.names():
+            store = self._collections.live(collection).store
+            source = _source_with_id(store, collection, document) if store is not None else None
+            if source is not None and store is not None:
+                info = self._info(collection, source, store.files[source], store.created_at)
+                change = await anyio.to_thread.run_sync(self._remove, collection, source)
+                logger.info("document %s deleted from collection %s (version %s)", source, collection, change.version)
+                return info
+        raise DocumentNotFoundError(f"no document {document[:80]!r}")
+
+    def _add(self, collection: str, name: str, text: str, sha256: str) -> DocumentChange:
+        settings = self._settings
+        with self._writing:
+            change = add_document(
+                collection_path(settings.vector_store_path, collection), self._collections.embedder, name, text, sha256,
+                chunk_size=settings.chunk_size, chunk_overlap=settings.chunk_overlap,
+            )
+            if change.written:
+                self._serve(collection)
+            return change
+
+    def _remove(self, collection: str, source: str) -> DocumentChange:
+        with self._writing:
+            try:
+                change = remove_document(
+                    collection_path(self._settings.vector_store_path, collection), self._collections.embedder, source
+                )
+            except NotFoundError:
+                raise DocumentNotFoundError(f"document {source!r} is no longer in collection {collection}") from None
+            self._serve(collection)
+            return change
+
+    def _serve(self, collection: str) -> None:
+        live = self._collections.reload(collection)
+        if live.load_error is not None:
+            raise VectorStoreError(f"the new version of collection {collection} could not be loaded: {live.load_error}")
+
+    @staticmethod
+    def _info(collection: str, source: str, entry: FileEntry, version_created_at: str) -> DocumentInfo:
+        return DocumentInfo(
+            document_id=document_id(collection, source, entry.sha256),
+            source=source,
+            collection=collection,
+            chunks=len(entry.chunk_ids),
+            ingested_at=entry.ingested_at or version_created_at,
+        )
+
+
+def _source_with_id(store: VectorStore, collection: str, document: str) -> str | None:
+    return next(
+        (source for source, entry in store.files.items() if document_id(collection, source, entry.sha256) == document),
+        None,
+    )

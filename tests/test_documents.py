@@ -1,0 +1,201 @@
+"""Documents and collections over HTTP, on a real server with the real embedder and store (answers from the
+Ollama backend on the wire-protocol server: what is checked here is which passages answers are given from)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app.main import create_app
+from app.rag.vector_store import list_versions, load_store
+from tests.conftest import REPO_ROOT, make_settings, pdf_with_text, running_server
+from tests.ollama_wire_server import OllamaWireServer
+
+USER_KEY = "user-key-documents"
+ADMIN_KEY = "admin-key-documents"
+USER = {"Authorization": f"Bearer {USER_KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+LIGHTHOUSE = "灯塔管理员每天午夜换班，换班时要检查透镜和燃油。The lighthouse keepers change shift at midnight."
+GLACIER = "Glacier tours leave from the north pier at seven; crampons are lent at the harbour office."
+ORCHARD = "The orchard's apple harvest starts in late September; pickers are paid by the crate."
+
+
+@contextmanager
+def _client(tmp_path: Path, ollama: OllamaWireServer, **overrides: Any) -> Iterator[httpx.Client]:
+    values: dict[str, Any] = {"vector_store_path": tmp_path / "store", "use_lora_default": False,
+                              "ollama_base_url": ollama.base_url, "api_keys": USER_KEY, "admin_api_keys": ADMIN_KEY}
+    app = create_app(make_settings(tmp_path, **{**values, **overrides}))
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=120) as client:
+        yield client
+
+
+def _upload(client: httpx.Client, name: str, data: bytes | str, collection: str | None = None) -> httpx.Response:
+    content = data.encode() if isinstance(data, str) else data
+    form = {"collection": collection} if collection is not None else None
+    return client.post("/documents", files={"file": (name, content)}, data=form, headers=ADMIN)
+
+
+def _cited(client: httpx.Client, query: str, **fields: Any) -> list[str]:
+    response = client.post("/ask", json={"query": query, **fields}, headers=USER)
+    assert response.status_code == 200, response.text
+    return [source["metadata"]["source"] for source in response.json()["source_documents"]]
+
+
+def test_an_uploaded_document_is_found_by_the_next_question_and_never_again_once_deleted(
+    tmp_path: Path, ollama: OllamaWireServer
+) -> None:
+    with _client(tmp_path, ollama) as client:
+        first = _upload(client, "glacier.md", GLACIER)
+        added = _upload(client, "灯塔.md", LIGHTHOUSE)
+        cited = _cited(client, "灯塔管理员什么时候换班？")
+        again = _upload(client, "灯塔-copy.md", LIGHTHOUSE)  # the same content under another name
+        listed = client.get("/documents", headers=ADMIN).json()["documents"]
+        deleted = client.delete(f"/documents/{added.json()['document_id']}", headers=ADMIN)
+        questions = ("灯塔管理员什么时候换班？", "lighthouse shift midnight")
+        cited_after = [_cited(client, question) for question in questions]
+        deleted_again = client.delete(f"/documents/{added.json()['document_id']}", headers=ADMIN)
+        listed_after = client.get("/documents", headers=ADMIN).json()["documents"]
+    assert first.status_code == 201 and added.status_code == 201, added.text
+    body = added.json()
+    assert body["source"] == "灯塔.md" and body["collection"] == "default" and body["chunks"] >= 1
+    assert cited[0] == "灯塔.md"
+    assert again.status_code == 200 and again.json() == body  # no duplicate: the document already there
+    assert sorted(d["source"] for d in listed) == ["glacier.md", "灯塔.md"]
+    entry = next(d for d in listed if d["source"] == "灯塔.md")
+    assert entry["document_id"] == body["document_id"] and entry["chunks"] == body["chunks"]
+    assert entry["ingested_at"].startswith("20")  # an ISO time
+    assert deleted.status_code == 200 and deleted.json() == body
+    assert all("灯塔.md" not in sources for sources in cited_after)
+    assert cited_after[0], "the remaining document still answers"
+    assert deleted_again.status_code == 404 and deleted_again.json()["error"] == "document_not_found"
+    assert [d["source"] for d in listed_after] == ["glacier.md"]
+    store = load_store(tmp_path / "store")  # what is on disk: both indexes without the deleted chunks
+    assert "灯塔.md" not in store.files and all("灯塔" not in chunk.text for chunk in store.chunks)
+    assert store.lexical.size == store.index.ntotal == len(store.chunks)
+
+
+def test_collections_keep_their_documents_apart(tmp_path: Path, ollama: OllamaWireServer) -> None:
+    source = tmp_path / "manuals"
+    source.mkdir()
+    (source / "orchard.txt").write_text(ORCHARD, encoding="utf-8")
+    with _client(tmp_path, ollama) as client:
+        in_default = _upload(client, "glacier.md", GLACIER)
+        in_tours = _upload(client, "灯塔.md", LIGHTHOUSE, collection="tours")
+        # Ingested from the command line while the server runs: the server finds the new collection.
+        ingest = subprocess.run(
+            [sys.executable, "scripts/ingest.py", "--source", str(source), "--store", str(tmp_path / "store"),
+             "--collection", "果园", "--quiet"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        )
+        asked = {name: _cited(client, "when do the lighthouse keepers change shift and glacier tours leave?",
+                              collection=name) for name in ("default", "tours", "果园")}
+        unknown = client.post("/ask", json={"query": "glacier?", "collection": "nope"}, headers=USER)
+        chat = client.post("/v1/chat/completions", headers=USER, json={
+            "model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "glacier tours?"}],
+            "max_tokens": 4, "rag": True, "collection": "tours"})
+        collections = client.get("/collections", headers=USER)
+        listed = client.get("/documents", params={"collection": "tours"}, headers=ADMIN).json()["documents"]
+        listed_unknown = client.get("/documents", params={"collection": "nope"}, headers=ADMIN)
+        bad_name = _upload(client, "a.md", GLACIER, collection="../escape")
+    assert in_default.status_code == 201 and in_tours.status_code == 201
+    assert in_tours.json()["collection"] == "tours"
+    assert ingest.returncode == 0, ingest.stderr
+    assert set(asked["default"]) == {"glacier.md"}
+    assert set(asked["tours"]) == {"灯塔.md"}
+    assert set(asked["果园"]) == {"manuals/orchard.txt"}
+    assert unknown.status_code == 404 and unknown.json()["error"] == "collection_not_found"
+    assert "default, tours, 果园" in unknown.json()["message"]
+    assert chat.status_code == 200, chat.text
+    assert {s["metadata"]["source"] for s in chat.json()["sources"]} == {"灯塔.md"}
+    assert collections.status_code == 200
+    assert collections.json()["collections"] == [
+        {"name": "default", "documents": 1, "chunks": 1},
+        {"name": "tours", "documents": 1, "chunks": 1},
+        {"name": "果园", "documents": 1, "chunks": 1},
+    ]
+    assert [(d["source"], d["collection"]) for d in listed] == [("灯塔.md", "tours")]
+    assert listed_unknown.status_code == 404
+    assert bad_name.status_code == 422 and "collection" in bad_name.json()["message"]
+    assert (tmp_path / "store" / "collections" / "tours").is_dir()
+    assert not (tmp_path / "escape").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "status", "code"),
+    [
+        ("empty.txt", b"", 400, "empty_document"),
+        ("../notes.txt", b"path parts", 400, "invalid_file_name"),
+        ("photo.txt", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, 415, "unsupported_media_type"),
+        ("archive.md", b"PK\x03\x04" + b"\0" * 200, 415, "unsupported_media_type"),
+        ("binary.txt", b"text\0with\0nul\0bytes" * 10, 415, "unsupported_media_type"),
+        ("program.exe", b"MZ\x90\x00", 415, "unsupported_media_type"),
+        ("fake.pdf", b"plain text pretending to be a PDF", 415, "unsupported_media_type"),
+        ("renamed.txt", pdf_with_text("a PDF named as text"), 415, "unsupported_media_type"),
+        ("broken.pdf", b"%PDF-1.4 this is not really a pdf", 422, "unreadable_document"),
+        ("blank.pdf", pdf_with_text(""), 422, "unreadable_document"),
+        ("big.txt", b"word " * 4000, 413, "payload_too_large"),  # over MAX_UPLOAD_MB=0.01 below
+        ("huge.txt", b"word " * 40000, 413, "payload_too_large"),  # over the request guard's limit already
+    ],
+)
+def test_a_bad_upload_is_refused_and_leaves_the_store_as_it_was(
+    tmp_path: Path, ollama: OllamaWireServer, name: str, data: bytes, status: int, code: str
+) -> None:
+    with _client(tmp_path, ollama, max_upload_mb=0.01) as client:
+        assert _upload(client, "glacier.md", GLACIER).status_code == 201
+        before = [v.version for v in list_versions(tmp_path / "store")]
+        refused = _upload(client, name, data)
+        documents = client.get("/documents", headers=ADMIN).json()["documents"]
+    assert refused.status_code == status, refused.text
+    assert refused.json()["error"] == code and refused.json()["message"]
+    assert "Traceback" not in refused.text
+    assert [v.version for v in list_versions(tmp_path / "store")] == before
+    assert [d["source"] for d in documents] == ["glacier.md"]
+
+
+def test_a_real_pdf_and_html_upload_are_indexed(tmp_path: Path, ollama: OllamaWireServer) -> None:
+    html = "<html><body><script>var hidden = 1;</script><p>Ferries to the island run hourly.</p></body></html>"
+    with _client(tmp_path, ollama) as client:
+        pdf = _upload(client, "keepers.pdf", pdf_with_text("Lighthouse keepers change shift at midnight."))
+        page = _upload(client, "ferries.html", html)
+        cited = _cited(client, "How often do ferries run to the island?")
+    assert pdf.status_code == 201 and page.status_code == 201
+    assert cited[0] == "ferries.html"
+    texts = [chunk.text for chunk in load_store(tmp_path / "store").chunks]
+    assert any("Lighthouse keepers" in text for text in texts)
+    assert not any("hidden" in text for text in texts)
+
+
+def test_concurrent_uploads_all_land_and_documents_need_an_admin_key(
+    tmp_path: Path, ollama: OllamaWireServer
+) -> None:
+    with _client(tmp_path, ollama) as client:
+        results: dict[int, httpx.Response] = {}
+
+        def upload(number: int) -> None:
+            results[number] = _upload(client, f"note-{number}.txt", f"Note {number}: locker {number} is by door "
+                                      f"{number * 7}.")
+
+        threads = [threading.Thread(target=upload, args=(number,)) for number in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        listed = client.get("/documents", headers=ADMIN).json()["documents"]
+        as_user = [client.get("/documents", headers=USER),
+                   client.post("/documents", files={"file": ("x.txt", b"x")}, headers=USER)]
+        collections_as_user = client.get("/collections", headers=USER)
+    assert sorted(r.status_code for r in results.values()) == [201] * 4
+    assert sorted(d["source"] for d in listed) == [f"note-{n}.txt" for n in range(4)]
+    store = load_store(tmp_path / "store")  # one consistent version with all four
+    assert sorted(store.files) == [f"note-{n}.txt" for n in range(4)]
+    assert all(response.status_code == 403 for response in as_user)
+    assert collections_as_user.status_code == 200
