@@ -10,7 +10,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from app.checks import check_base_model, check_device, check_retrieval, run_config_checks
+from app.checks import check_base_model, check_default_backend, check_device, check_retrieval, run_config_checks
 from app.cli import fail, settings_or_exit
 from app.errors import AppError
 from app.llm.adapter_manager import ADAPTER_NAME_PATTERN
@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     overrides = {
-        "api_host": args.host, "api_port": args.port, "use_lora_default": args.use_lora, "verbose": args.verbose
+        "api_host": args.host, "api_port": args.port, "use_lora_default": args.use_lora, "verbose": args.verbose,
+        # The flag says which backend to start on, over DEFAULT_BACKEND from the environment.
+        "default_backend": None if args.use_lora is None else ("lora" if args.use_lora else "ollama"),
     }
     settings = settings_or_exit(**overrides)
     if args.adapters:  # read again: the flag's entries join LORA_ADAPTERS, known once the settings are read
@@ -88,13 +90,12 @@ def main(argv: list[str] | None = None) -> int:
             status = "OK  " if result.ok else "FAIL"
             hint = f"  -> {result.hint}" if result.hint and not result.ok else ""
             print(f"[{status}] {result.name}: {result.detail}{hint}")
-        backend = "LoRA" if settings.use_lora_default else "Ollama"
-        print(f"active backend ({backend}): {'can serve' if active_ok else 'cannot serve'}")
+        print(f"active backend ({settings.start_backend}): {'can serve' if active_ok else 'cannot serve'}")
         return 0 if active_ok else 1
 
     # Fail before the server starts, in one line, rather than in the middle of uvicorn's start-up.
-    checks = [check_retrieval(settings, load_reranker=False)]
-    if settings.use_lora_default:
+    checks = [check_default_backend(settings), check_retrieval(settings, load_reranker=False)]
+    if settings.start_backend == "lora":
         checks += [check_base_model(settings), check_device(settings)]
     for check in checks:
         if not check.ok:

@@ -145,17 +145,53 @@ def check_ollama(settings: Settings) -> CheckResult:
     return CheckResult("Ollama", True, f"reachable at {url}, {model} available")
 
 
+def check_remote(settings: Settings) -> CheckResult:
+    """The remote engine answers /models and serves REMOTE_MODEL (or any model, when it is not set)."""
+    url = settings.remote_base_url
+    key = settings.remote_api_key.get_secret_value()
+    try:
+        response = httpx.get(f"{url}/models", timeout=settings.remote_connect_timeout,
+                             headers={"Authorization": f"Bearer {key}"} if key else {})
+        response.raise_for_status()
+        models = [str(entry.get("id")) for entry in response.json().get("data") or []]
+    except (httpx.HTTPError, ValueError, AttributeError) as error:
+        return CheckResult("remote engine", False, f"no model list from {url}/models ({type(error).__name__})",
+                           "start the engine, or check REMOTE_BASE_URL (its API root: .../v1) and REMOTE_API_KEY")
+    wanted = settings.remote_model or (models[0] if models else "")
+    if wanted not in models:
+        return CheckResult("remote engine", False, f"reachable, but {wanted or 'no model'} is not served",
+                           f"REMOTE_MODEL: one of {', '.join(models) or 'none'}")
+    return CheckResult("remote engine", True, f"reachable at {url}, base model {wanted}, {len(models) - 1} adapters")
+
+
+def check_default_backend(settings: Settings) -> CheckResult:
+    from app.llm.manager import BACKENDS
+
+    name = settings.start_backend
+    configured = [backend for backend, entry in BACKENDS.items() if entry.configured(settings)]
+    if name not in configured:
+        hint = "set REMOTE_BASE_URL" if name == "remote" and name in BACKENDS else f"one of {', '.join(configured)}"
+        return CheckResult("default backend", False, f"DEFAULT_BACKEND={name!r} is not a backend here", hint)
+    return CheckResult("default backend", True, name)
+
+
 def run_config_checks(settings: Settings) -> tuple[list[CheckResult], bool]:
-    """All checks, and whether the active backend (USE_LORA_DEFAULT) can serve."""
+    """All checks, and whether the active backend (DEFAULT_BACKEND, else USE_LORA_DEFAULT) can serve."""
+    backend = check_default_backend(settings)
+    local = [check_base_model(settings), check_device(settings)]
+    ollama = check_ollama(settings)
+    remote = [check_remote(settings)] if settings.remote_base_url else []
     results = [
-        check_base_model(settings),
-        check_device(settings),
+        backend,
+        *local,
         check_numerics(settings),
         check_adapter(settings),
         check_vector_store(settings),
         check_retrieval(settings),
         check_embedding_model(settings),
-        check_ollama(settings),
+        ollama,
+        *remote,
     ]
-    active_ok = results[0].ok and results[1].ok if settings.use_lora_default else results[-1].ok
+    serving = {"lora": local, "ollama": [ollama], "remote": remote}.get(settings.start_backend, [])
+    active_ok = backend.ok and all(check.ok for check in serving)
     return results, active_ok

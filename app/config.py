@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     served_model_name: str = Field("", description="the base model's name in /v1/models (default: derived)")
     cache_dir: Path | None = Field(None, description="where models are downloaded / converted to")
     use_lora_default: bool = True
+    default_backend: str = Field(
+        "", description="the backend answering at start-up, a name in app/llm/manager.py: lora, ollama or remote; "
+        "empty: USE_LORA_DEFAULT decides (true: lora, false: ollama)"
+    )
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     enable_quantization: bool = False
@@ -70,6 +74,15 @@ class Settings(BaseSettings):
     ollama_model: str = "qwen3:4b"
     ollama_connect_timeout: float = Field(5.0, gt=0)
     ollama_read_timeout: float = Field(120.0, gt=0)
+
+    # Remote OpenAI-compatible engine (vLLM, SGLang, LoRAX, llama.cpp's server, another lora-rag)
+    remote_base_url: str = Field("", description="its API root, e.g. http://gpu-host:8000/v1; empty: no remote backend")
+    remote_api_key: SecretStr = Field(SecretStr(""), description="sent as Bearer to the remote engine")
+    remote_model: str = Field("", description="the base model's name there; empty: the first of its /v1/models")
+    remote_connect_timeout: float = Field(5.0, gt=0, le=600)
+    remote_read_timeout: float = Field(120.0, gt=0, le=86_400)
+    remote_retries: int = Field(2, ge=0, le=10, description="retries, with backoff, when connecting fails")
+    remote_models_ttl_seconds: float = Field(30.0, ge=0, le=86_400, description="how long its model list is cached")
 
     # Retrieval
     embedding_model: str = EMBEDDED_EMBEDDING_MODEL
@@ -206,6 +219,21 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @field_validator("remote_base_url")
+    @classmethod
+    def _http_url_or_empty(cls, value: str) -> str:
+        return cls._http_url(value) if value.strip() else ""
+
+    @field_validator("default_backend", mode="before")
+    @classmethod
+    def _lower_name(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @property
+    def start_backend(self) -> str:
+        """The backend active at start-up: DEFAULT_BACKEND, else the one USE_LORA_DEFAULT names."""
+        return self.default_backend or ("lora" if self.use_lora_default else "ollama")
 
     @model_validator(mode="after")
     def _ollama_is_not_ourselves(self) -> Settings:

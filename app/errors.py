@@ -84,6 +84,27 @@ class BackendTimeoutError(AppError):
     code = "backend_timeout"
 
 
+class UpstreamRateLimitedError(AppError):
+    """The remote engine refused for its rate limit; the caller may retry after `retry_after` seconds."""
+
+    status_code = 429
+    code = "rate_limited"
+
+
+class UpstreamError(AppError):
+    """The remote engine answered an error that is not the caller's (its message is passed on)."""
+
+    status_code = 502
+    code = "upstream_error"
+
+
+class NotSupportedError(AppError):
+    """The backend cannot do this at all (e.g. a remote engine without runtime adapter loading)."""
+
+    status_code = 501
+    code = "not_supported"
+
+
 class VectorStoreError(AppError):
     """The vector store is missing, tampered with or unreadable."""
 
@@ -103,3 +124,34 @@ class AdapterError(AppError):
 
     status_code = 400
     code = "invalid_adapter"
+
+
+class InvalidRequestError(ValidationFailedError):
+    """A classification request's fields are invalid (the /api/v1/inference routes' code for 422)."""
+
+    code = "invalid_request"
+
+
+class ModelNotLoadedError(NotFoundError):
+    """The classifier a prediction names is not loaded."""
+
+    code = "model_not_loaded"
+
+
+class ClassifierNotFoundError(NotFoundError):
+    """No loadable classifier folder of that name under CLASSIFIER_MODELS_PATH."""
+
+    code = "model_not_found"
+
+
+class ClassifierError(BadRequestError):
+    """A classifier folder or one of its files is missing, invalid or unsafe (the message names the file)."""
+
+    code = "invalid_classifier"
+
+
+class ClassifierMismatchError(ClassifierError):
+    """A classifier's parts do not fit together or the base model (head width, label count)."""
+
+    status_code = 422
+    code = "classifier_mismatch"

@@ -13,6 +13,7 @@ from fastapi_offline import FastAPIOffline
 from app.api import (
     admin_router,
     ask_router,
+    classification_router,
     documents_router,
     health_router,
     model_router,
@@ -25,8 +26,9 @@ from app.api.errors import install_error_handlers
 from app.api.metrics import Metrics, RequestMetrics, RouteNote
 from app.api.metrics import router as metrics_router
 from app.api.security import RequestGuard
+from app.classification.service import ClassificationService
 from app.config import Settings
-from app.llm.manager import BACKEND_LOADERS, BackendLoader, ModelManager
+from app.llm.manager import BACKENDS, BackendEntry, ModelManager
 from app.rag.collections import Collections
 from app.rag.documents import DocumentService
 from app.rag.embeddings import create_embedder
@@ -38,25 +40,26 @@ logger = logging.getLogger(__name__)
 
 
 async def build_rag_service(
-    settings: Settings, loaders: Mapping[str, BackendLoader], observer: ServiceObserver | None = None
+    settings: Settings, backends: Mapping[str, BackendEntry], observer: ServiceObserver | None = None
 ) -> RAGService:
     """Load the embedder, the vector store, the retriever and the active backend (all off the event loop)."""
     embedder = await anyio.to_thread.run_sync(create_embedder, settings)
     collections = Collections(embedder, settings.vector_store_path)
     await anyio.to_thread.run_sync(collections.reload_all)
     retriever = await anyio.to_thread.run_sync(create_retriever, settings, collections)
-    models = ModelManager(settings, loaders)
+    models = ModelManager(settings, backends)
     await models.start()
     return RAGService(settings, models, retriever, collections, observer)
 
 
-def create_app(settings: Settings, loaders: Mapping[str, BackendLoader] = BACKEND_LOADERS) -> FastAPI:
+def create_app(settings: Settings, backends: Mapping[str, BackendEntry] = BACKENDS) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = await build_rag_service(settings, loaders, metrics)
+        service = await build_rag_service(settings, backends, metrics)
         app.state.rag_service = service
         app.state.store_admin = VectorStoreAdmin(settings, service.collections.default)
         app.state.documents = DocumentService(settings, service.collections)
+        app.state.classification_service = ClassificationService(service.models)
         logger.info("lora-rag ready: active backend %s", service.models.active)
         if not (settings.api_key_list or settings.admin_api_key_list):
             logger.warning("no API keys configured: every caller is trusted (API_HOST=%s)", settings.api_host)
@@ -82,6 +85,6 @@ def create_app(settings: Settings, loaders: Mapping[str, BackendLoader] = BACKEN
         app.state.metrics = metrics
         app.include_router(metrics_router)
     for module in (ask_router, model_router, health_router, admin_router, store_router, documents_router, openai_router,
-                   ollama_router, web_router):
+                   ollama_router, web_router, classification_router):
         app.include_router(module.router)
     return app

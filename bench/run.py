@@ -8,7 +8,8 @@
 Sections: 1 adapter change vs reload, 2 LoRA decode overhead, 3 many clients on many adapters (live server),
 4 decode vs llama.cpp (when installed: bash bench/setup_peer.sh), 5 retrieval latency, 6 ingestion throughput,
 7 /ask end to end streamed, with the server's peak RSS (live server), 8 numeric paths (dtype per CPU level),
-9 retrieval quality (recall@1/@4, MRR per RETRIEVAL_MODE, English and Chinese, bench/data).
+9 retrieval quality (recall@1/@4, MRR per RETRIEVAL_MODE, English and Chinese, bench/data),
+10 classification (predict p50 for 16 short texts; /ask decode alone and while predictions run).
 Absolute times on a shared machine are noisy: compare the ratios, which are measured in the same run.
 """
 
@@ -27,7 +28,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import backend_bench, numerics_bench, retrieval_bench, retrieval_quality, serving_bench  # noqa: E402
+from bench import (  # noqa: E402
+    backend_bench,
+    classification_bench,
+    numerics_bench,
+    retrieval_bench,
+    retrieval_quality,
+    serving_bench,
+)
 from bench.common import (  # noqa: E402
     REPO_ROOT,
     RESULTS_DIR,
@@ -49,9 +57,10 @@ SECTIONS: dict[int, tuple[str, Callable[[Context], SectionResult]]] = {
     7: ("/ask end to end (live server)", serving_bench.ask_end_to_end),
     8: ("numeric paths", numerics_bench.numeric_paths),
     9: ("retrieval quality", retrieval_quality.retrieval_quality),
+    10: ("classification beside generation", classification_bench.classification),
 }
 # In-process sections first, the live server's last, so the server never competes with them for the cores.
-RUN_ORDER = (8, 5, 6, 9, 1, 2, 4, 3, 7)
+RUN_ORDER = (8, 5, 6, 9, 1, 2, 10, 4, 3, 7)
 DOC = REPO_ROOT / "docs" / "performance.md"
 DOC_BEGIN, DOC_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 

@@ -1,6 +1,7 @@
-"""Fine-tune a LoRA adapter on question/answer data, for the service to serve (LORA_MODEL_PATH).
+"""Fine-tune a LoRA adapter on question/answer data, for the service to serve (LORA_MODEL_PATH), or, with
+--task classification, train a text classifier (LoRA adapter + Linear head) for /api/v1/inference.
 
-The data file is JSONL, one example per line, in any of these shapes:
+--task generation (the default): the data file is JSONL, one example per line, in any of these shapes:
   {"question": "...", "context": "... (optional)", "answer": "..."}
   {"instruction": "...", "input": "... (optional)", "output": "..."}
   {"messages": [{"role": "system|user|assistant", "content": "..."}, ...]}
@@ -14,6 +15,20 @@ fails leaves --output_dir as it was.
 
 Example (the demo data: 3 epochs, 120 steps, about 8 minutes on 2 idle CPU cores):
   python scripts/finetune_lora.py --data data/demo_qa.jsonl --output_dir ./lora_adapters
+
+--task classification: the data file is JSONL, {"text": "...", "label": "..."} per line, at least 2 labels,
+checked as a whole before any model is loaded. A stratified, seeded part of each label is held out. The head
+reads the final hidden state of the last text token. --output_dir (the classifier's model_dir) gets, for a
+stem that is --stem or the folder's name:
+  <stem>.lora/              the LoRA adapter (adapter_config.json, adapter_model.safetensors)
+  <stem>.head.safetensors   the head (score.weight [labels, hidden], score.bias [labels])
+  <stem>.labels.json        the labels, a JSON list in index order
+  training_report.json      held-out accuracy vs the majority class, per-label counts, losses, times, args
+With --legacy-layout the head is <stem>.head.pt (torch.save) and the labels <stem>.head.pt.pkl instead.
+
+Example (the demo intents, 5 labels in Chinese and English):
+  python scripts/finetune_lora.py --task classification --data data/demo_intent.jsonl \\
+      --output_dir ./classifiers/demo-intent
 """
 
 from __future__ import annotations
@@ -31,20 +46,43 @@ from app.cli import fail, settings_or_exit  # noqa: E402
 from app.config import EMBEDDED_BASE_MODEL  # noqa: E402
 from app.errors import AppError  # noqa: E402
 from app.logging_config import configure_logging  # noqa: E402
-from app.training import FinetuneConfig, FinetuneReport, run_finetune  # noqa: E402
+from app.training import (  # noqa: E402
+    ClassifierConfig,
+    ClassifierReport,
+    FinetuneConfig,
+    FinetuneReport,
+    run_classifier_training,
+    run_finetune,
+)
 from app.training.lora import DEFAULT_TARGET_MODULES, parse_target_modules  # noqa: E402
 
 _DEFAULTS = {field.name: field.default for field in dataclasses.fields(FinetuneConfig)}
+_CLASSIFIER_DEFAULTS = {field.name: field.default for field in dataclasses.fields(ClassifierConfig)}
+# Options both tasks take; one left out on the command line gets the default of the task's config.
+_SHARED = (
+    "model_name", "output_dir", "num_train_epochs", "max_steps", "learning_rate", "batch_size",
+    "gradient_accumulation_steps", "max_length", "lora_r", "lora_alpha", "lora_dropout", "eval_split", "seed",
+    "device",
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def option(name: str, help_text: str, **kwargs: Any) -> None:
-        default = _DEFAULTS.get(name)
+        default, classifier_default = _DEFAULTS.get(name), _CLASSIFIER_DEFAULTS.get(name)
         suffix = f" (default: {default})" if default is not None else ""
-        parser.add_argument(f"--{name}", default=default, help=help_text + suffix, **kwargs)
+        if name in _SHARED and classifier_default != default:
+            suffix += f" (--task classification: {classifier_default})"
+        parser.add_argument(f"--{name}", default=None, help=help_text + suffix, **kwargs)
 
+    parser.add_argument(
+        "--task",
+        choices=["generation", "classification"],
+        default="generation",
+        help="generation: an adapter that answers questions; classification: an adapter + head that labels "
+        "texts (default: generation)",
+    )
     parser.add_argument("--data", type=Path, required=True, help="the training data, a JSONL file (see above)")
     option(
         "model_name",
@@ -107,6 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FRACTION",
     )
     option("seed", "random seed of the split, the LoRA initialisation and the batch order", type=int)
+    parser.add_argument(
+        "--stem",
+        metavar="NAME",
+        help="classification: the name of the files in --output_dir (<stem>.lora/, <stem>.head.safetensors, ...) "
+        "(default: the --output_dir folder's name)",
+    )
+    parser.add_argument(
+        "--legacy-layout",
+        action="store_true",
+        help="classification: write the head as <stem>.head.pt and the labels as <stem>.head.pt.pkl instead of "
+        "<stem>.head.safetensors and <stem>.labels.json",
+    )
     option(
         "device",
         "cpu; cuda (bf16 or fp16 autocast as the GPU supports, activation checkpointing where the model "
@@ -120,36 +170,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.task == "generation" and (args.stem is not None or args.legacy_layout):
+        fail("--stem and --legacy-layout are options of --task classification")
     # A plain `kill` then unwinds like Ctrl-C, so the temporary output folder is removed on the way out.
     signal.signal(signal.SIGTERM, _interrupt)
     settings = settings_or_exit(cache_dir=args.cache_dir)
     configure_logging(settings)
+    given = {name: getattr(args, name) for name in _SHARED if getattr(args, name) is not None}
+    defaults = _CLASSIFIER_DEFAULTS if args.task == "classification" else _DEFAULTS
+    output_dir = given.get("output_dir", defaults["output_dir"])
     try:
-        config = FinetuneConfig(
-            data=args.data,
-            model_name=args.model_name,
-            cache_dir=settings.cache_dir,
-            output_dir=args.output_dir,
-            num_train_epochs=args.num_train_epochs,
-            max_steps=args.max_steps,
-            learning_rate=args.learning_rate,
-            batch_size=args.batch_size,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            max_length=args.max_length,
-            lora_r=args.lora_r,
-            lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout,
-            target_modules=parse_target_modules(args.target_modules),
-            eval_split=args.eval_split,
-            seed=args.seed,
-            device=args.device,
-        )
-        report = run_finetune(config, show_progress=not args.quiet)
+        common: dict[str, Any] = {
+            **given,
+            "data": args.data,
+            "cache_dir": settings.cache_dir,
+            "target_modules": parse_target_modules(args.target_modules),
+        }
+        if args.task == "classification":
+            config = ClassifierConfig(**common, stem=args.stem, legacy_layout=args.legacy_layout)
+            print(classifier_summary(run_classifier_training(config, show_progress=not args.quiet)))
+        else:
+            print(summary(run_finetune(FinetuneConfig(**common), show_progress=not args.quiet)))
     except AppError as error:
         fail(error.message)
     except KeyboardInterrupt:
-        fail(f"interrupted; {args.output_dir} was left as it was", status=130)
-    print(summary(report))
+        fail(f"interrupted; {output_dir} was left as it was", status=130)
     return 0
 
 
@@ -172,6 +217,25 @@ def summary(report: FinetuneReport) -> str:
         f"{report.tokens_per_second:.0f} tokens/s ({report.device}, {report.weights_dtype} weights)"
     )
     lines.append(f"adapter written to {report.output_dir}")
+    return "\n".join(lines)
+
+
+def classifier_summary(report: ClassifierReport) -> str:
+    lines = [
+        f"train loss: {report.train_loss_first:.3f} (first step) -> {report.train_loss_last:.3f} (last step), "
+        f"{report.steps} steps, {report.epochs:g} epochs, {len(report.labels)} labels",
+    ]
+    if report.eval_accuracy is not None and report.majority_baseline_accuracy is not None:
+        lines.append(
+            f"held-out accuracy ({report.eval_examples} texts): {report.eval_accuracy:.1%}, against "
+            f"{report.majority_baseline_accuracy:.1%} for always answering the majority label "
+            f"'{report.majority_label}'"
+        )
+    lines.append(
+        f"time: {report.wall_seconds:.0f} s in all, {report.train_seconds:.0f} s training "
+        f"({report.device}, {report.weights_dtype} weights)"
+    )
+    lines.append(f"classifier written to {report.output_dir}: {', '.join(report.files.values())}")
     return "\n".join(lines)
 
 

@@ -57,3 +57,13 @@ def test_launcher_refuses_bad_values_with_one_line_per_variable() -> None:
     assert "Traceback" not in result.stderr
     for variable in ("DEVICE", "API_PORT", "TEMPERATURE"):
         assert sum(line.startswith(f"{variable}=") for line in result.stderr.splitlines()) == 1
+
+
+def test_the_app_imports_no_model_library_until_a_model_loads() -> None:
+    # The routers and services import torch, transformers, peft and faiss lazily: the app starts on the Ollama
+    # backend without them, and `--config-check` answers in a second.
+    code = ("import sys, app.main; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'faiss') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

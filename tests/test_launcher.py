@@ -55,6 +55,18 @@ def test_config_check_reports_each_part_and_exit_status_follows_the_active_backe
     assert ollama_up.returncode == 0 and "[OK  ] Ollama" in ollama_up.stdout
 
 
+def test_config_check_follows_default_backend_remote(tmp_path: Path) -> None:
+    down = f"http://127.0.0.1:{closed_port()}/v1"
+    unset = _config_check(_env(tmp_path, DEFAULT_BACKEND="remote"))
+    unreachable = _config_check(_env(tmp_path, DEFAULT_BACKEND="remote", REMOTE_BASE_URL=down))
+    flag_wins = _config_check(_env(tmp_path, DEFAULT_BACKEND="remote", REMOTE_BASE_URL=down), "--use-lora", "true")
+    assert unset.returncode == 1 and "[FAIL] default backend: DEFAULT_BACKEND='remote'" in unset.stdout
+    assert "set REMOTE_BASE_URL" in unset.stdout and "remote engine" not in unset.stdout  # not configured: not checked
+    assert unreachable.returncode == 1 and "[FAIL] remote engine" in unreachable.stdout
+    assert "active backend (remote): cannot serve" in unreachable.stdout
+    assert flag_wins.returncode == 0 and "active backend (lora): can serve" in flag_wins.stdout
+
+
 def test_bad_use_lora_value_is_a_usage_error(tmp_path: Path) -> None:
     result = _config_check(_env(tmp_path), "--use-lora", "maybe")
     assert result.returncode == 2 and "expected true or false" in result.stderr

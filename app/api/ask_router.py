@@ -31,18 +31,20 @@ async def ask(
 ) -> AskResponse | StreamingResponse:
     """Answer `query` from the indexed documents, returning the passages used as `source_documents`.
 
-    `use_lora` picks the backend for this request only (true: the local LoRA model, false: Ollama).
+    `backend` picks the backend for this request only, by name (lora, ollama, remote); `use_lora` is the older
+    way (true: lora, false: ollama). Unknown: 404.
     `adapter` / `adapter_id` / `lora_adapter_ids` / `adapters` pick LoRA adapters for this request
-    (null or `"__base__"`: the base model alone). `model_used` says what answered: `lora`, `base` or `ollama`.
+    (null or `"__base__"`: the base model alone). `model_used` says what answered: `lora`, `base`, `ollama` or `remote`.
     `collection` names the document set to answer from (default `default`; unknown: 404 listing the known ones).
     With `stream: true` the answer arrives as Server-Sent Events: `delta` events with pieces of text,
     then one `done` event carrying the full response (or an `error` event).
     """
     spec = request.adapter_spec()
+    backend = request.backend_name()
     if not request.stream:
-        return _response(await watch.run(service.ask(request.query, request.use_lora, spec, None, request.collection)))
+        return _response(await watch.run(service.ask(request.query, backend, spec, None, request.collection)))
     stream = await start_streaming(
-        watch, lambda on_text: service.ask(request.query, request.use_lora, spec, on_text, request.collection)
+        watch, lambda on_text: service.ask(request.query, backend, spec, on_text, request.collection)
     )
     return StreamingResponse(_events(stream), media_type="text/event-stream")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
+from app.classification.service import ClassificationService
 from app.rag.documents import DocumentService
 from app.rag.service import RAGService
 from app.rag.store_admin import VectorStoreAdmin
@@ -22,3 +23,8 @@ def get_store_admin(request: Request) -> VectorStoreAdmin:
 def get_documents(request: Request) -> DocumentService:
     documents: DocumentService = request.app.state.documents
     return documents
+
+
+def get_classification_service(request: Request) -> ClassificationService:
+    service: ClassificationService = request.app.state.classification_service
+    return service

@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Route
+from starlette.routing import Match
 
 from app.errors import AppError
 
@@ -172,12 +172,17 @@ def _describe_validation(error: RequestValidationError, path: str) -> ErrorInfo:
     return ErrorInfo(422, code, "; ".join(parts), param=fields[0] if fields else None)
 
 
+_METHODS = ("DELETE", "GET", "PATCH", "POST", "PUT")
+
+
 def _allowed_methods(request: Request) -> list[str]:
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        if isinstance(route, Route) and route.methods and route.path_regex.fullmatch(request.url.path):
-            methods |= route.methods
-    return sorted(methods)
+    """The methods some route answers on this path (HEAD wherever GET is: the request guard serves it)."""
+    routes = request.app.router.routes
+    allowed = [
+        method for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    ]
+    return sorted([*allowed, "HEAD"] if "GET" in allowed else allowed)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -17,21 +17,23 @@ router = APIRouter(tags=["models"])
 @router.post(
     "/switch_model",
     response_model=SwitchModelResponse,
-    responses=error_responses(503, body=True, admin=True),
+    responses=error_responses(404, 503, body=True, admin=True),
 )
 async def switch_model(
     request: SwitchModelRequest, service: Annotated[RAGService, Depends(get_rag_service)]
 ) -> SwitchModelResponse:
-    """Make the LoRA model (`use_lora: true`) or Ollama (`false`) the default for every caller's later requests
-    (admin key). A backend that cannot serve now is refused with 503 and the active one stays.
+    """Make a backend the default for every caller's later requests (admin key), by name (`{"backend":
+    "remote"}`: lora, ollama or remote, those this server has) or the older way (`use_lora: true` for lora,
+    `false` for ollama). An unknown backend is 404; one that cannot serve now is refused with 503 and the
+    active one stays.
 
     Requests already generating finish on the backend they started with.
     """
-    active = await service.models.switch(request.use_lora)
+    name = request.backend_name()
+    assert name is not None  # the request model requires one way or the other
+    active = await service.models.switch(name)
     return SwitchModelResponse(
-        using_lora=active == "lora",
-        active_backend=active,  # type: ignore[arg-type]
-        message=f"later requests use the {active} backend",
+        using_lora=active == "lora", active_backend=active, message=f"later requests use the {active} backend"
     )
 
 

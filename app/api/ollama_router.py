@@ -84,9 +84,9 @@ def _not_found(model: str) -> ModelNotFoundError:
     return ModelNotFoundError(f'model "{model}" not found, try pulling it first')  # Ollama's words
 
 
-def _resolve(model: str, service: RAGService, verb: str) -> _Model:
+async def _resolve(model: str, service: RAGService, verb: str) -> _Model:
     served, tag = _split_tag(model)
-    base, adapters = service.models.served_model_names()
+    base, adapters = await service.models.served_model_names()
     if served == base:
         spec: AdapterSpec = ()
     elif served in adapters:
@@ -161,11 +161,11 @@ _GENERATION_ERRORS = {
 async def _answer(
     request: GenerationFields, messages: list[ChatMessage], shape: _Shape, service: RAGService, watch: Watch
 ) -> BaseModel | StreamingResponse:
-    model = _resolve(request.model, service, shape.verb)
+    model = await _resolve(request.model, service, shape.verb)
     params = request.params(service.default_params())
     if request.load_only:
         # Ollama's "load the model" request: answered at once, with done_reason "load", once it is loaded.
-        await service.models.backend_for(True)
+        await service.models.backend_for(None, serves_adapters=True)
         return shape.final(model=model.name, created_at=_rfc3339(datetime.now(UTC)), done_reason="load",
                            **shape.text_field(""))
     clock = _Clock()
@@ -213,8 +213,8 @@ def _entry(name: str, parent: str = "") -> ModelEntry:
                       digest=hashlib.sha256(name.encode("utf-8")).hexdigest())
 
 
-def _entries(service: RAGService) -> list[ModelEntry]:
-    base, adapters = service.models.served_model_names()
+async def _entries(service: RAGService) -> list[ModelEntry]:
+    base, adapters = await service.models.served_model_names()
     served = [(base, ""), *((name, base) for name in adapters)]
     models = [_entry(f"{name}:{tag}", parent) for name, parent in served for tag in (LATEST, RAG)]
     return [*models, _entry(service.embedding_name)]
@@ -223,14 +223,14 @@ def _entries(service: RAGService) -> list[ModelEntry]:
 @router.get("/tags", response_model=TagsResponse, responses=error_responses(envelope=OLLAMA))
 async def tags(service: Service) -> TagsResponse:
     """The base model and every adapter, each as `<name>:latest` and `<name>:rag`, then the embedding model."""
-    return TagsResponse(models=_entries(service))
+    return TagsResponse(models=await _entries(service))
 
 
 @router.get("/ps", response_model=PsResponse, responses=error_responses(envelope=OLLAMA))
 async def ps(service: Service) -> PsResponse:
     """The models the local backend serves (it keeps them loaded: `expires_at` is far away)."""
     return PsResponse(models=[RunningModel(**entry.model_dump(), expires_at=_rfc3339(_NEVER))
-                              for entry in _entries(service)])
+                              for entry in await _entries(service)])
 
 
 @router.post("/show", response_model=ShowResponse, responses=error_responses(400, 404, body=True, envelope=OLLAMA))
@@ -239,7 +239,7 @@ async def show(request: OllamaShowRequest, service: Service) -> ShowResponse:
     name = request.model or request.name
     if not name:
         raise BadRequestError("model is required")
-    entry = next((e for e in _entries(service) if _split_tag(e.name) == _split_tag(name)), None)
+    entry = next((e for e in await _entries(service) if _split_tag(e.name) == _split_tag(name)), None)
     if entry is None:
         raise ModelNotFoundError(f"model '{name}' not found")  # /api/show's own wording in Ollama
     embedding = entry.name == service.embedding_name

@@ -86,7 +86,7 @@ async def chat_completions(
     request.refuse_unsupported()
     messages = request.chat_messages()
     params = request.generation_params(service.default_params())
-    adapters = request.adapter_choice(*service.models.served_model_names())
+    adapters = request.adapter_choice(*await service.models.served_model_names())
     completion = _Completion(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=request.model)
 
     def run(on_text: TextCallback | None) -> Awaitable[ChatResult]:
@@ -136,13 +136,13 @@ def _encoded(vector: np.ndarray, encoding_format: EncodingFormat) -> list[float]
 @router.get("/v1/models", response_model=ModelList, responses=error_responses(envelope=OPENAI))
 async def list_models(service: Service) -> ModelList:
     """The models `model` may name: the base model first, then each adapter with `parent` = the base model."""
-    return _model_list(*service.models.served_model_names())
+    return _model_list(*await service.models.served_model_names())
 
 
 @router.get("/models", response_model=ModelList, include_in_schema=False)
 async def list_models_unversioned(service: Service) -> ModelList:
     """Same as `GET /v1/models`, for clients whose base URL lacks `/v1`."""
-    return _model_list(*service.models.served_model_names())
+    return _model_list(*await service.models.served_model_names())
 
 
 def _model_list(base_name: str, adapter_names: list[str]) -> ModelList:

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_
 
 from app.api.errors import OURS, Envelope
 from app.errors import ValidationFailedError
-from app.llm.base import AdapterSpec
+from app.llm.base import AdapterSpec, ModelUsed
 from app.rag.collections import DEFAULT_COLLECTION
 from app.rag.vector_store import ScoreKind, SearchHit
 
@@ -97,11 +97,28 @@ class AdapterFields(RequestModel):
         return tuple(pairs)
 
 
-class AskRequest(AdapterFields):
-    query: StrictStr = Field(..., description="the question, in any language", examples=["How do I switch models?"])
-    use_lora: StrictBool | None = Field(
-        None, description="true: the LoRA model, false: Ollama, for this request only; omitted: the active backend"
+class BackendChoice(RequestModel):
+    """A backend named (`backend`) or chosen the older way (`use_lora`), for one request or a switch."""
+
+    backend: StrictStr | None = Field(
+        None, max_length=64, description="lora, ollama or remote (GET /model_info `backends`); omitted: the active one"
     )
+    use_lora: StrictBool | None = Field(None, description="true: the lora backend, false: ollama (as `backend`)")
+
+    @model_validator(mode="after")
+    def _one_way_to_choose(self) -> BackendChoice:
+        if self.backend is not None and self.use_lora is not None:
+            raise ValueError("give backend or use_lora, not both")
+        return self
+
+    def backend_name(self) -> str | None:
+        if self.use_lora is not None:
+            return "lora" if self.use_lora else "ollama"
+        return self.backend
+
+
+class AskRequest(AdapterFields, BackendChoice):
+    query: StrictStr = Field(..., description="the question, in any language", examples=["How do I switch models?"])
     stream: StrictBool = Field(
         False, description="true: Server-Sent Events, `delta` events with the answer's pieces, then the full response"
     )
@@ -134,7 +151,7 @@ class Usage(BaseModel):
 class AskResponse(BaseModel):
     answer: str
     source_documents: list[SourceDocument]
-    model_used: Literal["lora", "base", "ollama"]
+    model_used: ModelUsed
     adapters: str = Field("", description="the adapter (or weighted mix) that answered; empty for none")
     processing_time: float = Field(..., description="seconds")
     usage: Usage
@@ -144,13 +161,17 @@ class AskResponse(BaseModel):
     notice: str | None = Field(None, description="set when the answer is blank, saying so; null otherwise")
 
 
-class SwitchModelRequest(RequestModel):
-    use_lora: StrictBool = Field(..., description="true: LoRA (local model), false: Ollama")
+class SwitchModelRequest(BackendChoice):
+    @model_validator(mode="after")
+    def _one_is_given(self) -> SwitchModelRequest:
+        if self.backend is None and self.use_lora is None:
+            raise ValueError('give backend (e.g. {"backend": "remote"}) or use_lora')
+        return self
 
 
 class SwitchModelResponse(BaseModel):
     using_lora: bool
-    active_backend: Literal["lora", "ollama"]
+    active_backend: str = Field(..., description="the backend later requests use: lora, ollama or remote")
     message: str
 
 
@@ -167,6 +188,8 @@ class ModelInfo(BaseModel):
     device: str
     quantization: str
     ollama_model: str
+    active_backend: str = Field(..., description="the backend requests use when they name none")
+    backends: list[str] = Field(..., description="the backends this server has: lora, ollama, and remote when set")
 
 
 class HealthResponse(BaseModel):

@@ -1,11 +1,16 @@
 """Named LoRA adapters on one base model: discovery, loading, LRU unloading, weighted mixes.
 
 Only the generation engine's thread calls the methods that touch the model (`prepare_batch`, `load`,
-`unload`); the catalogue (`known`, `describe`) is read from the event loop under `_lock`.
+`unload`, the classifier methods); the catalogue (`known`, `describe`) is read from the event loop under `_lock`.
+
+This is the one owner of PEFT adapters on the model, classifiers' included: a classifier's LoRA is attached under
+a reserved PEFT name (CLASSIFIER_PREFIX, which no generation adapter or mix name can have), is never listed,
+selectable or evicted as a generation adapter, and is active only in its own forward passes (`classifier_hidden`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -18,11 +23,12 @@ from typing import TYPE_CHECKING, Any
 from app.errors import AdapterError, AppError, BackendUnavailableError, NotFoundError
 from app.llm.adapters import AdapterInfo, check_adapter_fits, has_adapter_files, inspect_adapter
 from app.llm.base import AdapterSpec
-from app.llm.jobs import BASE_KEY, BASE_MODEL, AdapterChoice
+from app.llm.jobs import BASE_KEY, BASE_MODEL, CLASSIFIER_PREFIX, AdapterChoice
 from app.llm.merging import WeightMerger
 
 if TYPE_CHECKING:
-    from peft import PeftModel
+    import torch
+    from peft import LoraConfig, PeftModel
     from typing_extensions import TypeIs
 
     from app.llm.engine import CausalLM, PreparedBatch, ServedModel
@@ -63,6 +69,7 @@ class AdapterManager:
         self._lru: OrderedDict[str, None] = OrderedDict()  # attached PEFT adapter names, least recent first
         self._lock = threading.Lock()
         self._merger = WeightMerger(merge_cache_bytes)
+        self._classifiers: set[str] = set()  # PEFT names of attached classifier adapters
 
     # -- catalogue (any thread) ---------------------------------------------------------------
 
@@ -196,15 +203,17 @@ class AdapterManager:
 
         if not _is_peft(self.model):
             return PreparedBatch(self.model, jobs, None)
+        # The same arrangement again, after a classifier's forward between this batch's decode steps.
+        again = functools.partial(self._arrange, jobs, peft_names)
         distinct = set(peft_names)
         if len(distinct) > 1:
             if self._merger.run_rows(self.model, [None if name == BASE_KEY else name for name in peft_names]):
-                return PreparedBatch(self.model, jobs, None)
-            return PreparedBatch(self.model, jobs, peft_names)
+                return PreparedBatch(self.model, jobs, None, again)
+            return PreparedBatch(self.model, jobs, peft_names)  # PEFT's per-row hooks: nothing may run inside
         only = distinct.pop() if distinct else BASE_KEY
         if not self._merger.run_plain(self.model, None if only == BASE_KEY else only):
             self.model.set_adapter(only, inference_mode=True)
-        return PreparedBatch(self.model, jobs, None)
+        return PreparedBatch(self.model, jobs, None, again)
 
     def _activate(self, choice: AdapterChoice, pinned: set[AdapterChoice]) -> str:
         """Attach what `choice` needs and return its PEFT adapter name (BASE_KEY for the base model)."""
@@ -243,7 +252,7 @@ class AdapterManager:
         check_adapter_fits(self.model, record.info)
         self._merger.model_changing()
         try:
-            self._peft_load(record)
+            self._peft_load(record.path, record.name)
         except Exception as error:  # PEFT fails half-way: whatever it injected must go, so the name stays free
             self._remove_peft_adapter(record.name)
             reason = " ".join(str(error).split())[:_MAX_REASON_CHARS] or type(error).__name__
@@ -255,20 +264,85 @@ class AdapterManager:
         self._make_room((pinned or set()) | {AdapterChoice.single(record.name)}, limit=self._max_loaded + 1)
         logger.info("adapter %s attached from %s", record.name, record.path)
 
-    def _peft_load(self, record: AdapterRecord) -> None:
+    def _peft_load(self, path: Path, peft_name: str, config: LoraConfig | None = None) -> None:
         """PEFT's `from_pretrained` in its two steps (wrap, then load weights), so that a failure while loading
-        the weights leaves a PeftModel here whose half-made adapter can be removed."""
+        the weights leaves a PeftModel here whose half-made adapter can be removed. With `config`, the adapter is
+        created from it (not from the folder's file) before its weights are loaded."""
         if _is_peft(self.model):
-            self.model.load_adapter(str(record.path), adapter_name=record.name, is_trainable=False)
+            if config is not None:
+                self.model.add_adapter(peft_name, config)  # load_adapter then only loads the weights
+            self.model.load_adapter(str(path), adapter_name=peft_name, is_trainable=False)
             return
         from peft import LoraConfig, PeftModel
         from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 
-        config = LoraConfig.from_pretrained(str(record.path))
+        if config is None:
+            config = LoraConfig.from_pretrained(str(path))
         config.inference_mode = True
-        wrapper = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)  # type: ignore[call-overload]
-        self.model = wrapper(self.model, config, record.name)
-        self.model.load_adapter(str(record.path), adapter_name=record.name, is_trainable=False)
+        wrapper = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)  # type: ignore[arg-type]
+        self.model = wrapper(self.model, config, peft_name)
+        self.model.load_adapter(str(path), adapter_name=peft_name, is_trainable=False)
+
+    # -- classifier adapters (engine thread only) ------------------------------------------------
+
+    def attach_classifier(self, peft_name: str, info: AdapterInfo) -> None:
+        """Attach a classifier's LoRA (inspected by `inspect_adapter`) under its reserved PEFT name; attached
+        already: nothing happens. Its shapes are checked against the model before PEFT touches it. It is made a
+        causal-LM LoRA (task type CAUSAL_LM, no modules_to_save): the classifier's head is applied outside PEFT,
+        so nothing but LoRA matrices is added to the shared model."""
+        if not peft_name.startswith(CLASSIFIER_PREFIX):
+            raise ValueError(f"a classifier adapter's PEFT name must start with {CLASSIFIER_PREFIX!r}")
+        if peft_name in self._classifiers:
+            return
+        from peft import LoraConfig
+
+        check_adapter_fits(self.model, info)
+        config = LoraConfig.from_pretrained(str(info.path))
+        config.task_type, config.modules_to_save, config.inference_mode = "CAUSAL_LM", None, True
+        self._merger.model_changing()
+        try:
+            self._peft_load(info.path, peft_name, config)
+        except Exception as error:  # as in _attach: nothing half-made may stay
+            self._remove_peft_adapter(peft_name)
+            reason = " ".join(str(error).split())[:_MAX_REASON_CHARS] or type(error).__name__
+            raise AdapterError(f"the classifier adapter '{info.path.name}' could not be loaded: {reason}") from None
+        self.model.eval()
+        self._classifiers.add(peft_name)
+        logger.info("classifier adapter %s attached from %s", peft_name, info.path)
+
+    def detach_classifier(self, peft_name: str) -> None:
+        """Remove a classifier's LoRA; the base model and the generation adapters stay."""
+        if peft_name not in self._classifiers:
+            return
+        self._merger.model_changing(detached=peft_name)
+        self._remove_peft_adapter(peft_name)
+        self._classifiers.discard(peft_name)
+        logger.info("classifier adapter %s detached", peft_name)
+
+    def classifier_hidden(self, peft_name: str, rows: list[list[int]]) -> list[torch.Tensor]:
+        """One forward pass of `rows` (token ids) with exactly the classifier's adapter active: per row, the final
+        hidden state (after the model's final norm, what AutoModelForSequenceClassification's `score` sees) at its
+        last token, float32 on the CPU. Rows are right-padded, so each token keeps its unpadded position."""
+        import torch
+
+        if peft_name not in self._classifiers or not _is_peft(self.model):
+            raise NotFoundError("the classifier was unloaded before its prediction ran")
+        # The adapter folded into the weights (cached like a generation adapter's); where it cannot be folded in
+        # exactly (int8, non-plain LoRA) PEFT runs with it as the only active adapter.
+        if not self._merger.run_plain(self.model, peft_name):
+            self.model.set_adapter(peft_name, inference_mode=True)
+        root = self.model.get_base_model()
+        # The decoder without the LM head (no vocabulary-wide logits); PreTrainedModel types it as a bare Module.
+        body: Any = getattr(root, "base_model", root)
+        lengths = [len(row) for row in rows]
+        width = max(lengths)
+        device = next(root.parameters()).device
+        input_ids = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=device)
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device)
+        with torch.inference_mode():
+            hidden = body(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+            last = hidden[torch.arange(len(rows), device=device), torch.tensor(lengths, device=device) - 1]
+            return list(last.float().cpu())
 
     def _make_room(self, pinned: set[AdapterChoice], limit: int | None = None) -> None:
         """Unload least recently used adapters until fewer than `limit` (default MAX_LOADED_ADAPTERS) remain."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypedDict, runtime_checkable
 
-ModelUsed = Literal["lora", "base", "ollama"]
+ModelUsed = Literal["lora", "base", "ollama", "remote"]
 FinishReason = Literal["stop", "length", "cancelled"]
 #: A request's adapter choice: () is the base model alone, else (name, weight) pairs; None: server default.
 AdapterSpec = tuple[tuple[str, float], ...]

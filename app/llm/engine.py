@@ -4,6 +4,13 @@ Every use of the model happens on this thread: generation batches and, between t
 loading or unloading an adapter. So an adapter is never changed under a running forward pass, and no lock
 is held across a generation. Requests waiting together are decoded as one batch, each row with its own
 adapter (PEFT `adapter_names=`), sampling settings, token budget, stop strings and streaming callback.
+
+Classification predictions (`PredictionJob`) run here too, one forward pass of at most a request's batch size per
+turn, rows of every queued request on the same classifier sharing it. When generations and predictions both wait,
+turns alternate, so neither starves the other. During a generation batch, one prediction turn may run between two
+decode steps (then the batch's adapter arrangement is put back before its next step), while predictions have taken
+no more time than the batch's own steps: a waiting prediction starts within a step or two, and a running
+generation keeps at least half of the engine's time.
 """
 
 from __future__ import annotations
@@ -11,17 +18,18 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from app.errors import AppError, NumericalFailureError
-from app.llm.jobs import GenerationJob
+from app.llm.jobs import GenerationJob, PredictionJob
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -38,15 +46,22 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: Runs one forward pass for a classifier (its PEFT adapter name) over token-id rows: one output per row.
+Classify = Callable[[str, list[list[int]]], Sequence[object]]
+#: A prediction turn: slices (job, first row, row count) of queued jobs on one classifier.
+_PredictionTurn = list[tuple[PredictionJob, int, int]]
+
 
 @dataclass(frozen=True)
 class PreparedBatch:
     """What `prepare` hands back: the model to run, the rows that can run (the others already failed),
-    and each row's PEFT adapter name (None when every row runs the same weights)."""
+    each row's PEFT adapter name (None when every row runs the same weights), and how to put the batch's
+    arrangement back after a prediction ran between its decode steps (None: nothing may run inside the batch)."""
 
     model: ServedModel
     jobs: list[GenerationJob]
     adapter_names: list[str] | None
+    rearrange: Callable[[], object] | None = None
 
 
 class GenerationEngine:
@@ -57,9 +72,13 @@ class GenerationEngine:
         *,
         max_batch_size: int,
         batch_window_seconds: float,
+        classify: Classify | None = None,
     ) -> None:
         self._tokenizer = tokenizer
         self._prepare = prepare
+        self._classify = classify
+        self._predictions: deque[PredictionJob] = deque()
+        self._last_turn: Literal["generate", "predict"] = "predict"
         self._max_batch_size = max_batch_size
         self._batch_window = batch_window_seconds
         self._jobs: deque[GenerationJob] = deque()
@@ -77,6 +96,21 @@ class GenerationEngine:
             self._jobs.append(job)
             self._wakeup.notify()
 
+    def submit_prediction(self, job: PredictionJob) -> None:
+        with self._wakeup:
+            if self._closed:
+                raise RuntimeError("the generation engine is closed")
+            if self._classify is None:
+                raise RuntimeError("this engine runs no classification")
+            self._predictions.append(job)
+            self._wakeup.notify()
+
+    @property
+    def pending_predictions(self) -> int:
+        """Prediction requests queued or running (not yet answered)."""
+        with self._wakeup:
+            return len(self._predictions)
+
     def call(self, function: Callable[[], T]) -> T:
         """Run `function` on the engine thread between batches and return its result (blocking)."""
         if threading.current_thread() is self._thread:
@@ -93,16 +127,28 @@ class GenerationEngine:
             self._wakeup.notify()
         self._thread.join(timeout=60)
 
-    def _next_work(self) -> tuple[Callable[[], Any], concurrent.futures.Future[Any]] | list[GenerationJob] | None:
+    def _next_work(
+        self,
+    ) -> tuple[Callable[[], Any], concurrent.futures.Future[Any]] | list[GenerationJob] | _PredictionTurn | None:
         with self._wakeup:
-            while not (self._jobs or self._controls or self._closed):
+            while not (self._jobs or self._controls or self._predictions or self._closed):
                 self._wakeup.wait()
             if self._closed:
                 for job in self._jobs:
                     job.fail(RuntimeError("the server is shutting down"))
+                for prediction in self._predictions:
+                    prediction.fail(RuntimeError("the server is shutting down"))
                 return None
             if self._controls:
                 return self._controls.popleft()
+            if self._predictions and (not self._jobs or self._last_turn == "generate"):
+                turn = self._prediction_turn()
+                if turn:
+                    self._last_turn = "predict"
+                    return turn
+                if not self._jobs:
+                    return []
+            self._last_turn = "generate"
             if len(self._jobs) < self._max_batch_size and self._batch_window > 0:
                 # Let requests that arrive together share a batch.
                 self._wakeup.wait(timeout=self._batch_window)
@@ -121,9 +167,68 @@ class GenerationEngine:
                 except BaseException as error:  # handed to the caller, who raises it
                     future.set_exception(error)
                 continue
-            jobs = [job for job in work if not self._skip_cancelled(job)]
+            if work and isinstance(work[0], tuple):
+                self._run_predictions(work)  # type: ignore[arg-type]
+                continue
+            jobs = [job for job in work if isinstance(job, GenerationJob) and not self._skip_cancelled(job)]
             if jobs:
                 self._run_batch(jobs)
+
+    def _prediction_turn(self) -> _PredictionTurn:
+        """Under the lock: the next forward's rows, FIFO from the queued jobs on the first job's classifier, at
+        most that job's batch size. Cancelled jobs leave the queue."""
+        for job in [job for job in self._predictions if job.cancelled.is_set()]:
+            self._predictions.remove(job)
+            job.future.cancel()
+        if not self._predictions:
+            return []
+        first = self._predictions[0]
+        budget = max(1, first.batch_size)
+        turn: _PredictionTurn = []
+        for job in self._predictions:
+            if job.adapter != first.adapter or budget == 0:
+                continue
+            count = min(budget, job.remaining)
+            if count:
+                turn.append((job, len(job.outputs), count))
+                budget -= count
+        return turn
+
+    def _predict_between_steps(self, prepared: PreparedBatch) -> bool:
+        """Inside a generation batch, after a decode step: one prediction turn if any waits (not when a control
+        waits: it will change the model after the batch), then the batch's arrangement back. True if one ran."""
+        with self._wakeup:
+            turn = self._prediction_turn() if self._predictions and not self._controls else []
+        if not turn:
+            return False
+        self._run_predictions(turn)
+        assert prepared.rearrange is not None  # only batches that can be re-arranged call this
+        prepared.rearrange()
+        return True
+
+    def _run_predictions(self, turn: _PredictionTurn) -> None:
+        assert self._classify is not None  # submit_prediction refuses jobs otherwise
+        rows = [row for job, start, count in turn for row in job.rows[start : start + count]]
+        try:
+            outputs = self._classify(turn[0][0].adapter, rows)
+        except Exception as error:
+            if not isinstance(error, AppError):
+                logger.exception("classification failed for a forward of %d rows", len(rows))
+            finished = [job for job, _, _ in turn]
+            for job in finished:
+                job.fail(error)
+        else:
+            position = 0
+            for job, _, count in turn:
+                job.outputs.extend(outputs[position : position + count])
+                position += count
+            finished = [job for job, _, _ in turn if job.remaining == 0]
+            for job in finished:
+                job.resolve()
+        with self._wakeup:
+            for job in finished:
+                if job in self._predictions:
+                    self._predictions.remove(job)
 
     @staticmethod
     def _skip_cancelled(job: GenerationJob) -> bool:
@@ -162,6 +267,9 @@ class GenerationEngine:
         if prepared.adapter_names is not None:
             kwargs["adapter_names"] = prepared.adapter_names
         processors = LogitsProcessorList([_RowGuard(jobs, self._eos_ids)])
+        stopping = StoppingCriteriaList([_RowsFinished(jobs)])
+        if prepared.rearrange is not None and self._classify is not None:
+            stopping.append(_BetweenSteps(lambda: self._predict_between_steps(prepared)))
         if all(job.params.temperature == 0 for job in jobs):
             kwargs["do_sample"] = False
         else:
@@ -176,7 +284,7 @@ class GenerationEngine:
                 max_new_tokens=max(job.params.max_new_tokens for job in jobs),
                 pad_token_id=pad_id,
                 streamer=_BatchStreamer(jobs, self._tokenizer, self._eos_ids),
-                stopping_criteria=StoppingCriteriaList([_RowsFinished(jobs)]),
+                stopping_criteria=stopping,
                 logits_processor=processors,
                 **kwargs,
             )
@@ -240,6 +348,26 @@ class _RowsFinished(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: Any) -> torch.BoolTensor:
         done = [job.finish_reason is not None or job.cancelled.is_set() or job.error is not None for job in self._jobs]
         return torch.tensor(done, device=input_ids.device)  # type: ignore[return-value]
+
+
+class _BetweenSteps(StoppingCriteria):
+    """Not a stop: generate() calls its criteria once after every decode step, the one point inside a batch where
+    other work may use the model (the batch's next forward has not begun). Work runs there only while it has
+    taken no more time than the batch's own steps, so a running generation keeps at least half the engine."""
+
+    def __init__(self, work: Callable[[], bool]) -> None:
+        self._work = work
+        self._resumed = time.perf_counter()  # when the batch's own computation last resumed
+        self._batch_s = 0.0
+        self._work_s = 0.0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: Any) -> torch.BoolTensor:
+        started = time.perf_counter()
+        self._batch_s += started - self._resumed
+        if self._work_s <= self._batch_s and self._work():
+            self._work_s += time.perf_counter() - started
+        self._resumed = time.perf_counter()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
 
 class _BatchStreamer(BaseStreamer):

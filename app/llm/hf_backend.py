@@ -17,6 +17,7 @@ import anyio
 from app.config import Settings
 from app.errors import AppError, BadRequestError, ModelLoadError
 from app.llm.adapter_manager import AdapterManager, AdapterRecord, discover_adapters
+from app.llm.adapters import AdapterInfo
 from app.llm.base import (
     AdapterSpec,
     ChatMessage,
@@ -26,7 +27,7 @@ from app.llm.base import (
     GenerationResult,
     TextCallback,
 )
-from app.llm.jobs import GenerationJob
+from app.llm.jobs import GenerationJob, PredictionJob
 from app.llm.model_source import resolve_base_model
 from app.llm.numerics import NumericPath, choose_numeric_path
 
@@ -55,6 +56,7 @@ class LoadedModelFacts:
     device: str
     numerics: NumericPath
     max_position_embeddings: int | None
+    hidden_size: int | None = None
 
 
 class HFLoraBackend(GenerationBackend):
@@ -69,8 +71,10 @@ class HFLoraBackend(GenerationBackend):
         engine: GenerationEngine,
         facts: LoadedModelFacts,
         adapter_errors: dict[str, str],
+        settings: Settings | None = None,
     ) -> None:
         self._tokenizer = tokenizer
+        self.settings = settings  # what it was loaded with (the classification service reads its folders here)
         self.adapters = adapters
         self._engine = engine
         self.facts = facts
@@ -127,19 +131,21 @@ class HFLoraBackend(GenerationBackend):
             manager.prepare_batch,
             max_batch_size=settings.max_batch_size,
             batch_window_seconds=settings.batch_window_ms / 1000,
+            classify=manager.classifier_hidden,
         )
         facts = LoadedModelFacts(
             base_model=settings.base_model_name,
             device=device,
             numerics=numerics,
             max_position_embeddings=getattr(model.config, "max_position_embeddings", None),
+            hidden_size=getattr(model.config, "hidden_size", None),
         )
         logger.info(
             "model ready: base=%s adapters=%s default=%s device=%s dtype=%s quantization=%s (%s; cpu: %s)",
             facts.base_model, manager.names(), manager.default_name, device, numerics.dtype, numerics.quantization,
             numerics.reason, numerics.cpu,
         )
-        return cls(tokenizer, manager, engine, facts, adapter_errors)
+        return cls(tokenizer, manager, engine, facts, adapter_errors, settings)
 
     async def generate(
         self,
@@ -202,6 +208,34 @@ class HFLoraBackend(GenerationBackend):
 
     def mix_catalogue(self) -> list[str]:
         return self.adapters.mix_keys()
+
+    # -- classification: app/classification's service calls these; the model is only touched on the engine thread
+
+    def encode_texts(self, texts: list[str], max_length: int) -> list[list[int]]:
+        """Each text's token ids, cut to its first `max_length` tokens (no chat template: the text as it is)."""
+        encoded = self._tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)
+        return [list(ids) for ids in encoded["input_ids"]]
+
+    async def attach_classifier(self, peft_name: str, info: AdapterInfo) -> None:
+        await anyio.to_thread.run_sync(self._engine.call, lambda: self.adapters.attach_classifier(peft_name, info))
+
+    async def detach_classifier(self, peft_name: str) -> None:
+        await anyio.to_thread.run_sync(self._engine.call, lambda: self.adapters.detach_classifier(peft_name))
+
+    async def classify(self, peft_name: str, rows: list[list[int]], batch_size: int) -> list[object]:
+        """Each row's final hidden state at its last token, with only the classifier's adapter active; queued to
+        the engine, which runs it between generation batches in forwards of at most `batch_size` rows."""
+        job = PredictionJob(adapter=peft_name, rows=rows, batch_size=batch_size)
+        self._engine.submit_prediction(job)
+        try:
+            return await asyncio.wrap_future(job.future)
+        except asyncio.CancelledError:
+            job.cancelled.set()  # the engine drops what it has not run yet
+            raise
+
+    @property
+    def pending_predictions(self) -> int:
+        return self._engine.pending_predictions
 
     async def health(self) -> ComponentHealth:
         default = self.adapters.default_name

@@ -18,6 +18,8 @@ from app.llm.base import GenerationParams
 
 FinishReason = Literal["stop", "length", "cancelled"]
 BASE_KEY = "__base__"
+#: PEFT names of classifier adapters start with this; generation names start with a letter or digit.
+CLASSIFIER_PREFIX = "_cls_"
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,32 @@ class GenerationJob:
         """Hand the job back; its future may already be cancelled when the caller went away."""
         if not self.future.done():
             self.future.set_result(self)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+@dataclass(eq=False)  # compared by identity: the engine removes this very job from its queue
+class PredictionJob:
+    """One classification request: its texts' token ids, run with exactly the classifier's adapter (its reserved
+    PEFT name). The engine runs at most `batch_size` rows per forward pass, between generation batches, and
+    appends each row's output (the final hidden state at its last token) in order; `future` then gets them all."""
+
+    adapter: str  # the classifier's PEFT adapter name (reserved, never a generation adapter's)
+    rows: list[list[int]]
+    batch_size: int
+    future: concurrent.futures.Future[list[object]] = field(default_factory=concurrent.futures.Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    outputs: list[object] = field(default_factory=list)
+
+    @property
+    def remaining(self) -> int:
+        return len(self.rows) - len(self.outputs)
+
+    def resolve(self) -> None:
+        if not self.future.done():
+            self.future.set_result(self.outputs)
 
     def fail(self, error: BaseException) -> None:
         if not self.future.done():

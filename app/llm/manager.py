@@ -1,8 +1,10 @@
 """The one owner of generation backends and of which one is active.
 
-Routers never load models: they ask this object for a backend. A request keeps the backend object it
-was handed, so /switch_model changes only what later requests get; a request already generating
-finishes on the backend it started with.
+Backends are chosen by name from BACKENDS (`lora`, `ollama`, `remote`; a new one is one entry). Routers never
+load models: they ask this object for a backend. A request keeps the backend object it was handed, so
+/switch_model changes only what later requests get; a request already generating finishes on the backend it
+started with. A backend that is not configured (`remote` without REMOTE_BASE_URL) is never loaded and not
+reported.
 """
 
 from __future__ import annotations
@@ -10,19 +12,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 
-from app.config import Settings
-from app.errors import AppError, BackendUnavailableError, BadRequestError, ModelLoadError
+from app.config import Settings, SettingsError
+from app.errors import AppError, BackendUnavailableError, BadRequestError, ModelLoadError, NotFoundError
 from app.llm.adapter_paths import resolve_adapter_path
 from app.llm.base import AdapterHost, ComponentHealth, GenerationBackend
 
 logger = logging.getLogger(__name__)
 
 BackendLoader = Callable[[Settings], GenerationBackend]
-LORA, OLLAMA = "lora", "ollama"
+LORA, OLLAMA, REMOTE = "lora", "ollama", "remote"
 
 
 def _load_hf_backend(settings: Settings) -> GenerationBackend:
@@ -37,18 +40,39 @@ def _load_ollama_backend(settings: Settings) -> GenerationBackend:
     return OllamaBackend(settings)
 
 
-BACKEND_LOADERS: Mapping[str, BackendLoader] = {LORA: _load_hf_backend, OLLAMA: _load_ollama_backend}
+def _load_remote_backend(settings: Settings) -> GenerationBackend:
+    from app.llm.remote_backend import RemoteBackend
+
+    return RemoteBackend(settings)
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    load: BackendLoader
+    component: str  # its name in /health
+    configured: Callable[[Settings], bool] = lambda settings: True
+    serves_adapters: bool = False  # requests naming adapters go to it when it is active
+
+
+BACKENDS: Mapping[str, BackendEntry] = {
+    LORA: BackendEntry(_load_hf_backend, "lora_model", serves_adapters=True),
+    OLLAMA: BackendEntry(_load_ollama_backend, "ollama_service"),
+    REMOTE: BackendEntry(_load_remote_backend, "remote_service", lambda settings: bool(settings.remote_base_url),
+                         serves_adapters=True),
+}
 
 
 class ModelManager:
     """Loads backends on first use (off the event loop) and switches the active one under a lock."""
 
-    def __init__(self, settings: Settings, loaders: Mapping[str, BackendLoader] = BACKEND_LOADERS) -> None:
+    def __init__(self, settings: Settings, backends: Mapping[str, BackendEntry] = BACKENDS) -> None:
         self._settings = settings
-        self._loaders = loaders
+        self._entries = {name: entry for name, entry in backends.items() if entry.configured(settings)}
         self._backends: dict[str, GenerationBackend] = {}
         self._load_errors: dict[str, str] = {}
-        self._active = LORA if settings.use_lora_default else OLLAMA
+        self._active = settings.start_backend
+        if self._active not in self._entries:
+            raise SettingsError(self._unknown(self._active, "DEFAULT_BACKEND"))
         self._lock = asyncio.Lock()
 
     @property
@@ -59,23 +83,47 @@ class ModelManager:
         """Load the active backend now, so the first /ask does not pay for it."""
         await self.backend(self._active)
 
-    async def backend_for(self, use_lora: bool | None) -> GenerationBackend:
-        """The backend a request runs on: the active one, or the one `use_lora` asks for."""
-        return await self.backend(self._active if use_lora is None else (LORA if use_lora else OLLAMA))
+    @property
+    def configured(self) -> list[str]:
+        """The backends this server can use, by name."""
+        return list(self._entries)
+
+    def component(self, name: str) -> str:
+        return self._entries[name].component
+
+    def choose(self, requested: str | None, serves_adapters: bool = False) -> str:
+        """The backend a request runs on: the one it names, else the active one; a request that needs adapters
+        (`serves_adapters`) goes to the active backend when that serves them, else to the local model."""
+        if requested is not None:
+            if requested not in self._entries:
+                raise NotFoundError(self._unknown(requested, "backend"))
+            return requested
+        if serves_adapters and not self._entries[self._active].serves_adapters:
+            return LORA
+        return self._active
+
+    async def backend_for(self, requested: str | None, serves_adapters: bool = False) -> GenerationBackend:
+        return await self.backend(self.choose(requested, serves_adapters))
+
+    def _unknown(self, name: str, what: str) -> str:
+        known = ", ".join(self._entries)
+        hint = "; remote needs REMOTE_BASE_URL" if name == REMOTE and REMOTE not in self._entries else ""
+        return f"{what} {name!r} is not one of this server's backends: {known}{hint}"
 
     async def backend(self, name: str) -> GenerationBackend:
-        if name not in self._loaders:
-            raise BadRequestError(f"unknown backend '{name}'; valid: {', '.join(sorted(self._loaders))}")
+        if name not in self._entries:
+            raise BadRequestError(self._unknown(name, "backend"))
         loaded = self._backends.get(name)
         if loaded is not None:
             return loaded
         async with self._lock:
             return await self._load_locked(name)
 
-    async def switch(self, use_lora: bool) -> str:
-        """Make LoRA or Ollama the default for later requests; loads it first if needed. A backend that
+    async def switch(self, name: str) -> str:
+        """Make backend `name` the default for later requests; loads it first if needed. A backend that
         cannot serve (it fails to load, or its health check fails) is refused and the active one stays."""
-        name = LORA if use_lora else OLLAMA
+        if name not in self._entries:
+            raise NotFoundError(self._unknown(name, "backend"))
         async with self._lock:
             health = await (await self._load_locked(name)).health()
             if not health.ok:
@@ -94,7 +142,7 @@ class ModelManager:
         if loaded is not None:
             return loaded
         try:
-            backend = await anyio.to_thread.run_sync(self._loaders[name], self._settings)
+            backend = await anyio.to_thread.run_sync(self._entries[name].load, self._settings)
         except AppError as error:
             self._load_errors[name] = error.message
             raise
@@ -130,8 +178,16 @@ class ModelManager:
         host = await self.adapter_host()
         return {"adapters": host.adapter_catalogue(), "mixes": host.mix_catalogue()}
 
-    def served_model_names(self) -> tuple[str, list[str]]:
-        """The base model's public name and the adapters loaded now (for /v1/models)."""
+    async def served_model_names(self) -> tuple[str, list[str]]:
+        """The base model's public name and the adapters served now (for /v1/models and /api/tags): the remote
+        engine's when it is the active backend (its model list, cached), else the local model's."""
+        if self.choose(None, serves_adapters=True) == REMOTE:
+            from app.llm.remote_backend import RemoteBackend
+
+            remote = await self.backend(REMOTE)
+            assert isinstance(remote, RemoteBackend)
+            names = await remote.model_names()
+            return names[0], names[1:]
         backend = self._backends.get(LORA)
         adapters: list[str] = (
             [entry["name"] for entry in backend.adapter_catalogue()] if isinstance(backend, AdapterHost) else []
@@ -145,9 +201,9 @@ class ModelManager:
             return await backend.health()
         if name in self._load_errors:
             return ComponentHealth(ok=False, detail=f"failed to load: {self._load_errors[name]}")
-        if name == OLLAMA:
-            # Ollama's client is cheap to make; asking the server is the only meaningful check.
-            return await (await self.backend(OLLAMA)).health()
+        if name != LORA:
+            # A client is cheap to make (Ollama's, the remote's); asking the server is the only meaningful check.
+            return await (await self.backend(name)).health()
         from app.checks import check_base_model
 
         check = check_base_model(self._settings)

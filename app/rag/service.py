@@ -29,7 +29,7 @@ from app.llm.base import (
     ModelUsed,
     TextCallback,
 )
-from app.llm.manager import LORA, OLLAMA, ModelManager
+from app.llm.manager import LORA, ModelManager
 from app.llm.model_source import default_cache_dir
 from app.rag.collections import DEFAULT_COLLECTION, Collections
 from app.rag.embeddings import Embedder
@@ -156,7 +156,7 @@ class RAGService:
     async def ask(
         self,
         query: str,
-        use_lora: bool | None = None,
+        backend: str | None = None,
         adapters: AdapterSpec | None = None,
         on_text: TextCallback | None = None,
         collection: str = DEFAULT_COLLECTION,
@@ -164,7 +164,7 @@ class RAGService:
         started = time.perf_counter()
         query = self._checked_query(query)
         hits = await self._retrieve(query, collection)
-        result = await self.generate(build_messages(query, hits), self.default_params(), use_lora, adapters, on_text)
+        result = await self.generate(build_messages(query, hits), self.default_params(), backend, adapters, on_text)
         return AskResult(
             answer=result.text,
             sources=hits,
@@ -193,7 +193,9 @@ class RAGService:
             question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
             hits = await self._retrieve(self._checked_query(question), collection)
             messages = with_context(messages, hits)
-        result = await self.generate(messages, params, True, adapters, on_text)
+        # The OpenAI routes serve the base model and its adapters: the active backend when it serves adapters
+        # (lora, remote), else the local model.
+        result = await self.generate(messages, params, None, adapters, on_text, serves_adapters=True)
         return ChatResult(result=result, sources=hits)
 
     @property
@@ -232,17 +234,19 @@ class RAGService:
         self,
         messages: list[ChatMessage],
         params: GenerationParams,
-        use_lora: bool | None,
+        backend_name: str | None,
         adapters: AdapterSpec | None,
         on_text: TextCallback | None,
+        *,
+        serves_adapters: bool = False,
     ) -> GenerationResult:
-        """Generate on the chosen backend within the concurrency bound; log one `model_lora_combination` event."""
-        if adapters is not None and use_lora is None:
-            use_lora = True  # naming an adapter (or the base model) means the local model
+        """Generate on the chosen backend (by name; None: the active one) within the concurrency bound; log one
+        `model_lora_combination` event. Naming adapters (or the base model), or `serves_adapters`, means a
+        backend that serves adapters."""
         started = time.perf_counter()
         event: dict[str, Any] = {"event": "model_lora_combination", "adapters_requested": _spec_text(adapters)}
         try:
-            backend = await self.models.backend_for(use_lora)
+            backend = await self.models.backend_for(backend_name, serves_adapters or adapters is not None)
             event["backend"] = backend.name
             async with self._limiter.place(name for name, _ in adapters or ()):
                 result = await self._within_deadline(backend.generate(messages, params, adapters, on_text))
@@ -315,6 +319,7 @@ class RAGService:
             "lora_exists": has_adapter_files(settings.lora_model_path),
             "using_lora": self.models.active == LORA,
             "active_backend": self.models.active,
+            "backends": self.models.configured,
             "cache_dir": str(settings.cache_dir or default_cache_dir()),
             "vector_store_path": str(settings.vector_store_path),
             "embedding_model": settings.embedding_model,
@@ -326,7 +331,7 @@ class RAGService:
         }
 
     async def health(self) -> HealthReport:
-        default = self.collections.default
+        default, models = self.collections.default, self.models
         store = default.store
         others = len(self.collections.names()) - 1
         more = f"; {others} more collection{'s' if others != 1 else ''}" if others else ""
@@ -335,10 +340,9 @@ class RAGService:
             "vector_store": ComponentHealth(ok=True, detail=f"{store.size} chunks ({store.version}){more}")
             if store is not None
             else ComponentHealth(ok=False, detail=default.load_error or "not loaded"),
-            "lora_model": await self.models.component_health(LORA),
-            "ollama_service": await self.models.component_health(OLLAMA),
+            **{models.component(name): await models.component_health(name) for name in models.configured},
         }
-        active = components["lora_model" if self.models.active == LORA else "ollama_service"]
+        active = components[self.models.component(self.models.active)]
         status: Literal["healthy", "degraded", "unhealthy"]
         if not active.ok or not components["vector_store"].ok:
             status = "unhealthy"

@@ -1,4 +1,5 @@
-"""Reading a JSONL training file and checking every line before any model is loaded.
+"""Reading a JSONL training file and checking every line before any model is loaded (`read_jsonl` is shared
+with the classification data of `app.training.classification`).
 
 Each line is one of:
     {"question" | "instruction": str, "context" | "input": str (optional), "answer" | "output": str}
@@ -11,9 +12,10 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from app.llm.base import ChatMessage
 from app.training.errors import TrainingDataError
@@ -22,6 +24,8 @@ from app.training.formatting import question_messages
 _ROLES = ("system", "user", "assistant")
 _MAX_REPORTED_LINES = 10
 _EXAMPLE_LINE = '{"question": "...", "answer": "..."}'
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -34,11 +38,17 @@ class TrainingExample:
 
 def load_training_file(path: Path) -> list[TrainingExample]:
     """Every example of the file, or TrainingDataError naming the file's problem or its bad lines."""
+    return [TrainingExample(messages, number) for number, messages in read_jsonl(path, parse_record, _EXAMPLE_LINE)]
+
+
+def read_jsonl(path: Path, parse: Callable[[str], T], example_line: str) -> list[tuple[int, T]]:
+    """(line number, parsed record) for every non-blank line, or TrainingDataError naming the file's problem
+    or all its bad lines; `parse` raises ValueError saying what is wrong with one line."""
     if not path.exists():
         raise TrainingDataError(f"data file {path} does not exist")
     if not path.is_file():
         raise TrainingDataError(f"data file {path} is not a file")
-    examples: list[TrainingExample] = []
+    records: list[tuple[int, T]] = []
     problems: list[str] = []
     for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
         try:
@@ -49,7 +59,7 @@ def load_training_file(path: Path) -> list[TrainingExample]:
         if not line:
             continue
         try:
-            examples.append(TrainingExample(parse_record(line), number))
+            records.append((number, parse(line)))
         except ValueError as error:
             problems.append(f"line {number}: {error}")
     if len(problems) == 1:
@@ -61,23 +71,29 @@ def load_training_file(path: Path) -> list[TrainingExample]:
         raise TrainingDataError(
             f"data file {path} has {len(problems)} unusable lines, fix or remove them:\n  " + "\n  ".join(shown)
         )
-    if not examples:
-        raise TrainingDataError(f"data file {path} is empty: expected one JSON object per line, like {_EXAMPLE_LINE}")
-    return examples
+    if not records:
+        raise TrainingDataError(f"data file {path} is empty: expected one JSON object per line, like {example_line}")
+    return records
 
 
-def parse_record(line: str) -> list[ChatMessage]:
-    """The conversation of one JSONL line; ValueError says, in a few words, what is wrong with it."""
+def json_object(line: str) -> dict[str, Any]:
+    """The JSON object of one line; ValueError when it is not valid JSON or not an object."""
     try:
         record: Any = json.loads(line)
     except json.JSONDecodeError as error:
         raise ValueError(f"not valid JSON ({error.msg} at column {error.colno})") from None
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def parse_record(line: str) -> list[ChatMessage]:
+    """The conversation of one JSONL line; ValueError says, in a few words, what is wrong with it."""
+    record = json_object(line)
     if "messages" in record:
         return _chat_messages(record["messages"])
-    question = _text_field(record, "question", "instruction")
-    answer = _text_field(record, "answer", "output")
+    question = text_field(record, "question", "instruction")
+    answer = text_field(record, "answer", "output")
     if question is None and answer is None:
         raise ValueError(
             'expected "question" and "answer" (or "instruction" and "output", or "messages"); '
@@ -87,10 +103,10 @@ def parse_record(line: str) -> list[ChatMessage]:
         raise ValueError('no question: expected a non-empty "question" or "instruction"')
     if answer is None:
         raise ValueError('no answer: expected a non-empty "answer" or "output"')
-    return question_messages(question, _text_field(record, "context", "input"), answer)
+    return question_messages(question, text_field(record, "context", "input"), answer)
 
 
-def _text_field(record: dict[str, Any], *names: str) -> str | None:
+def text_field(record: dict[str, Any], *names: str) -> str | None:
     """The first of `names` present in the record, stripped; None when absent or blank."""
     for name in names:
         if name in record and record[name] is not None:

@@ -13,7 +13,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from app.config import EMBEDDED_BASE_MODEL
 from app.errors import ModelLoadError
@@ -68,24 +68,54 @@ class FinetuneConfig:
 
     def check(self) -> None:
         """Refuse values no run can use, naming the option."""
-        rules: list[tuple[bool, str]] = [
-            (self.num_train_epochs > 0, "--num_train_epochs must be above 0"),
-            (self.max_steps is None or self.max_steps >= 1, "--max_steps must be at least 1"),
-            (0 < self.learning_rate < 1, "--learning_rate must be between 0 and 1"),
-            (self.batch_size >= 1, "--batch_size must be at least 1"),
-            (self.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
-            (self.max_length >= 16, "--max_length must be at least 16 tokens"),
-            (self.lora_r >= 1, "--lora_r must be at least 1"),
-            (self.lora_alpha > 0, "--lora_alpha must be above 0"),
-            (0 <= self.lora_dropout < 1, "--lora_dropout must be in [0, 1)"),
-            (0 <= self.eval_split <= 0.5, "--eval_split must be in [0, 0.5]"),
-        ]
-        for ok, message in rules:
-            if not ok:
-                raise FinetuneError(message)
+        check_hyperparameters(self)
 
     def as_json(self) -> dict[str, Any]:
         return {key: str(value) if isinstance(value, Path) else value for key, value in asdict(self).items()}
+
+
+class Hyperparameters(Protocol):
+    """The options both tasks share (`FinetuneConfig`, `ClassifierConfig`); read-only, as both are frozen."""
+
+    @property
+    def num_train_epochs(self) -> float: ...
+    @property
+    def max_steps(self) -> int | None: ...
+    @property
+    def learning_rate(self) -> float: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def gradient_accumulation_steps(self) -> int: ...
+    @property
+    def max_length(self) -> int: ...
+    @property
+    def lora_r(self) -> int: ...
+    @property
+    def lora_alpha(self) -> int: ...
+    @property
+    def lora_dropout(self) -> float: ...
+    @property
+    def eval_split(self) -> float: ...
+
+
+def check_hyperparameters(config: Hyperparameters) -> None:
+    """Refuse values no run can use, naming the option."""
+    rules: list[tuple[bool, str]] = [
+        (config.num_train_epochs > 0, "--num_train_epochs must be above 0"),
+        (config.max_steps is None or config.max_steps >= 1, "--max_steps must be at least 1"),
+        (0 < config.learning_rate < 1, "--learning_rate must be between 0 and 1"),
+        (config.batch_size >= 1, "--batch_size must be at least 1"),
+        (config.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be at least 1"),
+        (config.max_length >= 16, "--max_length must be at least 16 tokens"),
+        (config.lora_r >= 1, "--lora_r must be at least 1"),
+        (config.lora_alpha > 0, "--lora_alpha must be above 0"),
+        (0 <= config.lora_dropout < 1, "--lora_dropout must be in [0, 1)"),
+        (0 <= config.eval_split <= 0.5, "--eval_split must be in [0, 0.5]"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise FinetuneError(message)
 
 
 @dataclass(frozen=True)
@@ -157,7 +187,7 @@ def _train_into(
 
     device = resolve_training_device(config.device)
     set_seed(config.seed)
-    tokenizer, model = _load_base_model(config.model_name, config.cache_dir, device)
+    tokenizer, model = load_base_model(config.model_name, config.cache_dir, device)
     if ensure_chat_template(tokenizer):
         logger.warning("%s has no chat template: using the service's plain 'Role: text' format", config.model_name)
     train_set, truncated, skipped = _encode_all(tokenizer, train_examples, config.max_length)
@@ -232,18 +262,18 @@ def _train_into(
         tokens_per_second=round(tokens / train_seconds, 1),
         wall_seconds=round(time.perf_counter() - started, 1),
         arguments=config.as_json(),
-        versions=_versions(),
+        versions=library_versions(),
     )
     (folder / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
     return report
 
 
-def _load_base_model(
+def load_base_model(
     model_name: str, cache_dir: Path | None, device: TrainingDevice
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = _model_source(model_name, cache_dir)
+    source = model_source(model_name, cache_dir)
     logger.info("loading the base model %s", model_name)
     cache = str(cache_dir) if cache_dir else None
     try:
@@ -263,7 +293,7 @@ def _load_base_model(
     return tokenizer, model
 
 
-def _model_source(model_name: str, cache_dir: Path | None) -> str:
+def model_source(model_name: str, cache_dir: Path | None) -> str:
     """What `from_pretrained` loads; a path that is missing or not a model folder is refused here, clearly."""
     source = resolve_base_model(model_name, cache_dir)
     folder = Path(source).expanduser()
@@ -353,7 +383,7 @@ def _make_trainer(
     return trainer
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     import peft
     import torch
     import transformers

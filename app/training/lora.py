@@ -41,13 +41,22 @@ def parse_target_modules(text: str | None) -> list[str] | str | None:
 
 
 def attach_lora(
-    model: PreTrainedModel, target_modules: list[str] | str, r: int, alpha: int, dropout: float
+    model: PreTrainedModel,
+    target_modules: list[str] | str,
+    r: int,
+    alpha: int,
+    dropout: float,
+    *,
+    task_type: str = "CAUSAL_LM",
 ) -> PeftModel:
-    """The model wrapped for training: frozen base weights, fresh LoRA matrices on the target modules."""
+    """The model wrapped for training: frozen base weights, fresh LoRA matrices on the target modules.
+
+    `task_type` picks PEFT's wrapper class; "FEATURE_EXTRACTION" (classification) saves no extra modules, so the
+    adapter still loads onto the plain causal LM."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     config = LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
+        task_type=TaskType(task_type),
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,

@@ -1,0 +1,1 @@
+"""Text classification on the served base model: a classifier is a LoRA adapter, a linear head and its labels."""

@@ -1,0 +1,323 @@
+"""The remote backend: any OpenAI-compatible chat-completions engine (vLLM, SGLang, LoRAX, llama.cpp's server,
+another lora-rag), with its LoRA adapters chosen by model name.
+
+The base model is REMOTE_MODEL (or the first of its /v1/models); every other name in its /v1/models is an
+adapter, as vLLM lists `--lora-modules` and runtime-loaded adapters. Streams are passed on as they arrive, and a
+cancelled request closes its connection, which makes the engine stop generating it. The engine's errors become
+ours here: unreachable 503, timeout 504, unknown model 404, its 429 with Retry-After, anything else 502 with
+its message.
+
+Written on httpx directly rather than the `openai` client: the client retries on its own terms (5xx and
+timeouts as well) and hides the HTTP status a mapping needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+
+from app.config import Settings
+from app.errors import (
+    AppError,
+    BackendTimeoutError,
+    BackendUnavailableError,
+    NotFoundError,
+    NotSupportedError,
+    UpstreamError,
+    UpstreamRateLimitedError,
+    ValidationFailedError,
+)
+from app.llm.base import (
+    AdapterSpec,
+    ChatMessage,
+    ComponentHealth,
+    FinishReason,
+    GenerationBackend,
+    GenerationParams,
+    GenerationResult,
+    TextCallback,
+)
+
+logger = logging.getLogger(__name__)
+
+_HEALTH_TIMEOUT_SECONDS = 3.0
+_BACKOFF_SECONDS = 0.25  # doubled after each failed connection attempt
+_MAX_ERROR_CHARS = 500
+
+
+class RemoteAdapterNotFoundError(NotFoundError):
+    code = "adapter_not_found"
+
+
+class _RouteMissingError(NotFoundError):
+    """The engine has no such route (a web framework's bare 404 or 405), as opposed to an unknown model."""
+
+
+#: what web frameworks answer for a route they do not have (FastAPI/Starlette, aiohttp, llama.cpp's server)
+_ROUTE_MISSING = frozenset({"not found", "method not allowed", "404: not found", "file not found"})
+
+
+class RemoteBackend(GenerationBackend):
+    """Chat completions on the engine at REMOTE_BASE_URL."""
+
+    name = "remote"
+
+    def __init__(self, settings: Settings) -> None:
+        self.base_url = settings.remote_base_url
+        key = settings.remote_api_key.get_secret_value()
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url + "/",
+            headers={"Authorization": f"Bearer {key}"} if key else {},
+            timeout=httpx.Timeout(settings.remote_read_timeout, connect=settings.remote_connect_timeout),
+        )
+        self._configured_model = settings.remote_model
+        self._retries = settings.remote_retries
+        self._models_ttl = settings.remote_models_ttl_seconds
+        self._models: list[str] = []
+        self._models_read_at = -float("inf")
+
+    async def generate(
+        self,
+        messages: list[ChatMessage],
+        params: GenerationParams,
+        adapters: AdapterSpec | None = None,
+        on_text: TextCallback | None = None,
+    ) -> GenerationResult:
+        model, adapter = await self._model_for(adapters)
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": [dict(message) for message in messages],
+            "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+        }
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if on_text is None:
+            reply = await self._post_json("chat/completions", body)
+            choice = (reply.get("choices") or [{}])[0]
+            text = str((choice.get("message") or {}).get("content") or "")
+            return self._result(text, choice.get("finish_reason"), reply.get("usage"), adapter)
+        body.update(stream=True, stream_options={"include_usage": True})
+        pieces: list[str] = []
+        finish: object = None
+        usage: object = None
+        async with self._stream("chat/completions", body) as lines:
+            async for chunk in _events(lines):
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices") or []:
+                    piece = str((choice.get("delta") or {}).get("content") or "")
+                    if piece:
+                        pieces.append(piece)
+                        on_text(piece)
+                    finish = choice.get("finish_reason") or finish
+        return self._result("".join(pieces), finish, usage, adapter)
+
+    async def health(self) -> ComponentHealth:
+        """Reachable, and its model list holds the base model."""
+        try:
+            models = await self.model_names(refresh=True, timeout=_HEALTH_TIMEOUT_SECONDS)
+        except AppError as error:
+            return ComponentHealth(ok=False, detail=error.message)
+        base = self._configured_model or models[0]
+        if base not in models:
+            return ComponentHealth(ok=False, detail=f"REMOTE_MODEL={base!r} is not served at {self.base_url}")
+        return ComponentHealth(ok=True, detail=f"reachable at {self.base_url}, base model {base}")
+
+    def describe(self) -> dict[str, Any]:
+        return {"remote_base_url": self.base_url, "remote_model": self._configured_model or (self._models or [""])[0]}
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    # Adapters, as the engine names them
+
+    async def model_names(self, *, refresh: bool = False, timeout: float | None = None) -> list[str]:
+        """The engine's /v1/models ids (cached REMOTE_MODELS_TTL_SECONDS), base model first when it is listed."""
+        if refresh or time.monotonic() - self._models_read_at > self._models_ttl or not self._models:
+            reply = await self._request("GET", "models", timeout=timeout)
+            ids = [str(entry.get("id")) for entry in reply.get("data") or [] if isinstance(entry, dict)]
+            if not ids:
+                raise UpstreamError(f"the remote engine at {self.base_url} lists no models")
+            base = self._configured_model or ids[0]
+            self._models = [base, *[name for name in ids if name != base]] if base in ids else ids
+            self._models_read_at = time.monotonic()
+        return self._models
+
+    async def adapter_names(self) -> list[str]:
+        models = await self.model_names()
+        return [name for name in models if name != self._base_model(models)]
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """vLLM's runtime loading (`VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`); the path is on the engine's machine."""
+        await self._adapter_route("load_lora_adapter", {"lora_name": name, "lora_path": path})
+
+    async def unload_adapter(self, name: str) -> None:
+        await self._adapter_route("unload_lora_adapter", {"lora_name": name})
+
+    async def _adapter_route(self, route: str, body: dict[str, str]) -> None:
+        try:
+            await self._request("POST", route, json_body=body)
+        except _RouteMissingError:
+            raise NotSupportedError(
+                f"the remote engine at {self.base_url} has no /{route} (vLLM has it with "
+                "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True): load adapters there with its own options"
+            ) from None
+        self._models_read_at = -float("inf")  # its model list changed
+
+    async def _model_for(self, adapters: AdapterSpec | None) -> tuple[str, str]:
+        """The engine's model name for this request, and the adapter name for the result ("" for the base)."""
+        models = await self.model_names()
+        base = self._base_model(models)
+        if not adapters:
+            return base, ""
+        if len(adapters) > 1 or adapters[0][1] != 1.0:
+            raise ValidationFailedError(
+                "weighted adapter mixes are not supported by the remote backend: an OpenAI-compatible engine "
+                "runs one adapter per request, named as its model; name one adapter, or use the lora backend"
+            )
+        name = adapters[0][0]
+        if name not in models:
+            models = await self.model_names(refresh=True)  # loaded there since the list was read
+        if name not in models:
+            listed = ", ".join(name for name in models if name != base) or "none"
+            raise RemoteAdapterNotFoundError(
+                f"adapter {name!r} is not served by the remote engine; its adapters: {listed}"
+            )
+        return name, name
+
+    def _base_model(self, models: list[str]) -> str:
+        return self._configured_model or models[0]
+
+    def _result(self, text: str, finish: object, usage: object, adapter: str) -> GenerationResult:
+        counts = usage if isinstance(usage, dict) else {}
+        reason: FinishReason = "length" if finish == "length" else "stop"
+        return GenerationResult(
+            text=text, model_used="remote", prompt_tokens=int(counts.get("prompt_tokens") or 0),
+            completion_tokens=int(counts.get("completion_tokens") or 0), finish_reason=reason, adapters=adapter,
+        )
+
+    # HTTP, with the engine's failures turned into ours
+
+    async def _post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._request("POST", path, json_body=body)
+
+    async def _request(
+        self, method: str, path: str, *, json_body: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        options: dict[str, Any] = {"json": json_body} if json_body is not None else {}
+        if timeout is not None:
+            options["timeout"] = timeout
+        response = await self._with_retries(lambda: self._client.request(method, path, **options))
+        self._raise_for(response, response.text)
+        try:
+            payload = response.json()
+        except ValueError:
+            raise UpstreamError(f"the remote engine at {self.base_url} answered {path} with no JSON") from None
+        return payload if isinstance(payload, dict) else {}
+
+    @asynccontextmanager
+    async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[AsyncIterator[str]]:
+        request = self._client.build_request("POST", path, json=body)
+        response = await self._with_retries(lambda: self._client.send(request, stream=True))
+        try:
+            if response.status_code >= 400:
+                self._raise_for(response, (await response.aread()).decode("utf-8", errors="replace"))
+            yield _translated_lines(response, self.base_url)
+        finally:
+            await response.aclose()  # also on cancellation: the engine sees the connection close and stops
+
+    async def _with_retries(self, send: Any) -> httpx.Response:
+        """`send()`, retried with backoff when the connection cannot be made (never once the engine has it)."""
+        for attempt in range(self._retries + 1):
+            try:
+                response: httpx.Response = await send()
+                return response
+            except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+                if attempt == self._retries:
+                    raise BackendUnavailableError(
+                        f"the remote engine is not reachable at {self.base_url} ({type(error).__name__} after "
+                        f"{attempt + 1} attempts)"
+                    ) from None
+                await asyncio.sleep(_BACKOFF_SECONDS * 2**attempt)
+            except httpx.TimeoutException:
+                raise BackendTimeoutError(f"the remote engine at {self.base_url} did not answer in time") from None
+            except httpx.HTTPError as error:
+                raise BackendUnavailableError(
+                    f"the remote engine at {self.base_url} failed: {type(error).__name__}"
+                ) from None
+        raise AssertionError("unreachable")
+
+    def _raise_for(self, response: httpx.Response, text: str) -> None:
+        status = response.status_code
+        if status < 400:
+            return
+        message = _error_message(text)[:_MAX_ERROR_CHARS]
+        where = f"the remote engine at {self.base_url}"
+        if status == 405 or (status == 404 and message.strip().lower() in _ROUTE_MISSING):
+            raise _RouteMissingError(f"{where} has no {response.request.url.path}")
+        if status == 404:
+            raise NotFoundError(f"{where}: {message}")
+        if status == 429:
+            retry = response.headers.get("retry-after", "")
+            raise UpstreamRateLimitedError(f"{where} is rate limiting: {message}",
+                                           retry_after=int(retry) if retry.isdigit() else 1)
+        if status in (408, 504):
+            raise BackendTimeoutError(f"{where} timed out: {message}")
+        if status == 503:
+            raise BackendUnavailableError(f"{where} cannot serve now: {message}")
+        raise UpstreamError(f"{where} answered {status}: {message}")
+
+
+def _error_message(text: str) -> str:
+    """The message of an error body in OpenAI's envelope, ours or Ollama's, else the text itself."""
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        return text.strip() or "(no message)"
+    if isinstance(payload, dict):
+        error = payload.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if payload.get("message"):
+            return str(payload["message"])
+        if isinstance(error, str):
+            return error
+    return text.strip()
+
+
+async def _translated_lines(response: httpx.Response, base_url: str) -> AsyncIterator[str]:
+    try:
+        async for line in response.aiter_lines():
+            yield line
+    except httpx.TimeoutException:
+        raise BackendTimeoutError(f"the remote engine at {base_url} stopped sending its answer") from None
+    except httpx.HTTPError as error:
+        raise BackendUnavailableError(
+            f"the remote engine at {base_url} broke off its answer ({type(error).__name__})"
+        ) from None
+
+
+async def _events(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects of an OpenAI Server-Sent Events stream, up to `data: [DONE]`."""
+    async for line in lines:
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        try:
+            event = json.loads(data)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            if isinstance(event.get("error"), dict):
+                raise UpstreamError(f"the remote engine broke off its answer: {_error_message(data)}")
+            yield event

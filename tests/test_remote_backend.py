@@ -1,0 +1,125 @@
+"""The remote backend, against a real OpenAI-compatible engine on loopback: a second lora-rag serving the real
+SmolLM2 with the shipped demo adapter (it speaks /v1/chat/completions and /v1/models as vLLM does)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app.main import create_app
+from tests.conftest import REPO_ROOT, closed_port, make_settings, running_server
+
+QUESTION = {"query": "How much does a flat tyre repair cost?"}
+
+
+@contextmanager
+def _engine(tmp_path: Path, corpus_store: Path) -> Iterator[str]:
+    """The remote engine: lora-rag on the local model with the demo adapter, named `default` there."""
+    settings = make_settings(tmp_path / "engine", vector_store_path=corpus_store,
+                             lora_model_path=REPO_ROOT / "lora_adapters", default_adapter="", max_new_tokens=16)
+    with running_server(create_app(settings)) as url:
+        yield url
+
+
+def _front(tmp_path: Path, corpus_store: Path, remote: str, **overrides: Any) -> Any:
+    store = tmp_path / "front-store"
+    shutil.copytree(corpus_store, store)
+    values: dict[str, Any] = {"vector_store_path": store, "default_backend": "remote",
+                              "remote_base_url": f"{remote}/v1", "remote_retries": 1, "max_new_tokens": 16}
+    return create_app(make_settings(tmp_path / "front", **{**values, **overrides}))
+
+
+def _sse(response: httpx.Response) -> list[tuple[str, dict[str, Any]]]:
+    events = []
+    for block in response.text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+@pytest.mark.slow
+def test_a_front_end_on_the_remote_engine_answers_with_its_adapters_switches_and_reports_it_down(
+    tmp_path: Path, corpus_store: Path
+) -> None:
+    with ExitStack() as engine_running:
+        engine = engine_running.enter_context(_engine(tmp_path, corpus_store))
+        with running_server(_front(tmp_path, corpus_store, engine)) as front, \
+                httpx.Client(base_url=front, timeout=180) as client:
+            health = client.get("/health")
+            info = client.get("/model_info").json()
+            base = client.post("/ask", json=QUESTION)
+            adapted = client.post("/ask", json={**QUESTION, "adapter": "default"})
+            direct = httpx.post(f"{engine}/ask", json={**QUESTION, "adapter": "default"}, timeout=180).json()
+            streamed = client.post("/ask", json={**QUESTION, "adapter": "default", "stream": True})
+            unknown = client.post("/ask", json={**QUESTION, "adapter": "nope"})
+            mix = client.post("/ask", json={**QUESTION, "adapters": [{"name": "default", "weight": 0.5}]})
+            to_lora = client.post("/switch_model", json={"backend": "lora"})
+            on_lora = client.post("/ask", json=QUESTION)
+            back = client.post("/switch_model", json={"backend": "remote"})
+            unknown_backend = client.post("/switch_model", json={"backend": "vllm"})
+            per_request = client.post("/ask", json={**QUESTION, "backend": "lora"})
+            models = client.get("/v1/models").json()
+            chat = client.post("/v1/chat/completions", json={
+                "model": "default", "max_tokens": 8, "messages": [{"role": "user", "content": "Hello"}]})
+            chat_direct = httpx.post(f"{engine}/v1/chat/completions", timeout=180, json={
+                "model": "default", "max_tokens": 8, "messages": [{"role": "user", "content": "Hello"}]}).json()
+            engine_running.close()  # the engine goes down while the front end runs
+            down = client.post("/ask", json=QUESTION)
+            health_down = client.get("/health")
+    assert health.status_code == 200, health.text
+    assert health.json()["components"]["remote_service"] == "healthy"
+    assert info["active_backend"] == "remote" and "remote" in info["backends"]
+    assert base.status_code == 200, base.text
+    assert base.json()["model_used"] == "remote" and base.json()["adapters"] == ""
+    assert any(s["metadata"]["source"].endswith("bicycles.txt") for s in base.json()["source_documents"])
+    assert adapted.status_code == 200 and adapted.json()["adapters"] == "default"
+    assert adapted.json()["answer"] != base.json()["answer"]  # the adapter really ran on the engine
+    assert adapted.json()["answer"] == direct["answer"]  # the same prompt as the engine's own /ask builds
+    events = _sse(streamed)
+    assert [name for name, _ in events].count("delta") >= 2 and events[-1][0] == "done"
+    assert "".join(data["delta"] for name, data in events if name == "delta") == adapted.json()["answer"]
+    assert events[-1][1]["model_used"] == "remote"
+    assert unknown.status_code == 404 and unknown.json()["error"] == "adapter_not_found"
+    assert "default" in unknown.json()["message"]
+    assert mix.status_code == 422 and "remote backend" in mix.json()["message"]
+    assert to_lora.status_code == 200 and to_lora.json()["active_backend"] == "lora"
+    assert on_lora.json()["model_used"] == "base"  # the front end's own model, no adapter of its own
+    assert back.json()["active_backend"] == "remote"
+    assert unknown_backend.status_code == 404 and "lora, ollama, remote" in unknown_backend.json()["message"]
+    assert per_request.json()["model_used"] == "base"
+    assert [entry["id"] for entry in models["data"]] == ["SmolLM2-135M-Instruct", "default"]  # the engine's
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["message"]["content"] == chat_direct["choices"][0]["message"]["content"]
+    assert down.status_code == 503 and down.json()["error"] == "backend_unavailable"
+    assert health_down.status_code == 503 and health_down.json()["components"]["remote_service"] == "unhealthy"
+
+
+@pytest.mark.slow
+def test_a_remote_engine_that_is_down_is_a_503_and_an_unhealthy_service(tmp_path: Path, corpus_store: Path) -> None:
+    down = f"http://127.0.0.1:{closed_port()}"
+    with running_server(_front(tmp_path, corpus_store, down)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        answer = client.post("/ask", json=QUESTION)
+        health = client.get("/health")
+        ready = client.get("/health/ready")
+    assert answer.status_code == 503 and answer.json()["error"] == "backend_unavailable"
+    assert down in answer.json()["message"] and "Traceback" not in answer.text
+    assert health.status_code == 503 and health.json()["components"]["remote_service"] == "unhealthy"
+    assert ready.status_code == 503
+
+
+def test_without_remote_base_url_there_is_no_remote_backend(tmp_path: Path, corpus_store: Path) -> None:
+    settings = make_settings(tmp_path, vector_store_path=corpus_store, use_lora_default=False)
+    with running_server(create_app(settings)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        health = client.get("/health").json()
+        switched = client.post("/switch_model", json={"backend": "remote"})
+        both = client.post("/ask", json={**QUESTION, "backend": "lora", "use_lora": True})
+    assert "remote_service" not in health["components"]
+    assert switched.status_code == 404 and "REMOTE_BASE_URL" in switched.json()["message"]
+    assert both.status_code == 422 and "not both" in both.json()["message"]
