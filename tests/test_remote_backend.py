@@ -15,15 +15,17 @@ import pytest
 
 from app.main import create_app
 from tests.conftest import REPO_ROOT, closed_port, make_settings, running_server
+from tests.ollama_wire_server import OllamaWireServer
 
 QUESTION = {"query": "How much does a flat tyre repair cost?"}
 
 
 @contextmanager
-def _engine(tmp_path: Path, corpus_store: Path) -> Iterator[str]:
+def _engine(tmp_path: Path, corpus_store: Path, **overrides: Any) -> Iterator[str]:
     """The remote engine: lora-rag on the local model with the demo adapter, named `default` there."""
     settings = make_settings(tmp_path / "engine", vector_store_path=corpus_store,
-                             lora_model_path=REPO_ROOT / "lora_adapters", default_adapter="", max_new_tokens=16)
+                             lora_model_path=REPO_ROOT / "lora_adapters", default_adapter="", max_new_tokens=16,
+                             **overrides)
     with running_server(create_app(settings)) as url:
         yield url
 
@@ -99,6 +101,35 @@ def test_a_front_end_on_the_remote_engine_answers_with_its_adapters_switches_and
     assert chat.json()["choices"][0]["message"]["content"] == chat_direct["choices"][0]["message"]["content"]
     assert down.status_code == 503 and down.json()["error"] == "backend_unavailable"
     assert health_down.status_code == 503 and health_down.json()["components"]["remote_service"] == "unhealthy"
+
+
+@pytest.mark.slow
+def test_admin_adapter_loads_go_to_the_engine_when_the_remote_backend_is_active(
+    tmp_path: Path, corpus_store: Path, ollama: OllamaWireServer
+) -> None:
+    with _engine(tmp_path, corpus_store, adapter_allowed_roots=str(REPO_ROOT)) as engine, \
+            running_server(_front(tmp_path, corpus_store, engine)) as front, \
+            httpx.Client(base_url=front, timeout=180) as client:
+        loaded = client.post("/v1/load_lora_adapter",
+                             json={"lora_name": "second", "lora_path": str(REPO_ROOT / "lora_adapters")})
+        listed = client.get("/admin/adapters").json()
+        answer = client.post("/ask", json={**QUESTION, "adapter": "second"})
+        engine_models = [m["id"] for m in httpx.get(f"{engine}/v1/models", timeout=30).json()["data"]]
+        unloaded = client.post("/admin/unload-lora-adapter", json={"lora_name": "second"})
+        gone = client.post("/ask", json={**QUESTION, "adapter": "second"})
+        unknown = client.post("/admin/unload-lora-adapter", json={"lora_name": "never-loaded"})
+    assert loaded.status_code == 200, loaded.text
+    assert "second" in engine_models  # loaded there, not into the front end's model
+    assert {entry["name"] for entry in listed["adapters"]} == {"default", "second"}
+    assert answer.status_code == 200 and answer.json()["adapters"] == "second"
+    assert unloaded.status_code == 200 and gone.status_code == 404
+    assert unknown.status_code == 404
+    # An engine without runtime adapter loading (here Ollama's protocol: its router answers 404 page not found).
+    with running_server(_front(tmp_path / "plain", corpus_store, ollama.base_url)) as front:
+        refused = httpx.post(f"{front}/admin/load-lora-adapter", timeout=60,
+                             json={"lora_name": "x", "lora_path": "/adapters/x"})
+    assert refused.status_code == 501 and refused.json()["error"] == "not_supported"
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" in refused.json()["message"]
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -21,6 +21,9 @@ from app.config import Settings, SettingsError
 from app.errors import AppError, BackendUnavailableError, BadRequestError, ModelLoadError, NotFoundError
 from app.llm.adapter_paths import resolve_adapter_path
 from app.llm.base import AdapterHost, ComponentHealth, GenerationBackend
+
+if TYPE_CHECKING:
+    from app.llm.remote_backend import RemoteBackend
 
 logger = logging.getLogger(__name__)
 
@@ -163,8 +166,23 @@ class ModelManager:
             raise BadRequestError("the local backend does not support adapters")
         return backend
 
+    async def _remote_adapters(self) -> RemoteBackend | None:
+        """The remote backend when it serves the adapters (it is the active backend), else None."""
+        if self.choose(None, serves_adapters=True) != REMOTE:
+            return None
+        from app.llm.remote_backend import RemoteBackend
+
+        remote = await self.backend(REMOTE)
+        assert isinstance(remote, RemoteBackend)
+        return remote
+
     async def load_adapter(self, name: str, requested_path: str) -> dict[str, Any]:
-        """Load an adapter addressed by a request; the path is checked before anything is read."""
+        """Load an adapter addressed by a request; the path is checked before anything is read. With the remote
+        backend active, the engine loads it (vLLM's /v1/load_lora_adapter) from a path on its own machine."""
+        remote = await self._remote_adapters()
+        if remote is not None:
+            await remote.load_adapter(name, requested_path)
+            return {"name": name, "path": requested_path, "status": "loaded", "backend": REMOTE}
         settings = self._settings
         path = resolve_adapter_path(requested_path, settings.lora_adapters_dir, settings.adapter_allowed_root_paths)
         host = await self.adapter_host()
@@ -172,20 +190,25 @@ class ModelManager:
         return next(entry for entry in host.adapter_catalogue() if entry["name"] == name)
 
     async def unload_adapter(self, name: str) -> None:
+        remote = await self._remote_adapters()
+        if remote is not None:
+            await remote.unload_adapter(name)
+            return
         await (await self.adapter_host()).unload_adapter(name)
 
     async def adapter_catalogue(self) -> dict[str, Any]:
+        remote = await self._remote_adapters()
+        if remote is not None:
+            names = await remote.adapter_names()
+            return {"adapters": [{"name": n, "status": "loaded", "backend": REMOTE} for n in names], "mixes": []}
         host = await self.adapter_host()
         return {"adapters": host.adapter_catalogue(), "mixes": host.mix_catalogue()}
 
     async def served_model_names(self) -> tuple[str, list[str]]:
         """The base model's public name and the adapters served now (for /v1/models and /api/tags): the remote
         engine's when it is the active backend (its model list, cached), else the local model's."""
-        if self.choose(None, serves_adapters=True) == REMOTE:
-            from app.llm.remote_backend import RemoteBackend
-
-            remote = await self.backend(REMOTE)
-            assert isinstance(remote, RemoteBackend)
+        remote = await self._remote_adapters()
+        if remote is not None:
             names = await remote.model_names()
             return names[0], names[1:]
         backend = self._backends.get(LORA)

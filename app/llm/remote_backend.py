@@ -61,7 +61,8 @@ class _RouteMissingError(NotFoundError):
 
 
 #: what web frameworks answer for a route they do not have (FastAPI/Starlette, aiohttp, llama.cpp's server)
-_ROUTE_MISSING = frozenset({"not found", "method not allowed", "404: not found", "file not found"})
+_ROUTE_MISSING = frozenset({"not found", "method not allowed", "404: not found", "file not found",
+                            "404 page not found"})
 
 
 class RemoteBackend(GenerationBackend):
@@ -164,7 +165,9 @@ class RemoteBackend(GenerationBackend):
 
     async def _adapter_route(self, route: str, body: dict[str, str]) -> None:
         try:
-            await self._request("POST", route, json_body=body)
+            # vLLM answers these in plain text ("Success: LoRA adapter ... added"), not JSON.
+            response = await self._with_retries(lambda: self._client.post(route, json=body))
+            self._raise_for(response, response.text)
         except _RouteMissingError:
             raise NotSupportedError(
                 f"the remote engine at {self.base_url} has no /{route} (vLLM has it with "
