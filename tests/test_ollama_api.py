@@ -79,6 +79,16 @@ def test_chat_and_generate_answer_streamed_and_not_with_the_named_adapter(client
     assert client.generate(model="alpha", prompt="").done_reason == "load"  # Ollama's "load the model"
 
 
+def test_a_seed_gives_the_same_sampled_answer_again(client: ollama.Client) -> None:
+    def sampled(seed: int) -> str:
+        options = {"seed": seed, "temperature": 1.5, "top_p": 1.0, "num_predict": 16}
+        return client.generate(model=BASE, prompt="Write a word.", options=options, stream=False).response
+
+    first, again, other = sampled(7), sampled(7), sampled(8)
+    assert first == again
+    assert other != first
+
+
 @pytest.mark.slow
 def test_rag_by_model_suffix_or_option(client: ollama.Client, url: str) -> None:
     question = [{"role": "user", "content": "How many kilograms does a blue basket hold?"}]

@@ -30,7 +30,7 @@ class OllamaOptions(RequestModel):
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False, description="0: greedy")
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     stop: list[StrictStr] | None = Field(None, max_length=4, description="up to 4 stop strings")
-    seed: StrictInt | None = Field(None, description="accepted; sampling here is not seeded per request")
+    seed: StrictInt | None = Field(None, description="the same seed and options give the same answer again")
     rag: StrictBool | None = Field(None, description="true: answer from the indexed documents (like a `:rag` model)")
 
     def generation_params(self, defaults: GenerationParams) -> GenerationParams:
@@ -45,6 +45,7 @@ class OllamaOptions(RequestModel):
             temperature=defaults.temperature if self.temperature is None else self.temperature,
             top_p=defaults.top_p if self.top_p is None else self.top_p,
             stop=tuple(self.stop or ()),
+            seed=self.seed,
         )
 
 

@@ -145,6 +145,7 @@ class ChatCompletionRequest(AdapterFields):
     stream: StrictBool | None = Field(False, description="true: Server-Sent Events chunks ending with `data: [DONE]`")
     stream_options: StreamOptions | None = None
     n: StrictInt | None = Field(None, description="only 1 is supported")
+    seed: StrictInt | None = Field(None, description="the same seed and request give the same sampled answer again")
     rag: StrictBool = Field(
         False, description="true: answer from the indexed documents and return the passages used as `sources`"
     )
@@ -154,7 +155,6 @@ class ChatCompletionRequest(AdapterFields):
 
     # Accepted; they change nothing here (or only their neutral value is accepted).
     user: StrictStr | None = None
-    seed: StrictInt | None = None
     presence_penalty: StrictFloat | None = Field(None, description="only 0")
     frequency_penalty: StrictFloat | None = Field(None, description="only 0")
     logprobs: StrictBool | None = Field(None, description="only false")
@@ -234,6 +234,7 @@ class ChatCompletionRequest(AdapterFields):
             temperature=defaults.temperature if self.temperature is None else self.temperature,
             top_p=defaults.top_p if self.top_p is None else self.top_p,
             stop=tuple(stop),
+            seed=self.seed,
         )
 
     def adapter_choice(self, base_name: str, adapter_names: list[str]) -> AdapterSpec:

@@ -31,6 +31,7 @@ class GenerationParams:
     temperature: float
     top_p: float
     stop: tuple[str, ...] = ()
+    seed: int | None = None  # sampled tokens drawn from this seed's own random stream: the same answer again
 
 
 EMPTY_ANSWER_NOTICE = (

@@ -322,11 +322,19 @@ class _RowGuard(LogitsProcessor):
 
 
 class _PerRowSampling(LogitsProcessor):
-    """Temperature and top-p per row; greedy rows (temperature 0) keep only their argmax."""
+    """Temperature and top-p per row; greedy rows (temperature 0) keep only their argmax. A row with a seed draws
+    its token here, from its own generator, and keeps only that token, so generate()'s draw (from the process's
+    one random stream, shared by the batch) cannot change it: the same request alone gives the same answer again.
+    Beside other rows its logits may differ in the last bits (padding, reduced precision), and so may a draw."""
 
     def __init__(self, jobs: list[GenerationJob], device: torch.device) -> None:
         self._temperature = torch.tensor([[j.params.temperature] for j in jobs], device=device)
         self._top_p = torch.tensor([[j.params.top_p] for j in jobs], device=device)
+        self._generators = [
+            torch.Generator(device=device).manual_seed(job.params.seed)
+            if job.params.seed is not None and job.params.temperature > 0 else None
+            for job in jobs
+        ]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         logits = scores.float()
@@ -338,7 +346,12 @@ class _PerRowSampling(LogitsProcessor):
         drop = drop_sorted.scatter(1, order, drop_sorted)
         sampled = scaled.masked_fill(drop, float("-inf"))
         only_argmax = torch.full_like(logits, float("-inf")).scatter(1, logits.argmax(dim=-1, keepdim=True), 0.0)
-        return torch.where(self._temperature == 0, only_argmax, sampled)  # type: ignore[return-value]
+        chosen = torch.where(self._temperature == 0, only_argmax, sampled)
+        for row, generator in enumerate(self._generators):
+            if generator is not None:
+                token = torch.multinomial(sampled[row].softmax(dim=-1), 1, generator=generator)
+                chosen[row] = torch.full_like(chosen[row], float("-inf")).scatter(0, token, 0.0)
+        return chosen  # type: ignore[return-value]
 
 
 class _RowsFinished(StoppingCriteria):

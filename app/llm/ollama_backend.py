@@ -70,6 +70,8 @@ class OllamaBackend(GenerationBackend):
         }
         if params.stop:
             options["stop"] = list(params.stop)
+        if params.seed is not None:
+            options["seed"] = params.seed
         prompt: list[tuple[str, str]] = [(m["role"], m["content"]) for m in messages]
         try:
             if on_text is None:

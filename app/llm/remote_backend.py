@@ -101,6 +101,8 @@ class RemoteBackend(GenerationBackend):
         }
         if params.stop:
             body["stop"] = list(params.stop)
+        if params.seed is not None:
+            body["seed"] = params.seed
         if on_text is None:
             reply = await self._post_json("chat/completions", body)
             choice = (reply.get("choices") or [{}])[0]
