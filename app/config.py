@@ -223,7 +223,12 @@ class Settings(BaseSettings):
     @field_validator("remote_base_url")
     @classmethod
     def _http_url_or_empty(cls, value: str) -> str:
-        return cls._http_url(value) if value.strip() else ""
+        if not value.strip():
+            return ""
+        if urlsplit(value.strip()).username is not None:
+            # The URL is shown in /health, /model_info and error messages; a key belongs in REMOTE_API_KEY.
+            raise ValueError("must not hold credentials (user:password@): put the key in REMOTE_API_KEY")
+        return cls._http_url(value.strip())
 
     @field_validator("default_backend", mode="before")
     @classmethod

@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if report.other_sources:
         print(
-            f"the store also holds documents from {', '.join(sorted(report.other_sources))}/ "
-            "(ingested from other folders; `--rebuild` keeps only this folder)"
+            f"the store also holds documents from {', '.join(sorted(report.other_sources))} "
+            "(ingested from other folders or uploaded; kept, and with `--rebuild` embedded again)"
         )
     for name, reason in report.failed.items():
         print(f"skipped {name}: {reason}", file=sys.stderr)

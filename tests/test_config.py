@@ -67,3 +67,9 @@ def test_the_app_imports_no_model_library_until_a_model_loads() -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_remote_base_url_may_not_carry_credentials() -> None:
+    with pytest.raises(SettingsError, match="REMOTE_BASE_URL.*REMOTE_API_KEY"):
+        load_settings(_env_file=None, remote_base_url="http://user:sk-secret@gpu-host:8000/v1")
+    assert load_settings(_env_file=None, remote_base_url="http://gpu-host:8000/v1/").remote_base_url.endswith("/v1")

@@ -14,7 +14,10 @@ from typing import Any
 import httpx
 import pytest
 
+from app.errors import NotFoundError
 from app.main import create_app
+from app.rag.embeddings import Embedder
+from app.rag.ingestion import add_document, remove_document
 from app.rag.vector_store import list_versions, load_store
 from tests.conftest import REPO_ROOT, make_settings, pdf_with_text, running_server
 from tests.ollama_wire_server import OllamaWireServer
@@ -199,3 +202,33 @@ def test_concurrent_uploads_all_land_and_documents_need_an_admin_key(
     assert sorted(store.files) == [f"note-{n}.txt" for n in range(4)]
     assert all(response.status_code == 403 for response in as_user)
     assert collections_as_user.status_code == 200
+
+
+def test_uploads_survive_a_rebuild_and_a_name_keeps_its_own_content(tmp_path: Path, ollama: OllamaWireServer) -> None:
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "orchard.txt").write_text(ORCHARD, encoding="utf-8")
+    mentions_pdf = "A note on formats: a PDF file starts with %PDF-1.4 and ends with %%EOF."
+    with _client(tmp_path, ollama, sample_corpus_path=folder) as client:
+        assert _upload(client, "glacier.md", GLACIER).status_code == 201
+        assert _upload(client, "灯塔.md", LIGHTHOUSE).status_code == 201
+        rebuilt = client.post("/admin/vector-store/rebuild", json={"rebuild": True}, headers=ADMIN)
+        listed = sorted(d["source"] for d in client.get("/documents", headers=ADMIN).json()["documents"])
+        cited = _cited(client, "灯塔管理员什么时候换班？")
+        clash = _upload(client, "glacier.md", LIGHTHOUSE)  # that content is 灯塔.md already
+        text_about_pdf = _upload(client, "formats.md", mentions_pdf)
+    assert rebuilt.status_code == 200, rebuilt.text
+    assert listed == ["docs/orchard.txt", "glacier.md", "灯塔.md"]  # re-embedded, not dropped
+    assert cited[0] == "灯塔.md"
+    assert clash.status_code == 409 and "灯塔.md" in clash.json()["message"]
+    assert text_about_pdf.status_code == 201, text_about_pdf.text
+    assert any("Glacier tours" in chunk.text for chunk in load_store(tmp_path / "store").chunks)
+
+
+def test_a_delete_removes_only_the_content_it_named(tmp_path: Path, embedder: Embedder) -> None:
+    store = tmp_path / "store"
+    first = add_document(store, embedder, "a.md", GLACIER, "1" * 64, chunk_size=300, chunk_overlap=50)
+    add_document(store, embedder, "a.md", ORCHARD, "2" * 64, chunk_size=300, chunk_overlap=50)  # replaced meanwhile
+    with pytest.raises(NotFoundError):
+        remove_document(store, embedder, "a.md", first.entry.sha256)
+    assert load_store(store).files["a.md"].sha256 == "2" * 64

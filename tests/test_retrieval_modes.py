@@ -132,3 +132,15 @@ def test_incremental_ingestion_keeps_the_lexical_index_in_step(tmp_path: Path, e
     assert updated.search_lexical("饺子", 5) == []  # the old words are gone with the old chunk
     assert updated.search_lexical("韭菜", 1)[0].chunk.metadata["source"] == "docs/饺子.md"
     assert updated.search_lexical("熊猫", 1)[0].chunk.metadata["source"] == "docs/熊猫.md"  # kept files still found
+
+
+def test_a_repeated_word_counts_once_and_the_lexical_share_stays_within_its_weight(
+    stores: dict[str, Collections], tmp_path: Path
+) -> None:
+    store = stores["zh"].default.store
+    assert store is not None
+    assert store.search_lexical("熊猫 熊猫 熊猫", 3) == store.search_lexical("熊猫", 3)
+    retriever = create_retriever(make_settings(tmp_path), stores["zh"])
+    for question in ("熊猫熊猫熊猫熊猫", "backup backup backup"):
+        hits = retriever.search(question, 3)
+        assert hits and all(hit.score <= 1.0 + 2.0 + 1e-6 for hit in hits)  # cosine <= 1, BM25 share <= 1 x 2

@@ -263,8 +263,12 @@ class ClassificationService:
             if record is None:
                 raise ModelNotLoadedError(f"model '{model_id}' is not loaded")
             record.unloading = True
-            await record.idle.wait()
-            await backend.detach_classifier(record.peft_name)
+            try:
+                await record.idle.wait()
+                await backend.detach_classifier(record.peft_name)
+            except BaseException:
+                record.unloading = False  # still attached: it serves again, and a later unload can retry
+                raise
             del self._loaded[model_id]
         logger.info("classifier %s unloaded", model_id)
         return model_id, "unloaded; the base model stays loaded"

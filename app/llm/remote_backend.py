@@ -79,6 +79,7 @@ class RemoteBackend(GenerationBackend):
             timeout=httpx.Timeout(settings.remote_read_timeout, connect=settings.remote_connect_timeout),
         )
         self._configured_model = settings.remote_model
+        self._secret = key  # taken out of the engine's error texts before they reach a caller
         self._retries = settings.remote_retries
         self._models_ttl = settings.remote_models_ttl_seconds
         self._models: list[str] = []
@@ -155,8 +156,8 @@ class RemoteBackend(GenerationBackend):
         return self._models
 
     async def adapter_names(self) -> list[str]:
-        models = await self.model_names()
-        return [name for name in models if name != self._base_model(models)]
+        """The engine's models other than the base (the first listed: REMOTE_MODEL when the engine serves it)."""
+        return (await self.model_names())[1:]
 
     async def load_adapter(self, name: str, path: str) -> None:
         """vLLM's runtime loading (`VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`); the path is on the engine's machine."""
@@ -181,6 +182,11 @@ class RemoteBackend(GenerationBackend):
         """The engine's model name for this request, and the adapter name for the result ("" for the base)."""
         models = await self.model_names()
         base = self._base_model(models)
+        if base not in models:  # the operator's setting, not the caller's mistake
+            raise BackendUnavailableError(
+                f"REMOTE_MODEL={base!r} is not served by the remote engine at {self.base_url}; it serves: "
+                f"{', '.join(models)}"
+            )
         if not adapters:
             return base, ""
         if len(adapters) > 1 or adapters[0][1] != 1.0:
@@ -265,6 +271,8 @@ class RemoteBackend(GenerationBackend):
         if status < 400:
             return
         message = _error_message(text)[:_MAX_ERROR_CHARS]
+        if self._secret:
+            message = message.replace(self._secret, "***")
         where = f"the remote engine at {self.base_url}"
         if status == 405 or (status == 404 and message.strip().lower() in _ROUTE_MISSING):
             raise _RouteMissingError(f"{where} has no {response.request.url.path}")

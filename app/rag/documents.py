@@ -12,9 +12,9 @@ holds no binary), so a renamed image or archive is refused rather than indexed a
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
-import threading
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -23,7 +23,7 @@ import anyio
 
 from app.config import Settings
 from app.errors import AppError, BadRequestError, NotFoundError, VectorStoreError
-from app.rag.collections import CollectionInfo, Collections, collection_path
+from app.rag.collections import CollectionInfo, Collections, check_collection_name, collection_path
 from app.rag.ingestion import DocumentChange, add_document, remove_document
 from app.rag.loaders import SUPPORTED_SUFFIXES, DocumentReadError, read_document
 from app.rag.service import is_blank
@@ -92,8 +92,9 @@ def document_id(collection: str, source: str, sha256: str) -> str:
 
 
 def checked_file_name(name: str) -> str:
-    """An upload's file name when it is one plain name of a supported kind; else InvalidFileNameError or
-    UnsupportedDocumentError saying why."""
+    """An upload's file name (NFC: the same name typed on any system is one name) when it is one plain name of a
+    supported kind; else InvalidFileNameError or UnsupportedDocumentError saying why."""
+    name = unicodedata.normalize("NFC", name)
     if not name or is_blank(name):
         raise InvalidFileNameError("the uploaded file has no name: send it as multipart field `file` with a filename")
     if "/" in name or "\\" in name or name in (".", "..") or PurePath(name).name != name:
@@ -116,10 +117,12 @@ def extract_text(name: str, data: bytes) -> str:
         raise EmptyDocumentError(f"{name} is empty")
     head = data[:_SNIFF_BYTES]
     suffix = PurePath(name).suffix.lower()
-    is_pdf_name, has_pdf_header = suffix == ".pdf", b"%PDF-" in head[:1024]
-    if is_pdf_name and not has_pdf_header:
+    # A PDF reader finds the header within the first 1024 bytes; a file of another name is a PDF only when it
+    # starts with one (a text may mention %PDF-).
+    is_pdf_name = suffix == ".pdf"
+    if is_pdf_name and b"%PDF-" not in head[:1024]:
         raise UnsupportedDocumentError(f"{name} is {_binary_kind(head) or 'not a PDF (it has no %PDF- header)'}")
-    if has_pdf_header and not is_pdf_name:
+    if not is_pdf_name and head.lstrip().startswith(b"%PDF-"):
         raise UnsupportedDocumentError(f"{name} is a PDF, but its name ends in {suffix}: name it .pdf")
     if not is_pdf_name:
         kind = _binary_kind(head)
@@ -158,20 +161,23 @@ class DocumentService:
     def __init__(self, settings: Settings, collections: Collections) -> None:
         self._settings = settings
         self._collections = collections
-        self._writing = threading.Lock()  # one document change at a time; the others wait their turn
+        # One document change at a time; the others wait their turn here, on the event loop, not in worker threads.
+        self._writing = asyncio.Lock()
 
     async def add(self, file_name: str, data: bytes, collection: str) -> tuple[DocumentInfo, bool]:
         """Index one uploaded file in `collection` (created by its first document); searchable on return.
         Returns the document and whether it is new (False: the same content was there already)."""
-        collection_path(self._settings.vector_store_path, collection)  # the name is checked before the file
+        collection = check_collection_name(unicodedata.normalize("NFC", collection))
         name = checked_file_name(file_name)
         limit = self._settings.max_upload_mb
         if len(data) > limit * 1024 * 1024:
             size = len(data) / 1024 / 1024
             raise DocumentTooLargeError(f"{name} is {size:.1f} MB; the limit is MAX_UPLOAD_MB={limit:g}")
-        text = extract_text(name, data)
-        sha256 = hashlib.sha256(data).hexdigest()
-        change = await anyio.to_thread.run_sync(self._add, collection, name, text, sha256)
+        # Parsing a PDF or a large HTML page takes seconds: off the event loop, like the indexing.
+        text = await anyio.to_thread.run_sync(extract_text, name, data)
+        sha256 = await anyio.to_thread.run_sync(lambda: hashlib.sha256(data).hexdigest())
+        async with self._writing:
+            change = await anyio.to_thread.run_sync(self._add, collection, name, text, sha256)
         if change.written:
             logger.info("document %s added to collection %s (%d chunks, version %s)",
                         name, collection, len(change.entry.chunk_ids), change.version)
@@ -198,33 +204,36 @@ class DocumentService:
             store = self._collections.live(collection).store
             source = _source_with_id(store, collection, document) if store is not None else None
             if source is not None and store is not None:
-                info = self._info(collection, source, store.files[source], store.created_at)
-                change = await anyio.to_thread.run_sync(self._remove, collection, source)
+                entry = store.files[source]
+                info = self._info(collection, source, entry, store.created_at)
+                async with self._writing:
+                    change = await anyio.to_thread.run_sync(self._remove, collection, source, entry.sha256)
                 logger.info("document %s deleted from collection %s (version %s)", source, collection, change.version)
                 return info
         raise DocumentNotFoundError(f"no document {document[:80]!r}")
 
     def _add(self, collection: str, name: str, text: str, sha256: str) -> DocumentChange:
         settings = self._settings
-        with self._writing:
-            change = add_document(
-                collection_path(settings.vector_store_path, collection), self._collections.embedder, name, text, sha256,
-                chunk_size=settings.chunk_size, chunk_overlap=settings.chunk_overlap,
-            )
-            if change.written:
-                self._serve(collection)
-            return change
-
-    def _remove(self, collection: str, source: str) -> DocumentChange:
-        with self._writing:
-            try:
-                change = remove_document(
-                    collection_path(self._settings.vector_store_path, collection), self._collections.embedder, source
-                )
-            except NotFoundError:
-                raise DocumentNotFoundError(f"document {source!r} is no longer in collection {collection}") from None
+        change = add_document(
+            collection_path(settings.vector_store_path, collection), self._collections.embedder, name, text, sha256,
+            chunk_size=settings.chunk_size, chunk_overlap=settings.chunk_overlap,
+        )
+        if change.written:
             self._serve(collection)
-            return change
+        return change
+
+    def _remove(self, collection: str, source: str, sha256: str) -> DocumentChange:
+        try:
+            change = remove_document(
+                collection_path(self._settings.vector_store_path, collection), self._collections.embedder, source,
+                sha256,
+            )
+        except NotFoundError:
+            raise DocumentNotFoundError(
+                f"document {source!r} is no longer in collection {collection} with that content"
+            ) from None
+        self._serve(collection)
+        return change
 
     def _serve(self, collection: str) -> None:
         live = self._collections.reload(collection)

@@ -176,12 +176,18 @@ def ingest_folder(
             pending.append(_Pending(name, digest, chunks))
             (report.updated if old_entry else report.added).append(name)
         seen = {_source_name(source, path) for path in documents}
-        if previous is not None:
+        if rebuild:
+            # Documents from elsewhere (uploads, other folders) cannot be read again from this folder: their stored
+            # chunks are embedded again, with the embedder of this run, so a rebuild loses none of them.
+            for name, (digest, chunks) in _other_documents(store_path, prefix).items():
+                pending.append(_Pending(name, digest, chunks))
+                report.other_sources.add(_origin(name))
+        elif previous is not None:
             # Files ingested from other folders stay; only this folder's vanished files are dropped.
             for name, entry in previous.files.items():
                 if not name.startswith(prefix):
                     kept.keep(name, entry)
-                    report.other_sources.add(name.split("/", 1)[0])
+                    report.other_sources.add(_origin(name))
                 elif name not in seen:
                     report.removed.append(name)
         report.removed.sort()
@@ -200,6 +206,27 @@ def ingest_folder(
         report.chunk_count = len(kept.chunks)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _origin(source: str) -> str:
+    """Where a document came from, for reports: its folder (`docs/`), or `uploads` (POST /documents: a name only)."""
+    return source.split("/", 1)[0] + "/" if "/" in source else "uploads"
+
+
+def _other_documents(store_path: Path, prefix: str) -> dict[str, tuple[str, list[StoredChunk]]]:
+    """The live version's documents not under `prefix`, as (sha256, chunks), whichever embedder made it; none
+    when there is no readable live version."""
+    if not store_exists(store_path):
+        return {}
+    try:
+        store = load_store(store_path)
+    except VectorStoreError as error:
+        logger.warning("the documents of the previous version cannot be kept: %s", error.message)
+        return {}
+    return {
+        name: (entry.sha256, [store.chunks[i] for i in entry.chunk_ids])
+        for name, entry in store.files.items() if not name.startswith(prefix)
+    }
 
 
 def _chunks_of(source: str, text: str, chunk_size: int, chunk_overlap: int) -> list[StoredChunk]:
@@ -238,7 +265,12 @@ def add_document(
         files = previous.files if previous is not None else {}
         same = next((name for name, entry in files.items() if entry.sha256 == sha256), None)
         if same is not None and previous is not None:
-            return DocumentChange(same, files[same], previous.version, written=False)
+            if same == source or source not in files:
+                return DocumentChange(same, files[same], previous.version, written=False)
+            raise ConflictError(
+                f"this content is already in the collection as {same}, and {source} holds other content: delete "
+                f"one of them first, or upload it under another name"
+            )
         chunks = _chunks_of(source, text, chunk_size, chunk_overlap)
         if not chunks:
             raise BadRequestError(f"{source} holds no text to index")
@@ -251,12 +283,13 @@ def add_document(
         return DocumentChange(source, kept.files[source], version, written=True)
 
 
-def remove_document(store_path: Path, embedder: Embedder, source: str) -> DocumentChange:
-    """Write a new version without document `source`; NotFoundError when the live version does not hold it."""
+def remove_document(store_path: Path, embedder: Embedder, source: str, sha256: str) -> DocumentChange:
+    """Write a new version without document `source` holding content `sha256`; NotFoundError when the live
+    version does not hold that (a document replaced under the same name meanwhile is not removed)."""
     with ingestion_lock(store_path):
         previous = _live_store(store_path, embedder.name)
-        if previous is None or source not in previous.files:
-            raise NotFoundError(f"no document {source!r} in this collection")
+        if previous is None or source not in previous.files or previous.files[source].sha256 != sha256:
+            raise NotFoundError(f"no document {source!r} with that content in this collection")
         kept = _KeptChunks(previous)
         for name, entry in previous.files.items():
             if name != source:

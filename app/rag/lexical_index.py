@@ -54,7 +54,8 @@ class LexicalIndex:
 
     def search(self, query: str, k: int) -> list[tuple[int, float]]:
         """The `k` best (chunk id, BM25 score) pairs, best first; chunks sharing no term with `query` never."""
-        term_ids = self.model.get_tokens_ids(tokenize(query))
+        # Each word of the question counts once, as in `best_possible` (Chinese segmentation repeats words).
+        term_ids = list(dict.fromkeys(self.model.get_tokens_ids(tokenize(query))))
         if not term_ids or self.size == 0:
             return []
         scores = self.model.get_scores_from_ids(term_ids)

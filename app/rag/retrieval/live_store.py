@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 from app.errors import VectorStoreError
@@ -20,6 +21,9 @@ class LiveStore:
         self.store_path = store_path
         self._store: VectorStore | None = None
         self.load_error: str | None = None
+        # One load at a time, each reading CURRENT when it starts: the last to run serves the newest CURRENT
+        # (two loads racing could otherwise put an older version back after a newer one).
+        self._loading = threading.Lock()
 
     @property
     def store(self) -> VectorStore | None:
@@ -28,6 +32,10 @@ class LiveStore:
     def reload(self) -> VectorStore | None:
         """Load the store's live version and return it; on failure keep serving the last good one
         and return None (`load_error` says why)."""
+        with self._loading:
+            return self._reload_locked()
+
+    def _reload_locked(self) -> VectorStore | None:
         try:
             store = load_store(self.store_path, expected_embedding_model=self.embedder.name)
         except VectorStoreError as error:
