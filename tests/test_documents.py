@@ -109,6 +109,7 @@ def test_collections_keep_their_documents_apart(tmp_path: Path, ollama: OllamaWi
         listed = client.get("/documents", params={"collection": "tours"}, headers=ADMIN).json()["documents"]
         listed_unknown = client.get("/documents", params={"collection": "nope"}, headers=ADMIN)
         bad_name = _upload(client, "a.md", GLACIER, collection="../escape")
+        look_alikes = [_upload(client, "b.md", ORCHARD, collection=name) for name in ("TOURS", "ｔｏｕｒｓ")]
     assert in_default.status_code == 201 and in_tours.status_code == 201
     assert in_tours.json()["collection"] == "tours"
     assert ingest.returncode == 0, ingest.stderr
@@ -128,6 +129,7 @@ def test_collections_keep_their_documents_apart(tmp_path: Path, ollama: OllamaWi
     assert [(d["source"], d["collection"]) for d in listed] == [("灯塔.md", "tours")]
     assert listed_unknown.status_code == 404
     assert bad_name.status_code == 422 and "collection" in bad_name.json()["message"]
+    assert all(r.status_code == 409 and "'tours'" in r.json()["message"] for r in look_alikes)
     assert (tmp_path / "store" / "collections" / "tours").is_dir()
     assert not (tmp_path / "escape").exists()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,10 @@ COLLECTION_NAME = re.compile(r"[^\W_][\w-]{0,63}")
 
 class CollectionNotFoundError(NotFoundError):
     code = "collection_not_found"
+
+
+def _folded(name: str) -> str:
+    return unicodedata.normalize("NFKC", name).casefold()
 
 
 def check_collection_name(name: str) -> str:
@@ -78,6 +83,13 @@ class Collections:
         return [
             CollectionInfo(name, len(store.files) if store else 0, store.size if store else 0) for name, store in stores
         ]
+
+    def clash(self, name: str) -> str | None:
+        """An existing collection that `name` would be confused with (it differs only in case or in the width of
+        its characters: `Docs`, `DOCS`, `Ｄｏｃｓ`), None when there is none or `name` is that collection.
+        On a case-insensitive disk two such names would also share one folder."""
+        folded = _folded(name)
+        return next((known for known in self.names() if known != name and _folded(known) == folded), None)
 
     def live(self, name: str) -> LiveStore:
         """The live store of an existing collection; CollectionNotFoundError lists the known ones."""

@@ -22,7 +22,7 @@ from pathlib import Path, PurePath
 import anyio
 
 from app.config import Settings
-from app.errors import AppError, BadRequestError, NotFoundError, VectorStoreError
+from app.errors import AppError, BadRequestError, ConflictError, NotFoundError, VectorStoreError
 from app.rag.collections import CollectionInfo, Collections, check_collection_name, collection_path
 from app.rag.ingestion import DocumentChange, add_document, remove_document
 from app.rag.loaders import SUPPORTED_SUFFIXES, DocumentReadError, read_document
@@ -168,6 +168,12 @@ class DocumentService:
         """Index one uploaded file in `collection` (created by its first document); searchable on return.
         Returns the document and whether it is new (False: the same content was there already)."""
         collection = check_collection_name(unicodedata.normalize("NFC", collection))
+        existing = self._collections.clash(collection)
+        if existing is not None:
+            raise ConflictError(
+                f"collection {collection!r} differs from the existing collection {existing!r} only in case or "
+                f"character width: upload into {existing!r}, or choose a clearly different name"
+            )
         name = checked_file_name(file_name)
         limit = self._settings.max_upload_mb
         if len(data) > limit * 1024 * 1024:
