@@ -105,7 +105,7 @@ class RemoteBackend(GenerationBackend):
         if params.seed is not None:
             body["seed"] = params.seed
         if on_text is None:
-            reply = await self._post_json("chat/completions", body)
+            reply = await self._request("POST", "chat/completions", json_body=body)
             choice = (reply.get("choices") or [{}])[0]
             text = str((choice.get("message") or {}).get("content") or "")
             return self._result(text, choice.get("finish_reason"), reply.get("usage"), adapter)
@@ -216,9 +216,6 @@ class RemoteBackend(GenerationBackend):
         )
 
     # HTTP, with the engine's failures turned into ours
-
-    async def _post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await self._request("POST", path, json_body=body)
 
     async def _request(
         self, method: str, path: str, *, json_body: dict[str, Any] | None = None, timeout: float | None = None

@@ -18,7 +18,7 @@ from pathlib import Path
 from app.errors import NotFoundError, ValidationFailedError
 from app.rag.embeddings import Embedder
 from app.rag.retrieval.live_store import LiveStore
-from app.rag.vector_store import store_exists
+from app.rag.vector_store import VectorStore, store_exists
 
 logger = logging.getLogger(__name__)
 
@@ -116,10 +116,18 @@ class Collections:
 
     def reload(self, name: str) -> LiveStore:
         """Load the live version of collection `name` (known or new, e.g. after its first ingestion) and serve it."""
+        live = self._entry(name)
+        live.reload()
+        return live
+
+    def serve_live_version(self, name: str) -> VectorStore:
+        """Serve the version just written to collection `name`; VectorStoreError when it cannot be loaded."""
+        return self._entry(name).serve_live_version()
+
+    def _entry(self, name: str) -> LiveStore:
         with self._lock:
             live = self._live.get(name)
             if live is None:
                 live = LiveStore(self.embedder, collection_path(self.store_root, name))
                 self._live[name] = live
-        live.reload()
-        return live
+            return live

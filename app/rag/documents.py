@@ -22,7 +22,7 @@ from pathlib import Path, PurePath
 import anyio
 
 from app.config import Settings
-from app.errors import AppError, BadRequestError, ConflictError, NotFoundError, VectorStoreError
+from app.errors import AppError, BadRequestError, ConflictError, NotFoundError
 from app.rag.collections import CollectionInfo, Collections, check_collection_name, collection_path
 from app.rag.ingestion import DocumentChange, add_document, remove_document
 from app.rag.loaders import SUPPORTED_SUFFIXES, DocumentReadError, read_document
@@ -242,9 +242,7 @@ class DocumentService:
         return change
 
     def _serve(self, collection: str) -> None:
-        live = self._collections.reload(collection)
-        if live.load_error is not None:
-            raise VectorStoreError(f"the new version of collection {collection} could not be loaded: {live.load_error}")
+        self._collections.serve_live_version(collection)
 
     @staticmethod
     def _info(collection: str, source: str, entry: FileEntry, version_created_at: str) -> DocumentInfo:

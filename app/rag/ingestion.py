@@ -274,10 +274,7 @@ def add_document(
         chunks = _chunks_of(source, text, chunk_size, chunk_overlap)
         if not chunks:
             raise BadRequestError(f"{source} holds no text to index")
-        kept = _KeptChunks(previous)
-        for name, entry in files.items():
-            if name != source:
-                kept.keep(name, entry)
+        kept = _all_but(previous, source)
         kept.add(source, sha256, chunks, _embed_pending(embedder, [_Pending(source, sha256, chunks)], False), _now())
         version = _write(store_path, kept, embedder)
         return DocumentChange(source, kept.files[source], version, written=True)
@@ -290,12 +287,18 @@ def remove_document(store_path: Path, embedder: Embedder, source: str, sha256: s
         previous = _live_store(store_path, embedder.name)
         if previous is None or source not in previous.files or previous.files[source].sha256 != sha256:
             raise NotFoundError(f"no document {source!r} with that content in this collection")
-        kept = _KeptChunks(previous)
-        for name, entry in previous.files.items():
-            if name != source:
-                kept.keep(name, entry)
+        kept = _all_but(previous, source)
         version = _write(store_path, kept, embedder)
         return DocumentChange(source, previous.files[source], version, written=True)
+
+
+def _all_but(previous: VectorStore | None, source: str) -> _KeptChunks:
+    """Every document of `previous` but `source`, with its stored vectors."""
+    kept = _KeptChunks(previous)
+    for name, entry in (previous.files if previous is not None else {}).items():
+        if name != source:
+            kept.keep(name, entry)
+    return kept
 
 
 def _live_store(store_path: Path, embedding_model: str) -> VectorStore | None:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import anyio
 
 from app.config import Settings
-from app.errors import VectorStoreError
 from app.rag.ingestion import IngestReport, ingest_with_settings, roll_back
 from app.rag.retrieval.live_store import LiveStore
 from app.rag.vector_store import VectorStore, VersionInfo, current_version, list_versions
@@ -80,9 +79,4 @@ class VectorStoreAdmin:
         )
 
     async def _serve_live_version(self) -> VectorStore:
-        store = await anyio.to_thread.run_sync(self._live.reload)
-        if store is None:
-            serving = self._live.store
-            still = f"still serving {serving.version}" if serving else "no version is being served"
-            raise VectorStoreError(f"the live version could not be loaded ({self._live.load_error}); {still}")
-        return store
+        return await anyio.to_thread.run_sync(self._live.serve_live_version)

@@ -35,6 +35,15 @@ class LiveStore:
         with self._loading:
             return self._reload_locked()
 
+    def serve_live_version(self) -> VectorStore:
+        """Load and serve the live version just written (a rebuild, a rollback, a document change); VectorStoreError
+        when it cannot be loaded, saying which version still serves."""
+        store = self.reload()
+        if store is None:
+            still = f"still serving {self._store.version}" if self._store else "no version is being served"
+            raise VectorStoreError(f"the live version could not be loaded ({self.load_error}); {still}")
+        return store
+
     def _reload_locked(self) -> VectorStore | None:
         try:
             store = load_store(self.store_path, expected_embedding_model=self.embedder.name)
