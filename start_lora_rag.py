@@ -16,8 +16,7 @@ from app.errors import AppError
 from app.llm.adapter_manager import ADAPTER_NAME_PATTERN
 from app.llm.jobs import BASE_KEY
 from app.logging_config import configure_logging
-from app.rag.ingestion import ingest_with_settings
-from app.rag.vector_store import store_exists
+from app.rag.ingestion import build_first_store
 
 logger = logging.getLogger("lora_rag")
 
@@ -101,12 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         if not check.ok:
             fail(f"{check.name}: {check.detail} ({check.hint})")
 
-    if not store_exists(settings.vector_store_path):
-        logger.info("no vector store yet: building it from %s", settings.sample_corpus_path)
-        try:
-            ingest_with_settings(settings, settings.sample_corpus_path)
-        except AppError as error:
-            fail(error.message)
+    try:
+        build_first_store(settings)
+    except AppError as error:
+        fail(error.message)
 
     import uvicorn
 

@@ -12,7 +12,6 @@ from app.errors import AppError
 from app.llm.adapters import has_adapter_files, inspect_adapter
 from app.llm.model_source import embedded_gguf_path, resolve_embedding_model
 from app.llm.ollama_backend import pulled_model_names
-from app.rag.vector_store import load_store
 
 
 @dataclass(frozen=True)
@@ -112,13 +111,23 @@ def check_adapter(settings: Settings) -> CheckResult:
 
 
 def check_vector_store(settings: Settings) -> CheckResult:
+    """The default collection of the store VECTOR_STORE_BACKEND names opens and was made with EMBEDDING_MODEL."""
+    from app.rag.embeddings import create_embedder
+    from app.rag.stores.base import DEFAULT_COLLECTION
+    from app.rag.stores.registry import create_store_backend
+
+    hint = "python scripts/ingest.py --source <your documents folder>"
     try:
-        store = load_store(settings.vector_store_path, expected_embedding_model=settings.embedding_model)
+        collection = create_store_backend(settings, create_embedder(settings)).collection(DEFAULT_COLLECTION)
+        store = collection.read()
+        if store is None:
+            return CheckResult("vector store", False, f"no documents yet in {collection.kind} at {collection.location}",
+                               hint)
+        size = store.size
     except AppError as error:
-        return CheckResult(
-            "vector store", False, error.message, "python scripts/ingest.py --source <your documents folder>"
-        )
-    return CheckResult("vector store", True, f"{store.size} chunks, version {store.version}")
+        return CheckResult("vector store", False, error.message, hint)
+    version = f", version {store.version}" if store.version else ""
+    return CheckResult("vector store", True, f"{collection.kind} at {collection.location}: {size} chunks{version}")
 
 
 def check_embedding_model(settings: Settings) -> CheckResult:

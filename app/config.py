@@ -87,6 +87,16 @@ class Settings(BaseSettings):
     # Retrieval
     embedding_model: str = EMBEDDED_EMBEDDING_MODEL
     vector_store_path: Path = Path("./vector_store")
+    vector_store_backend: str = Field(
+        "faiss", description="where collections live, a name in app/rag/stores/registry.py: faiss (versioned folders "
+        "in VECTOR_STORE_PATH, one machine) or milvus (MILVUS_URI, shared by replicas)"
+    )
+    milvus_uri: str = Field(
+        "./milvus.db", description="VECTOR_STORE_BACKEND=milvus: a local path ending in .db runs the embedded Milvus "
+        "Lite; http(s)://host:port is a Milvus server or cluster"
+    )
+    milvus_token: SecretStr = Field(SecretStr(""), description="Milvus credentials: user:password or an API key")
+    milvus_timeout: float = Field(10.0, gt=0, le=600, description="seconds one Milvus call may take, retries included")
     sample_corpus_path: Path = Field(
         Path("./docs"), description="documents indexed at first start and by POST /admin/vector-store/rebuild"
     )
@@ -162,7 +172,7 @@ class Settings(BaseSettings):
         return value.upper() if isinstance(value, str) else value
 
     @field_validator("device", "torch_dtype", "quantization_type", "embedding_dtype", "retrieval_mode", "hybrid_fusion",
-                     mode="before")
+                     "vector_store_backend", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
@@ -229,6 +239,20 @@ class Settings(BaseSettings):
             # The URL is shown in /health, /model_info and error messages; a key belongs in REMOTE_API_KEY.
             raise ValueError("must not hold credentials (user:password@): put the key in REMOTE_API_KEY")
         return cls._http_url(value.strip())
+
+    @field_validator("milvus_uri")
+    @classmethod
+    def _milvus_uri(cls, value: str) -> str:
+        value = value.strip()
+        if value.startswith(("http://", "https://")):
+            if urlsplit(value).username is not None:
+                raise ValueError("must not hold credentials (user:password@): put them in MILVUS_TOKEN")
+            return value.rstrip("/")
+        if not value.endswith(".db"):
+            raise ValueError(
+                "must be http(s)://host:port (a Milvus server) or a local path ending in .db (Milvus Lite)"
+            )
+        return value
 
     @field_validator("default_backend", mode="before")
     @classmethod

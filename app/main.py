@@ -35,6 +35,7 @@ from app.rag.embeddings import create_embedder
 from app.rag.retrieval.registry import create_retriever
 from app.rag.service import RAGService, ServiceObserver
 from app.rag.store_admin import VectorStoreAdmin
+from app.rag.stores.registry import create_store_backend
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ async def build_rag_service(
 ) -> RAGService:
     """Load the embedder, the vector store, the retriever and the active backend (all off the event loop)."""
     embedder = await anyio.to_thread.run_sync(create_embedder, settings)
-    collections = Collections(embedder, settings.vector_store_path)
+    collections = Collections(create_store_backend(settings, embedder))
     await anyio.to_thread.run_sync(collections.reload_all)
     retriever = await anyio.to_thread.run_sync(create_retriever, settings, collections)
     models = ModelManager(settings, backends)

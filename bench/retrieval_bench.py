@@ -93,11 +93,12 @@ def _modes(ctx: Context, store: Any, count: int, rng: np.random.Generator, probe
     from app.config import Settings
     from app.rag.collections import Collections
     from app.rag.retrieval.registry import RETRIEVERS
+    from app.rag.stores.faiss_store import FaissBackend
 
     # A question's handful of words, drawn like the chunks' words.
     queries = [" ".join(text.split()[:6]) for text in _texts(len(probes), rng)]
     embedder = _PreparedEmbedder(dict(zip(queries, probes, strict=True)))
-    collections = Collections(embedder, ctx.scratch / f"store-{count}")
+    collections = Collections(FaissBackend(embedder, ctx.scratch / f"store-{count}"))
     collections.reload_all()
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
     rows = []
@@ -141,6 +142,8 @@ def ingestion(ctx: Context) -> SectionResult:
     from app.config import Settings
     from app.rag.embeddings import create_embedder
     from app.rag.ingestion import ingest_folder
+    from app.rag.stores.base import DEFAULT_COLLECTION
+    from app.rag.stores.faiss_store import FaissBackend
 
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
     folder = _document_folder(ctx, files=ctx.size(40, 6), paragraphs=10)
@@ -148,8 +151,9 @@ def ingestion(ctx: Context) -> SectionResult:
     embedder = create_embedder(settings)
     embedder.embed(["warm-up"])
     load_seconds = time.perf_counter() - started
-    report = ingest_folder(folder, ctx.scratch / "ingest-store", embedder, chunk_size=settings.chunk_size,
-                           chunk_overlap=settings.chunk_overlap, rebuild=True, show_progress=False)
+    store = FaissBackend(embedder, ctx.scratch / "ingest-store").collection(DEFAULT_COLLECTION)
+    report = ingest_folder(folder, store, chunk_size=settings.chunk_size, chunk_overlap=settings.chunk_overlap,
+                           rebuild=True, show_progress=False)
     rate = report.chunks_embedded / report.seconds
     data = {"files": len(report.added), "chunks": report.chunks_embedded, "seconds": report.seconds,
             "chunks_per_s": rate, "embedder_load_s": load_seconds, "chunk_size": settings.chunk_size,

@@ -19,6 +19,8 @@ from app.rag.embeddings import Embedder
 from app.rag.ingestion import ingest_folder
 from app.rag.retrieval.base import Retriever
 from app.rag.retrieval.registry import RETRIEVERS
+from app.rag.stores.base import DEFAULT_COLLECTION
+from app.rag.stores.faiss_store import FaissBackend
 from bench.common import Context, Row, SectionResult, verdict
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -79,8 +81,10 @@ def quality(retriever: Retriever, asked: Iterable[Question]) -> Quality:
 
 def collections_of(folder: Path, embedder: Embedder, store_path: Path) -> Collections:
     """`folder` ingested as the default collection of a store at `store_path`, loaded."""
-    ingest_folder(folder, store_path, embedder, chunk_size=500, chunk_overlap=80, rebuild=True, show_progress=False)
-    collections = Collections(embedder, store_path)
+    backend = FaissBackend(embedder, store_path)
+    ingest_folder(folder, backend.collection(DEFAULT_COLLECTION), chunk_size=500, chunk_overlap=80, rebuild=True,
+                  show_progress=False)
+    collections = Collections(backend)
     collections.reload_all()
     return collections
 

@@ -22,7 +22,9 @@ from app.rag.ingestion import ingest_with_settings  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", type=Path, help="folder of documents (default: SAMPLE_CORPUS_PATH, ./docs)")
-    parser.add_argument("--store", type=Path, help="vector store folder (default: VECTOR_STORE_PATH, ./vector_store)")
+    parser.add_argument(
+        "--store", type=Path, help="vector store folder, with VECTOR_STORE_BACKEND=faiss (default: VECTOR_STORE_PATH)"
+    )
     parser.add_argument(
         "--rebuild", action="store_true", help="start the store afresh from this folder only (re-embeds every file)"
     )
@@ -43,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     except AppError as error:
         fail(error.message)
+    version = f" {report.version}" if report.version else ""
     print(
-        f"collection {args.collection}, vector store {report.version} at {settings.vector_store_path}: "
-        f"{report.chunk_count} chunks "
+        f"collection {args.collection}, vector store{version} at {report.location}: {report.chunk_count} chunks "
         f"({len(report.added)} files added, {len(report.updated)} updated, {len(report.unchanged)} unchanged, "
         f"{len(report.removed)} removed; {report.chunks_embedded} chunks embedded in {report.seconds:.1f}s)"
     )

@@ -18,6 +18,8 @@ from fastapi import FastAPI
 from app.config import Settings
 from app.rag.embeddings import Embedder, SentenceTransformerEmbedder
 from app.rag.ingestion import ingest_folder
+from app.rag.stores.base import DEFAULT_COLLECTION
+from app.rag.stores.faiss_store import FaissCollection
 from tests.ollama_wire_server import OllamaWireServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +39,11 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def faiss_store(embedder: Embedder, path: Path) -> FaissCollection:
+    """The default collection of a FAISS store in folder `path`."""
+    return FaissCollection(embedder, DEFAULT_COLLECTION, path)
 
 
 def pdf_with_text(text: str) -> bytes:
@@ -77,7 +84,7 @@ def embedder() -> Embedder:
 def corpus_store(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder) -> Path:
     """The fixture corpus ingested once; copy it before changing it."""
     store = tmp_path_factory.mktemp("corpus-store")
-    ingest_folder(CORPUS, store, embedder, chunk_size=300, chunk_overlap=50, show_progress=False)
+    ingest_folder(CORPUS, faiss_store(embedder, store), chunk_size=300, chunk_overlap=50, show_progress=False)
     return store
 
 

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 
 from app.rag.embeddings import Embedder
-from app.rag.ingestion import ingest_folder, ingestion_lock
+from app.rag.ingestion import ingest_folder
+from app.rag.stores.faiss_store import ingestion_lock
 from app.rag.vector_store import current_version, list_versions, load_store
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, faiss_store
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +82,9 @@ def test_sigkill_at_any_point_leaves_a_loadable_store_and_a_free_lock(
     source, store = tmp_path / "docs", tmp_path / "store"
     source.mkdir()
     _write_documents(source, 3)
-    old_version = ingest_folder(source, store, embedder, chunk_size=500, chunk_overlap=80, show_progress=False).version
+    old_version = ingest_folder(
+        source, faiss_store(embedder, store), chunk_size=500, chunk_overlap=80, show_progress=False
+    ).version
     old_sources = {chunk.metadata["source"] for chunk in load_store(store).chunks}
     _write_documents(source, 30, first=3)
     new_sources = {f"docs/{path.name}" for path in source.iterdir()}

@@ -10,14 +10,16 @@ import pytest
 from app.main import create_app
 from app.rag.embeddings import Embedder
 from app.rag.ingestion import ingest_folder
-from tests.conftest import REPO_ROOT, make_settings, running_server
+from tests.conftest import REPO_ROOT, faiss_store, make_settings, running_server
 
 pytestmark = pytest.mark.slow
 
 
 def test_demo_adapter_answers_in_its_trained_voice_and_the_base_does_not(tmp_path: Path, embedder: Embedder) -> None:
     store = tmp_path / "docs-store"
-    ingest_folder(REPO_ROOT / "docs", store, embedder, chunk_size=500, chunk_overlap=80, show_progress=False)
+    ingest_folder(
+        REPO_ROOT / "docs", faiss_store(embedder, store), chunk_size=500, chunk_overlap=80, show_progress=False
+    )
     settings = make_settings(tmp_path, vector_store_path=store, lora_model_path=REPO_ROOT / "lora_adapters",
                              max_new_tokens=16)
     question = {"query": "Is it possible to run two ingestion jobs simultaneously?"}  # phrased unlike the training data

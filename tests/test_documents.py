@@ -19,7 +19,7 @@ from app.main import create_app
 from app.rag.embeddings import Embedder
 from app.rag.ingestion import add_document, remove_document
 from app.rag.vector_store import list_versions, load_store
-from tests.conftest import REPO_ROOT, make_settings, pdf_with_text, running_server
+from tests.conftest import REPO_ROOT, faiss_store, make_settings, pdf_with_text, running_server
 from tests.ollama_wire_server import OllamaWireServer
 
 USER_KEY = "user-key-documents"
@@ -229,8 +229,9 @@ def test_uploads_survive_a_rebuild_and_a_name_keeps_its_own_content(tmp_path: Pa
 
 def test_a_delete_removes_only_the_content_it_named(tmp_path: Path, embedder: Embedder) -> None:
     store = tmp_path / "store"
-    first = add_document(store, embedder, "a.md", GLACIER, "1" * 64, chunk_size=300, chunk_overlap=50)
-    add_document(store, embedder, "a.md", ORCHARD, "2" * 64, chunk_size=300, chunk_overlap=50)  # replaced meanwhile
+    first = add_document(faiss_store(embedder, store), "a.md", GLACIER, "1" * 64, chunk_size=300, chunk_overlap=50)
+    # replaced meanwhile:
+    add_document(faiss_store(embedder, store), "a.md", ORCHARD, "2" * 64, chunk_size=300, chunk_overlap=50)
     with pytest.raises(NotFoundError):
-        remove_document(store, embedder, "a.md", first.entry.sha256)
+        remove_document(faiss_store(embedder, store), "a.md", first.sha256)
     assert load_store(store).files["a.md"].sha256 == "2" * 64

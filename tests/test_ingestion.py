@@ -10,15 +10,18 @@ import pytest
 
 from app.errors import ConflictError, VectorStoreError
 from app.rag.embeddings import Embedder
-from app.rag.ingestion import ingest_folder, ingestion_lock
+from app.rag.ingestion import ingest_folder
+from app.rag.stores.faiss_store import ingestion_lock
 from app.rag.vector_store import CURRENT_FILE, DOCSTORE_FILE, INDEX_FILE, current_version, load_store
-from tests.conftest import CORPUS, pdf_with_text
+from tests.conftest import CORPUS, faiss_store, pdf_with_text
 
 MODEL = "embedded:all-MiniLM-L6-v2"
 
 
 def _ingest(source: Path, store: Path, embedder: Embedder, **kwargs: object):  # type: ignore[no-untyped-def]
-    return ingest_folder(source, store, embedder, chunk_size=300, chunk_overlap=50, show_progress=False, **kwargs)
+    return ingest_folder(
+        source, faiss_store(embedder, store), chunk_size=300, chunk_overlap=50, show_progress=False, **kwargs
+    )
 
 
 def test_every_format_is_indexed_with_source_and_position(corpus_store: Path, embedder: Embedder) -> None:

@@ -22,7 +22,7 @@ from app.rag.retrieval.registry import RETRIEVERS, create_retriever
 from app.rag.retrieval.tokenize import tokenize
 from app.rag.vector_store import ARRAYS_FILE, MANIFEST_FILE, VOCABULARY_FILE, current_version, load_store
 from bench.retrieval_quality import CORPUS, collections_of, quality, questions
-from tests.conftest import make_settings
+from tests.conftest import faiss_store, make_settings
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_tokenizer_segments_chinese_and_splits_latin_words_in_mixed_text() -> No
 def test_the_lexical_index_round_trips_through_a_store_version(stores: dict[str, Collections]) -> None:
     live = stores["zh"].default
     assert live.store is not None
-    loaded = load_store(live.store_path)
+    loaded = load_store(live.path)
     for question in ("高铁行李", "饺子 面粉", "backup"):
         assert loaded.search_lexical(question, 5) == live.store.search_lexical(question, 5)
     assert loaded.lexical.size == loaded.size == 10
@@ -104,7 +104,7 @@ def test_a_tampered_or_unlisted_lexical_file_is_refused(
     stores: dict[str, Collections], tmp_path: Path, name: str
 ) -> None:
     store = tmp_path / "store"
-    shutil.copytree(stores["en"].store_root, store)
+    shutil.copytree(stores["en"].default.path, store)
     version_folder = store / str(current_version(store))
     original = (version_folder / name).read_bytes()
     (version_folder / name).write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
@@ -122,11 +122,11 @@ def test_a_tampered_or_unlisted_lexical_file_is_refused(
 def test_incremental_ingestion_keeps_the_lexical_index_in_step(tmp_path: Path, embedder: Embedder) -> None:
     source, store = tmp_path / "docs", tmp_path / "store"
     shutil.copytree(CORPUS / "zh", source)
-    ingest_folder(source, store, embedder, chunk_size=500, chunk_overlap=80, show_progress=False)
+    ingest_folder(source, faiss_store(embedder, store), chunk_size=500, chunk_overlap=80, show_progress=False)
     assert load_store(store).search_lexical("饺子", 1)[0].chunk.metadata["source"] == "docs/饺子.md"
 
     (source / "饺子.md").write_text("# 韭菜盒子\n\n韭菜切碎，和鸡蛋拌匀，包进面皮里煎熟。", encoding="utf-8")
-    report = ingest_folder(source, store, embedder, chunk_size=500, chunk_overlap=80, show_progress=False)
+    report = ingest_folder(source, faiss_store(embedder, store), chunk_size=500, chunk_overlap=80, show_progress=False)
     assert report.updated == ["docs/饺子.md"] and report.chunks_embedded == 1
     updated = load_store(store)
     assert updated.search_lexical("饺子", 5) == []  # the old words are gone with the old chunk

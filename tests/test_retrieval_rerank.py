@@ -26,6 +26,7 @@ from app.rag.collections import Collections
 from app.rag.embeddings import Embedder
 from app.rag.retrieval.registry import create_retriever
 from app.rag.retrieval.rerank import RerankingRetriever
+from app.rag.stores.faiss_store import FaissBackend
 from tests.conftest import make_settings
 
 QUESTIONS = (
@@ -72,7 +73,7 @@ def reranker_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def live(corpus_store: Path, embedder: Embedder) -> Collections:
-    live = Collections(embedder, corpus_store)
+    live = Collections(FaissBackend(embedder, corpus_store))
     live.reload_all()
     assert live.default.store is not None, live.default.load_error
     return live

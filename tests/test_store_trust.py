@@ -21,7 +21,6 @@ import pytest
 
 from app.errors import InvalidStoreVersionError, VectorStoreError
 from app.rag.embeddings import Embedder
-from app.rag.retrieval.live_store import LiveStore
 from app.rag.vector_store import (
     CURRENT_FILE,
     DOCSTORE_FILE,
@@ -33,6 +32,7 @@ from app.rag.vector_store import (
     load_version,
     switch_version,
 )
+from tests.conftest import faiss_store
 from tests.test_store_admin import ADMIN, app_url, documents  # noqa: F401  (fixtures: the app on a real server)
 
 SECRET = "outside-the-store-4711"  # content of a file outside the store, which must never be read
@@ -155,7 +155,7 @@ def test_a_manifest_entry_that_is_a_path_is_refused_and_not_read(
 def test_current_naming_anything_but_a_version_of_the_store_is_refused_and_the_last_good_one_served(
     store: Path, elsewhere: Path, embedder: Embedder, content: Callable[[Path], bytes]
 ) -> None:
-    retriever = LiveStore(embedder, store)
+    retriever = faiss_store(embedder, store)
     assert retriever.reload() is not None
     (store / CURRENT_FILE).write_bytes(content(elsewhere))
 

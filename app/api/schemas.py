@@ -184,6 +184,7 @@ class ModelInfo(BaseModel):
     using_lora: bool
     cache_dir: str | None
     vector_store_path: str
+    vector_store_backend: str = Field(..., description="where collections live: faiss or milvus (VECTOR_STORE_BACKEND)")
     embedding_model: str
     device: str
     quantization: str

@@ -40,12 +40,12 @@ async def rebuild(admin: Admin, request: Annotated[RebuildRequest | None, Body()
         unchanged=len(report.unchanged),
         failed=report.failed,
         chunks_embedded=report.chunks_embedded,
-        chunk_count=result.serving.size,
+        chunk_count=report.chunk_count,
         seconds=round(report.seconds, 3),
     )
 
 
-@router.get("/versions", response_model=StoreVersionsResponse, responses=error_responses(admin=True))
+@router.get("/versions", response_model=StoreVersionsResponse, responses=error_responses(501, admin=True))
 async def versions(admin: Admin) -> StoreVersionsResponse:
     """The kept store versions (oldest first), the one CURRENT names and the one answering requests."""
     found = await admin.versions()
@@ -57,7 +57,7 @@ async def versions(admin: Admin) -> StoreVersionsResponse:
 
 
 @router.post(
-    "/rollback", response_model=RollbackResponse, responses=error_responses(404, 409, 503, body=True, admin=True)
+    "/rollback", response_model=RollbackResponse, responses=error_responses(404, 409, 501, 503, body=True, admin=True)
 )
 async def rollback(admin: Admin, request: RollbackRequest) -> RollbackResponse:
     """Make a kept version live again. It is verified against its manifest's checksums first: a tampered

@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import logging
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
@@ -23,11 +24,12 @@ import anyio
 
 from app.config import Settings
 from app.errors import AppError, BadRequestError, ConflictError, NotFoundError
-from app.rag.collections import CollectionInfo, Collections, check_collection_name, collection_path
+from app.rag.collections import CollectionInfo, Collections, check_collection_name
 from app.rag.ingestion import DocumentChange, add_document, remove_document
 from app.rag.loaders import SUPPORTED_SUFFIXES, DocumentReadError, read_document
 from app.rag.service import is_blank
-from app.rag.vector_store import FileEntry, VectorStore
+from app.rag.stores.base import StoreView
+from app.rag.vector_store import FileEntry
 
 logger = logging.getLogger(__name__)
 
@@ -186,8 +188,8 @@ class DocumentService:
             change = await anyio.to_thread.run_sync(self._add, collection, name, text, sha256)
         if change.written:
             logger.info("document %s added to collection %s (%d chunks, version %s)",
-                        name, collection, len(change.entry.chunk_ids), change.version)
-        return self._info(collection, change.source, change.entry, ""), change.written
+                        name, collection, change.chunks, change.version or "-")
+        return self._info(collection, change.source, change.sha256, change.chunks, change.ingested_at), change.written
 
     def collections(self) -> list[CollectionInfo]:
         return self._collections.describe()
@@ -199,8 +201,10 @@ class DocumentService:
         for name in names:
             store = self._collections.live(name).store
             if store is not None:
+                files = await anyio.to_thread.run_sync(_files_of, store)  # Milvus: a query
                 documents += [
-                    self._info(name, source, entry, store.created_at) for source, entry in store.files.items()
+                    self._info(name, source, entry.sha256, len(entry.chunk_ids), entry.ingested_at or store.created_at)
+                    for source, entry in files.items()
                 ]
         return documents
 
@@ -208,20 +212,20 @@ class DocumentService:
         """Take a document's chunks out of both indexes in a new version of its collection."""
         for collection in self._collections.names():
             store = self._collections.live(collection).store
-            source = _source_with_id(store, collection, document) if store is not None else None
-            if source is not None and store is not None:
-                entry = store.files[source]
-                info = self._info(collection, source, entry, store.created_at)
+            found = await anyio.to_thread.run_sync(_document_with_id, store, collection, document)
+            if found is not None and store is not None:
                 async with self._writing:
-                    change = await anyio.to_thread.run_sync(self._remove, collection, source, entry.sha256)
-                logger.info("document %s deleted from collection %s (version %s)", source, collection, change.version)
-                return info
+                    change = await anyio.to_thread.run_sync(self._remove, collection, found[0], found[1])
+                logger.info("document %s deleted from collection %s (version %s)",
+                            change.source, collection, change.version or "-")
+                return self._info(collection, change.source, change.sha256, change.chunks,
+                                  change.ingested_at or store.created_at)
         raise DocumentNotFoundError(f"no document {document[:80]!r}")
 
     def _add(self, collection: str, name: str, text: str, sha256: str) -> DocumentChange:
         settings = self._settings
         change = add_document(
-            collection_path(settings.vector_store_path, collection), self._collections.embedder, name, text, sha256,
+            self._collections.store(collection), name, text, sha256,
             chunk_size=settings.chunk_size, chunk_overlap=settings.chunk_overlap,
         )
         if change.written:
@@ -230,10 +234,7 @@ class DocumentService:
 
     def _remove(self, collection: str, source: str, sha256: str) -> DocumentChange:
         try:
-            change = remove_document(
-                collection_path(self._settings.vector_store_path, collection), self._collections.embedder, source,
-                sha256,
-            )
+            change = remove_document(self._collections.store(collection), source, sha256)
         except NotFoundError:
             raise DocumentNotFoundError(
                 f"document {source!r} is no longer in collection {collection} with that content"
@@ -245,18 +246,23 @@ class DocumentService:
         self._collections.serve_live_version(collection)
 
     @staticmethod
-    def _info(collection: str, source: str, entry: FileEntry, version_created_at: str) -> DocumentInfo:
+    def _info(collection: str, source: str, sha256: str, chunks: int, ingested_at: str) -> DocumentInfo:
         return DocumentInfo(
-            document_id=document_id(collection, source, entry.sha256),
-            source=source,
-            collection=collection,
-            chunks=len(entry.chunk_ids),
-            ingested_at=entry.ingested_at or version_created_at,
+            document_id=document_id(collection, source, sha256), source=source, collection=collection, chunks=chunks,
+            ingested_at=ingested_at,
         )
 
 
-def _source_with_id(store: VectorStore, collection: str, document: str) -> str | None:
+def _files_of(store: StoreView) -> Mapping[str, FileEntry]:
+    return store.files
+
+
+def _document_with_id(store: StoreView | None, collection: str, document: str) -> tuple[str, str] | None:
+    """(source, sha256) of the document of that id in `store`; None when it holds none."""
+    if store is None:
+        return None
     return next(
-        (source for source, entry in store.files.items() if document_id(collection, source, entry.sha256) == document),
+        ((source, entry.sha256) for source, entry in store.files.items()
+         if document_id(collection, source, entry.sha256) == document),
         None,
     )

@@ -39,6 +39,10 @@ class Embedder(ABC):
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Shape (len(texts), dimension), float32, unit length."""
 
+    def dimension(self) -> int:
+        """The width of its vectors (one text embedded: a model may not say it, an Ollama model does not)."""
+        return int(self.embed(["dimension probe"]).shape[1])
+
 
 class SentenceTransformerEmbedder(Embedder):
     """A local sentence-transformers model on the CPU, in bfloat16 where the CPU has it natively (EMBEDDING_DTYPE).

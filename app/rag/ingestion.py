@@ -1,21 +1,18 @@
-"""Build or update the vector store from a folder of documents.
+"""Build or update a collection from a folder of documents, or change one document in it.
 
 Unchanged files (same sha256) keep their chunks and stored vectors; changed and new files are chunked
-and embedded; files gone from the folder are dropped. The result is written as a new store version.
+and embedded; files gone from the folder are dropped. What changed is applied to the collection's store
+(`stores`: a new FAISS version, or rows in Milvus) under its one-writer lock.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -23,23 +20,13 @@ from tqdm import tqdm
 from app.config import Settings
 from app.errors import BadRequestError, ConflictError, NotFoundError, VectorStoreError
 from app.rag.chunking import chunk_text
-from app.rag.collections import DEFAULT_COLLECTION, collection_path
 from app.rag.embeddings import EMBED_BATCH_SIZE, Embedder, create_embedder
 from app.rag.loaders import SUPPORTED_SUFFIXES, DocumentReadError, read_document
-from app.rag.vector_store import (
-    FileEntry,
-    StoredChunk,
-    VectorStore,
-    build_index,
-    load_store,
-    store_exists,
-    switch_version,
-    write_store,
-)
+from app.rag.stores.base import DEFAULT_COLLECTION, CollectionStore, NewDocument, StoreView
+from app.rag.stores.registry import create_store_backend
+from app.rag.vector_store import FileEntry, StoredChunk
 
 logger = logging.getLogger(__name__)
-
-LOCK_FILE = ".ingest.lock"
 
 
 @dataclass
@@ -52,27 +39,13 @@ class IngestReport:
     failed: dict[str, str] = field(default_factory=dict)
     chunks_embedded: int = 0
     chunk_count: int = 0
-    version: str | None = None
+    version: str | None = None  # "" where the store keeps no versions
+    location: str = ""  # the collection's folder or URI
     seconds: float = 0.0
 
     @property
     def changed(self) -> bool:
         return bool(self.added or self.updated or self.removed)
-
-
-@contextmanager
-def ingestion_lock(store_path: Path) -> Iterator[None]:
-    """One ingestion at a time per store; a second one gets ConflictError at once instead of waiting."""
-    store_path.mkdir(parents=True, exist_ok=True)
-    with (store_path / LOCK_FILE).open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConflictError("another ingestion is writing this vector store; try again when it ends") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def find_documents(source: Path) -> list[Path]:
@@ -92,34 +65,6 @@ def _source_name(source: Path, path: Path) -> str:
     return (Path(source.resolve().name) / path.relative_to(source)).as_posix()
 
 
-class _KeptChunks:
-    """The next store's content, assembled file by file; unchanged files reuse their stored vectors."""
-
-    def __init__(self, previous: VectorStore | None) -> None:
-        self._previous = previous
-        self.chunks: list[StoredChunk] = []
-        self.files: dict[str, FileEntry] = {}
-        self._vectors: list[np.ndarray] = []
-
-    def keep(self, name: str, entry: FileEntry) -> None:
-        assert self._previous is not None
-        chunks = [self._previous.chunks[i] for i in entry.chunk_ids]
-        self.add(name, entry.sha256, chunks, self._previous.vectors(entry.chunk_ids), entry.ingested_at)
-
-    def add(self, name: str, sha256: str, chunks: list[StoredChunk], vectors: np.ndarray, ingested_at: str) -> None:
-        ids = list(range(len(self.chunks), len(self.chunks) + len(chunks)))
-        self.files[name] = FileEntry(sha256, ids, ingested_at)
-        self.chunks.extend(chunks)
-        self._vectors.append(vectors)
-
-    def index(self, dimension_when_empty: Callable[[], int]) -> Any:
-        if not self.chunks:
-            dimension = dimension_when_empty()
-            return build_index(np.zeros((0, dimension), np.float32), dimension)
-        vectors = np.concatenate(self._vectors)
-        return build_index(vectors, int(vectors.shape[1]))
-
-
 def _split(vectors: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
     return np.split(vectors, np.cumsum(sizes)[:-1]) if sizes else []
 
@@ -135,8 +80,7 @@ class _Pending:
 
 def ingest_folder(
     source: Path,
-    store_path: Path,
-    embedder: Embedder,
+    store: CollectionStore,
     *,
     chunk_size: int,
     chunk_overlap: int,
@@ -146,11 +90,10 @@ def ingest_folder(
     if not source.is_dir():
         raise BadRequestError(f"the document folder '{source}' does not exist or is not a folder")
     started = time.perf_counter()
-    report = IngestReport()
-    with ingestion_lock(store_path):
-        previous = _previous_store(store_path, embedder.name, rebuild)
+    report = IngestReport(location=store.location)
+    with store.writing():
+        previous = _previous_store(store, rebuild)
         prefix = _source_name(source, source / "x").removesuffix("x")
-        kept = _KeptChunks(previous)
         pending: list[_Pending] = []
         documents = find_documents(source)
         for path in tqdm(documents, desc="reading documents", unit="file", disable=not show_progress):
@@ -163,7 +106,6 @@ def ingest_folder(
             digest = hashlib.sha256(data).hexdigest()
             old_entry = previous.files.get(name) if previous else None
             if old_entry and old_entry.sha256 == digest:
-                kept.keep(name, old_entry)
                 report.unchanged.append(name)
                 continue
             try:
@@ -176,17 +118,16 @@ def ingest_folder(
             pending.append(_Pending(name, digest, chunks))
             (report.updated if old_entry else report.added).append(name)
         seen = {_source_name(source, path) for path in documents}
-        if rebuild:
+        if previous is None:
             # Documents from elsewhere (uploads, other folders) cannot be read again from this folder: their stored
             # chunks are embedded again, with the embedder of this run, so a rebuild loses none of them.
-            for name, (digest, chunks) in _other_documents(store_path, prefix).items():
+            for name, (digest, chunks) in _other_documents(store, prefix).items():
                 pending.append(_Pending(name, digest, chunks))
                 report.other_sources.add(_origin(name))
-        elif previous is not None:
+        else:
             # Files ingested from other folders stay; only this folder's vanished files are dropped.
-            for name, entry in previous.files.items():
+            for name in previous.files:
                 if not name.startswith(prefix):
-                    kept.keep(name, entry)
                     report.other_sources.add(_origin(name))
                 elif name not in seen:
                     report.removed.append(name)
@@ -197,15 +138,23 @@ def ingest_folder(
             report.seconds = time.perf_counter() - started
             return report
 
-        new_vectors = _embed_pending(embedder, pending, show_progress)
-        now = _now()
-        for item, vectors in zip(pending, _split(new_vectors, [len(item.chunks) for item in pending]), strict=True):
-            kept.add(item.source, item.sha256, item.chunks, vectors, now)
-        report.version = _write(store_path, kept, embedder)
-        report.chunks_embedded = len(new_vectors)
-        report.chunk_count = len(kept.chunks)
+        new_documents = _embedded(store.embedder, pending, show_progress)
+        report.version = store.apply(previous, new_documents, report.removed)
+        report.chunks_embedded = sum(len(document.chunks) for document in new_documents)
+        report.chunk_count = _size_after(store, previous, new_documents, report.removed)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _size_after(
+    store: CollectionStore, previous: StoreView | None, documents: list[NewDocument], removed: list[str]
+) -> int:
+    """Chunks in the collection after a change, counted from what was applied (a count asked of Milvus may
+    not include rows written a moment ago, and reading a FAISS version back would load it twice)."""
+    replaced = set(removed) | {document.source for document in documents}
+    kept = sum(len(entry.chunk_ids) for name, entry in (previous.files if previous else {}).items()
+               if name not in replaced)
+    return kept + sum(len(document.chunks) for document in documents)
 
 
 def _origin(source: str) -> str:
@@ -213,19 +162,18 @@ def _origin(source: str) -> str:
     return source.split("/", 1)[0] + "/" if "/" in source else "uploads"
 
 
-def _other_documents(store_path: Path, prefix: str) -> dict[str, tuple[str, list[StoredChunk]]]:
-    """The live version's documents not under `prefix`, as (sha256, chunks), whichever embedder made it; none
-    when there is no readable live version."""
-    if not store_exists(store_path):
-        return {}
+def _other_documents(store: CollectionStore, prefix: str) -> dict[str, tuple[str, list[StoredChunk]]]:
+    """The live content's documents not under `prefix`, as (sha256, chunks), whichever embedder made it; none
+    when there is no readable live content."""
     try:
-        store = load_store(store_path)
+        live = store.read(check_embedder=False)
     except VectorStoreError as error:
         logger.warning("the documents of the previous version cannot be kept: %s", error.message)
         return {}
+    if live is None:
+        return {}
     return {
-        name: (entry.sha256, [store.chunks[i] for i in entry.chunk_ids])
-        for name, entry in store.files.items() if not name.startswith(prefix)
+        name: (entry.sha256, live.chunks_of(name)) for name, entry in live.files.items() if not name.startswith(prefix)
     }
 
 
@@ -240,33 +188,30 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _write(store_path: Path, kept: _KeptChunks, embedder: Embedder) -> str:
-    store = VectorStore(kept.index(lambda: _dimension(embedder)), kept.chunks, kept.files, embedder.name)
-    return write_store(store_path, store)
-
-
 @dataclass(frozen=True)
 class DocumentChange:
-    """What adding or removing one document did to a store."""
+    """What adding or removing one document did to a collection."""
 
     source: str
-    entry: FileEntry
-    version: str  # the version now live (a new one, or the same when nothing changed)
+    sha256: str
+    chunks: int
+    ingested_at: str  # "" in FAISS stores written before it was kept
+    version: str  # the version now live (a new one, or the same when nothing changed; "" where none are kept)
     written: bool  # False: nothing was written (a document with the same content was there already)
 
 
 def add_document(
-    store_path: Path, embedder: Embedder, source: str, text: str, sha256: str, *, chunk_size: int, chunk_overlap: int
+    store: CollectionStore, source: str, text: str, sha256: str, *, chunk_size: int, chunk_overlap: int
 ) -> DocumentChange:
-    """Add one document's text as `source` in a new version (a document of that name is replaced). The same
-    content already in the store, under any name, is not added twice: that document is returned unchanged."""
-    with ingestion_lock(store_path):
-        previous = _live_store(store_path, embedder.name)
+    """Add one document's text as `source` (a document of that name is replaced). The same content already in
+    the collection, under any name, is not added twice: that document is returned unchanged."""
+    with store.writing():
+        previous = store.read()  # unlike a folder's ingestion, one document cannot rebuild the others: no fallback
         files = previous.files if previous is not None else {}
         same = next((name for name, entry in files.items() if entry.sha256 == sha256), None)
         if same is not None and previous is not None:
             if same == source or source not in files:
-                return DocumentChange(same, files[same], previous.version, written=False)
+                return _change(same, files[same], previous.version, written=False)
             raise ConflictError(
                 f"this content is already in the collection as {same}, and {source} holds other content: delete "
                 f"one of them first, or upload it under another name"
@@ -274,50 +219,38 @@ def add_document(
         chunks = _chunks_of(source, text, chunk_size, chunk_overlap)
         if not chunks:
             raise BadRequestError(f"{source} holds no text to index")
-        kept = _all_but(previous, source)
-        kept.add(source, sha256, chunks, _embed_pending(embedder, [_Pending(source, sha256, chunks)], False), _now())
-        version = _write(store_path, kept, embedder)
-        return DocumentChange(source, kept.files[source], version, written=True)
+        [document] = _embedded(store.embedder, [_Pending(source, sha256, chunks)], False)
+        version = store.apply(previous, [document], ())
+        return DocumentChange(source, sha256, len(chunks), document.ingested_at, version, written=True)
 
 
-def remove_document(store_path: Path, embedder: Embedder, source: str, sha256: str) -> DocumentChange:
-    """Write a new version without document `source` holding content `sha256`; NotFoundError when the live
-    version does not hold that (a document replaced under the same name meanwhile is not removed)."""
-    with ingestion_lock(store_path):
-        previous = _live_store(store_path, embedder.name)
-        if previous is None or source not in previous.files or previous.files[source].sha256 != sha256:
+def _change(source: str, entry: FileEntry, version: str, written: bool) -> DocumentChange:
+    return DocumentChange(source, entry.sha256, len(entry.chunk_ids), entry.ingested_at, version, written)
+
+
+def remove_document(store: CollectionStore, source: str, sha256: str) -> DocumentChange:
+    """Remove document `source` holding content `sha256`; NotFoundError when the live content does not hold that
+    (a document replaced under the same name meanwhile is not removed)."""
+    with store.writing():
+        previous = store.read()
+        entry = previous.files.get(source) if previous is not None else None
+        if previous is None or entry is None or entry.sha256 != sha256:
             raise NotFoundError(f"no document {source!r} with that content in this collection")
-        kept = _all_but(previous, source)
-        version = _write(store_path, kept, embedder)
-        return DocumentChange(source, previous.files[source], version, written=True)
+        version = store.apply(previous, [], [source])
+        return _change(source, entry, version, written=True)
 
 
-def _all_but(previous: VectorStore | None, source: str) -> _KeptChunks:
-    """Every document of `previous` but `source`, with its stored vectors."""
-    kept = _KeptChunks(previous)
-    for name, entry in (previous.files if previous is not None else {}).items():
-        if name != source:
-            kept.keep(name, entry)
-    return kept
-
-
-def _live_store(store_path: Path, embedding_model: str) -> VectorStore | None:
-    """The live version to change one document in; None for a new store. Unlike a folder's ingestion, which
-    reads every file again, one document cannot rebuild the others: an unreadable live version is an error."""
-    return load_store(store_path, expected_embedding_model=embedding_model) if store_exists(store_path) else None
-
-
-def _previous_store(store_path: Path, embedding_model: str, rebuild: bool) -> VectorStore | None:
-    if rebuild or not store_exists(store_path):
+def _previous_store(store: CollectionStore, rebuild: bool) -> StoreView | None:
+    if rebuild:
         return None
     try:
-        return load_store(store_path, expected_embedding_model=embedding_model)
+        return store.read()
     except VectorStoreError as error:
         logger.warning("rebuilding the vector store from scratch: %s", error.message)
         return None
 
 
-def _embed_pending(embedder: Embedder, pending: list[_Pending], show_progress: bool) -> np.ndarray:
+def _embedded(embedder: Embedder, pending: list[_Pending], show_progress: bool) -> list[NewDocument]:
     texts = [chunk.text for item in pending for chunk in item.chunks]
     batches = []
     with tqdm(total=len(texts), desc="embedding chunks", unit="chunk", disable=not show_progress) as bar:
@@ -325,11 +258,25 @@ def _embed_pending(embedder: Embedder, pending: list[_Pending], show_progress: b
             batch = texts[start : start + EMBED_BATCH_SIZE]
             batches.append(embedder.embed(batch))
             bar.update(len(batch))
-    return np.concatenate(batches) if batches else np.zeros((0, _dimension(embedder)), np.float32)
+    vectors = np.concatenate(batches) if batches else np.zeros((0, embedder.dimension() if pending else 0), np.float32)
+    now = _now()
+    return [
+        NewDocument(item.source, item.sha256, item.chunks, part, now)
+        for item, part in zip(pending, _split(vectors, [len(item.chunks) for item in pending]), strict=True)
+    ]
 
 
-def _dimension(embedder: Embedder) -> int:
-    return int(embedder.embed(["dimension probe"]).shape[1])
+def build_first_store(settings: Settings) -> IngestReport | None:
+    """At a server's first start, the default collection from SAMPLE_CORPUS_PATH, when it holds nothing yet and
+    the store is this machine's; a store that replicas share is filled by ingesting into it, never by each
+    replica at its start (they would all write the same documents at once)."""
+    backend = create_store_backend(settings, create_embedder(settings))
+    store = backend.collection(DEFAULT_COLLECTION)
+    if backend.shared or store.exists():
+        return None
+    logger.info("no vector store yet: building it from %s", settings.sample_corpus_path)
+    return ingest_folder(settings.sample_corpus_path, store, chunk_size=settings.chunk_size,
+                         chunk_overlap=settings.chunk_overlap)
 
 
 def ingest_with_settings(
@@ -338,24 +285,16 @@ def ingest_with_settings(
     *,
     rebuild: bool = False,
     show_progress: bool = True,
-    embedder: Embedder | None = None,
     collection: str = DEFAULT_COLLECTION,
 ) -> IngestReport:
-    """Ingest `source` into `collection` under VECTOR_STORE_PATH with the configured chunking and embedder
-    (`embedder`: one already loaded, such as the running server's; None: load the configured one)."""
+    """Ingest `source` into `collection` of the store VECTOR_STORE_BACKEND names, with the configured chunking and
+    embedder."""
+    store = create_store_backend(settings, create_embedder(settings)).collection(collection)
     return ingest_folder(
         source,
-        collection_path(settings.vector_store_path, collection),
-        embedder or create_embedder(settings),
+        store,
         chunk_size=settings.chunk_size,
         chunk_overlap=settings.chunk_overlap,
         rebuild=rebuild,
         show_progress=show_progress,
     )
-
-
-def roll_back(store_path: Path, version: str, embedding_model: str) -> VectorStore:
-    """Make a kept version live again, verified first; under the ingestion lock, so no ingestion
-    switches or prunes versions meanwhile (one running: ConflictError)."""
-    with ingestion_lock(store_path):
-        return switch_version(store_path, version, expected_embedding_model=embedding_model)

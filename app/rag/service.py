@@ -17,7 +17,7 @@ import anyio
 import numpy as np
 
 from app.config import OLLAMA_EMBEDDING_PREFIX, Settings
-from app.errors import AppError, BackendTimeoutError, ServiceBusyError, ValidationFailedError
+from app.errors import AppError, BackendTimeoutError, ServiceBusyError, ValidationFailedError, VectorStoreError
 from app.llm.adapters import has_adapter_files
 from app.llm.base import (
     AdapterSpec,
@@ -322,6 +322,7 @@ class RAGService:
             "backends": self.models.configured,
             "cache_dir": str(settings.cache_dir or default_cache_dir()),
             "vector_store_path": str(settings.vector_store_path),
+            "vector_store_backend": settings.vector_store_backend,
             "embedding_model": settings.embedding_model,
             "device": settings.device,
             "quantization": settings.quantization_type if settings.enable_quantization else "none",
@@ -331,15 +332,10 @@ class RAGService:
         }
 
     async def health(self) -> HealthReport:
-        default, models = self.collections.default, self.models
-        store = default.store
-        others = len(self.collections.names()) - 1
-        more = f"; {others} more collection{'s' if others != 1 else ''}" if others else ""
+        models = self.models
         components = {
             "rag_handler": ComponentHealth(ok=True, detail="ready"),
-            "vector_store": ComponentHealth(ok=True, detail=f"{store.size} chunks ({store.version}){more}")
-            if store is not None
-            else ComponentHealth(ok=False, detail=default.load_error or "not loaded"),
+            "vector_store": await anyio.to_thread.run_sync(self._store_health),  # Milvus: a call over the network
             **{models.component(name): await models.component_health(name) for name in models.configured},
         }
         active = components[self.models.component(self.models.active)]
@@ -351,6 +347,21 @@ class RAGService:
         else:
             status = "degraded"
         return HealthReport(status=status, components=components)
+
+    def _store_health(self) -> ComponentHealth:
+        """The default collection's store: its kind and place, and its size read now (Milvus: reachable)."""
+        default = self.collections.default
+        where = f"{default.kind} at {default.location}"
+        store = default.store
+        if store is None:
+            return ComponentHealth(ok=False, detail=f"{where}: {default.load_error or 'not loaded'}")
+        try:
+            size, others = store.size, len(self.collections.names()) - 1
+        except VectorStoreError as error:
+            return ComponentHealth(ok=False, detail=error.message)
+        more = f"; {others} more collection{'s' if others != 1 else ''}" if others else ""
+        version = f" ({store.version})" if store.version else ""
+        return ComponentHealth(ok=True, detail=f"{size} chunks{version}{more}; {where}")
 
 
 @dataclass(frozen=True)

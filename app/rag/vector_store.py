@@ -121,6 +121,13 @@ class VectorStore:
             for i, score in self.lexical.search(query, k)
         ]
 
+    def best_lexical_score(self, query: str) -> float:
+        return self.lexical.best_possible(query)
+
+    def chunks_of(self, source: str) -> list[StoredChunk]:
+        entry = self.files.get(source)
+        return [self.chunks[i] for i in entry.chunk_ids] if entry is not None else []
+
     def vectors(self, chunk_ids: list[int]) -> np.ndarray:
         """Stored vectors of these chunks, so unchanged files are not embedded again."""
         if not chunk_ids:

@@ -1,7 +1,7 @@
 """The retriever interface: a question in, the chunks that best answer it out, best first.
 
-`RAGService` knows only this. A retriever over the local store searches the version that the collection's
-`LiveStore` serves, one version per search even while a rebuild swaps in the next.
+`RAGService` knows only this. A retriever over a store searches the view that the collection's
+`CollectionStore` serves (a FAISS version: one version per search even while a rebuild swaps in the next).
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from abc import ABC, abstractmethod
 from app.errors import VectorStoreError
 from app.rag.collections import DEFAULT_COLLECTION, Collections
 from app.rag.embeddings import Embedder
-from app.rag.vector_store import ScoreKind, SearchHit, VectorStore
+from app.rag.stores.base import StoreView
+from app.rag.vector_store import ScoreKind, SearchHit
 
 
 class Retriever(ABC):
@@ -24,8 +25,7 @@ class Retriever(ABC):
 
 
 class StoreRetriever(Retriever):
-    """A retriever over the live version of a collection's local store; subclasses say how one version is
-    searched."""
+    """A retriever over the view a collection serves; subclasses say how one view is searched."""
 
     def __init__(self, collections: Collections) -> None:
         self.collections = collections
@@ -42,5 +42,5 @@ class StoreRetriever(Retriever):
         return self.search_version(store, query, k)
 
     @abstractmethod
-    def search_version(self, store: VectorStore, query: str, k: int) -> list[SearchHit]:
-        """At most `k` hits for `query` in this one loaded version."""
+    def search_version(self, store: StoreView, query: str, k: int) -> list[SearchHit]:
+        """At most `k` hits for `query` in this one view."""

@@ -27,7 +27,8 @@ from app.rag.collections import Collections
 from app.rag.retrieval.base import StoreRetriever
 from app.rag.retrieval.dense import DenseRetriever
 from app.rag.retrieval.lexical import LexicalRetriever
-from app.rag.vector_store import ScoreKind, SearchHit, VectorStore
+from app.rag.stores.base import StoreView
+from app.rag.vector_store import ScoreKind, SearchHit
 
 
 @dataclass(frozen=True)
@@ -111,11 +112,11 @@ class HybridRetriever(StoreRetriever):
         self._candidates = candidates
         self._lexical_weight = lexical_weight
 
-    def search_version(self, store: VectorStore, query: str, k: int) -> list[SearchHit]:
+    def search_version(self, store: StoreView, query: str, k: int) -> list[SearchHit]:
         depth = max(k, self._candidates)
         rankings = [
             Ranking(self._dense.search_version(store, query, depth), floor=None),
             Ranking(self._lexical.search_version(store, query, depth), floor=0.0,
-                    ceiling=store.lexical.best_possible(query), weight=self._lexical_weight),
+                    ceiling=store.best_lexical_score(query), weight=self._lexical_weight),
         ]
         return self._fuse(rankings, self._rrf_k)[:k]

@@ -39,12 +39,26 @@ def _segmenter() -> Any:
         if _jieba is None:
             import jieba
 
-            segmenter = jieba.Tokenizer()
-            with segmenter.lock:
-                segmenter.FREQ, segmenter.total = segmenter.gen_pfdict(segmenter.get_dict_file())
-                segmenter.initialized = True
-            _jieba = segmenter
+            _jieba = _from_packaged_dictionary(jieba.Tokenizer())
         return _jieba
+
+
+def prepare_shared_jieba() -> None:
+    """Initialise jieba's module-level tokenizer from the packaged dictionary as `_segmenter` does, for code
+    that segments with it (Milvus Lite's analyser calls `jieba.cut_for_search`), so it never reads the temp
+    folder's cache either."""
+    import jieba
+
+    with _jieba_lock:
+        if not jieba.dt.initialized:
+            _from_packaged_dictionary(jieba.dt)
+
+
+def _from_packaged_dictionary(segmenter: Any) -> Any:
+    with segmenter.lock:
+        segmenter.FREQ, segmenter.total = segmenter.gen_pfdict(segmenter.get_dict_file())
+        segmenter.initialized = True
+    return segmenter
 
 
 def tokenize(text: str) -> list[str]:
