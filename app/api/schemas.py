@@ -185,6 +185,7 @@ class ModelInfo(BaseModel):
     cache_dir: str | None
     vector_store_path: str
     vector_store_backend: str = Field(..., description="where collections live: faiss or milvus (VECTOR_STORE_BACKEND)")
+    vector_store_location: str = Field(..., description="its folder, or the Milvus URI (never credentials)")
     embedding_model: str
     device: str
     quantization: str

@@ -99,7 +99,12 @@ class Collections:
 
     def reload_all(self) -> None:
         """Load every collection there is (the default one even when empty, so its load error can be reported)."""
-        for name in dict.fromkeys([DEFAULT_COLLECTION, *self.backend.collection_names()]):
+        try:
+            found = self.backend.collection_names()
+        except VectorStoreError as error:  # unreachable: serve what can be served, /health says why not
+            logger.error("collections not listed: %s", error.message)
+            found = []
+        for name in dict.fromkeys([DEFAULT_COLLECTION, *found]):
             self.reload(name)
 
     def reload(self, name: str) -> CollectionStore:

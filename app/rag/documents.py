@@ -28,7 +28,7 @@ from app.rag.collections import CollectionInfo, Collections, check_collection_na
 from app.rag.ingestion import DocumentChange, add_document, remove_document
 from app.rag.loaders import SUPPORTED_SUFFIXES, DocumentReadError, read_document
 from app.rag.service import is_blank
-from app.rag.stores.base import StoreView
+from app.rag.stores.base import StoreUnavailableError, StoreView
 from app.rag.vector_store import FileEntry
 
 logger = logging.getLogger(__name__)
@@ -199,7 +199,10 @@ class DocumentService:
         names = [collection] if collection is not None else self._collections.names()
         documents = []
         for name in names:
-            store = self._collections.live(name).store
+            live = self._collections.live(name)
+            store = live.store
+            if store is None and live.unavailable:  # an empty list would say the documents are gone
+                raise StoreUnavailableError(live.load_error or "the vector store cannot be reached")
             if store is not None:
                 files = await anyio.to_thread.run_sync(_files_of, store)  # Milvus: a query
                 documents += [

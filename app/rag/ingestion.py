@@ -22,7 +22,7 @@ from app.errors import BadRequestError, ConflictError, NotFoundError, VectorStor
 from app.rag.chunking import chunk_text
 from app.rag.embeddings import EMBED_BATCH_SIZE, Embedder, create_embedder
 from app.rag.loaders import SUPPORTED_SUFFIXES, DocumentReadError, read_document
-from app.rag.stores.base import DEFAULT_COLLECTION, CollectionStore, NewDocument, StoreView
+from app.rag.stores.base import DEFAULT_COLLECTION, CollectionStore, NewDocument, StoreUnavailableError, StoreView
 from app.rag.stores.registry import create_store_backend
 from app.rag.vector_store import FileEntry, StoredChunk
 
@@ -167,6 +167,8 @@ def _other_documents(store: CollectionStore, prefix: str) -> dict[str, tuple[str
     when there is no readable live content."""
     try:
         live = store.read(check_embedder=False)
+    except StoreUnavailableError:
+        raise  # what it holds is unknown: rebuilding without its documents would lose them
     except VectorStoreError as error:
         logger.warning("the documents of the previous version cannot be kept: %s", error.message)
         return {}
@@ -245,6 +247,8 @@ def _previous_store(store: CollectionStore, rebuild: bool) -> StoreView | None:
         return None
     try:
         return store.read()
+    except StoreUnavailableError:
+        raise  # what it holds is unknown: rebuilding without its documents would lose them
     except VectorStoreError as error:
         logger.warning("rebuilding the vector store from scratch: %s", error.message)
         return None

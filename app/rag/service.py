@@ -323,6 +323,7 @@ class RAGService:
             "cache_dir": str(settings.cache_dir or default_cache_dir()),
             "vector_store_path": str(settings.vector_store_path),
             "vector_store_backend": settings.vector_store_backend,
+            "vector_store_location": self.collections.backend.location,
             "embedding_model": settings.embedding_model,
             "device": settings.device,
             "quantization": settings.quantization_type if settings.enable_quantization else "none",

@@ -43,6 +43,13 @@ def check_collection_name(name: str) -> str:
     return name
 
 
+class StoreUnavailableError(VectorStoreError):
+    """The store cannot be reached now (a database down, a folder locked by another process): what it holds is
+    unknown, so nothing may be rebuilt in its place."""
+
+    code = "vector_store_unavailable"
+
+
 class StoreView(Protocol):
     """One collection's content, as searched and as an ingestion compares files against."""
 
@@ -100,6 +107,7 @@ class CollectionStore(ABC):
         self.name = check_collection_name(name)
         self._store: StoreView | None = None
         self.load_error: str | None = None
+        self.unavailable = False  # the last load failed because the store could not be reached
         # One load at a time, each reading the live content when it starts: the last to run serves the newest
         # (two loads racing could otherwise put an older version back after a newer one).
         self._loading = threading.Lock()
@@ -147,9 +155,9 @@ class CollectionStore(ABC):
             except VectorStoreError as error:
                 if error.message != self.load_error:  # once, not at every request that finds it still missing
                     logger.error("vector store not loaded: %s", error.message)
-                self.load_error = error.message
+                self.load_error, self.unavailable = error.message, isinstance(error, StoreUnavailableError)
                 return None
-            self._store, self.load_error = store, None
+            self._store, self.load_error, self.unavailable = store, None, False
             logger.info("collection %s loaded from %s: %d chunks %s", self.name, self.kind, store.size, store.version)
             return store
 

@@ -14,6 +14,7 @@ change removes every old row, whatever its content). A rebuild drops and recreat
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -23,16 +24,24 @@ import sys
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
 from bm25s.stopwords import STOPWORDS_CHINESE, STOPWORDS_EN
 
-from app.errors import ConflictError, VectorStoreError
+from app.errors import AppError, ConflictError, VectorStoreError
 from app.rag.embeddings import Embedder
 from app.rag.retrieval.tokenize import prepare_shared_jieba, tokenize
-from app.rag.stores.base import CollectionStore, NewDocument, StoreBackend, StoreView, check_collection_name
+from app.rag.stores.base import (
+    CollectionStore,
+    NewDocument,
+    StoreBackend,
+    StoreUnavailableError,
+    StoreView,
+    check_collection_name,
+)
 from app.rag.vector_store import FileEntry, SearchHit, StoredChunk
 
 PREFIX = "lora_rag_"
@@ -94,13 +103,9 @@ def pymilvus() -> Any:
         return sys.modules["pymilvus"]
 
 
-class MilvusUnavailableError(VectorStoreError):
-    code = "vector_store_unavailable"
-
-
 class _Milvus:
     """The client, connected on first use and again after a failure; each call's Milvus errors become
-    MilvusUnavailableError naming the URI (never the token)."""
+    StoreUnavailableError naming the URI (never the token)."""
 
     def __init__(self, uri: str, token: str, timeout: float) -> None:
         self.uri, self._token, self.timeout = uri, token, timeout
@@ -117,7 +122,7 @@ class _Milvus:
         Lite, or after another replica recreated it)."""
         try:
             return self.call(method, collection, *args, **kwargs)
-        except MilvusUnavailableError as error:
+        except StoreUnavailableError as error:
             if not any(words in error.message for words in ("released", "not loaded", "load()")):
                 raise
         self.call("load_collection", collection)
@@ -129,12 +134,12 @@ class _Milvus:
             return operation(self._connected())
         except milvus_exception as error:
             self._client = None  # connect again next time: the server may be back
-            raise MilvusUnavailableError(f"Milvus at {shown_uri(self.uri)}: {error.message}") from None
+            raise StoreUnavailableError(f"Milvus at {shown_uri(self.uri)}: {error.message}") from None
         except Exception as error:  # grpc and connection errors that pymilvus lets through
-            if isinstance(error, VectorStoreError):
+            if isinstance(error, AppError):
                 raise
             self._client = None
-            raise MilvusUnavailableError(
+            raise StoreUnavailableError(
                 f"Milvus at {shown_uri(self.uri)} is unreachable ({type(error).__name__}: {str(error)[:200]})"
             ) from None
 
@@ -142,23 +147,38 @@ class _Milvus:
         with self._lock:
             if self._client is None:
                 if self.is_lite:
+                    _check_lite_folder_free(self.uri)
                     prepare_shared_jieba()  # Milvus Lite analyses text with it in this process
                 try:
                     self._client = pymilvus().MilvusClient(uri=self.uri, token=self._token, timeout=self.timeout)
                 except Exception as error:
-                    raise MilvusUnavailableError(_connect_failure(self.uri, error)) from None
+                    raise StoreUnavailableError(_connect_failure(self.uri, error)) from None
             return self._client
 
 
 def _connect_failure(uri: str, error: Exception) -> str:
     message = getattr(error, "message", None) or str(error)
-    if not uri.startswith(("http://", "https://")) and "lock" in message.lower():
-        return (
-            f"Milvus Lite at {uri} is open in another process (a running server?): one process at a time can open "
-            "a Milvus Lite folder. Upload through POST /documents, or run `milvus-lite server --data-dir "
-            f"{uri}` and set MILVUS_URI=http://127.0.0.1:19530 for every process"
-        )
     return f"Milvus at {shown_uri(uri)} is unreachable: {message[:300]}"
+
+
+def _check_lite_folder_free(path: str) -> None:
+    """StoreUnavailableError, saying what to do, when another process has the Milvus Lite folder open: it takes
+    a lock on the folder, and opening it anyway fails with a logged traceback and a bare "open failed"."""
+    from milvus_lite.db import LOCK_FILENAME
+
+    lock = Path(path) / LOCK_FILENAME
+    if not lock.is_file():
+        return
+    with lock.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreUnavailableError(
+                f"Milvus Lite at {path} is open in another process (a running server?), and one process at a time "
+                "can open it: upload through POST /documents, or run it as a server (`milvus-lite server "
+                f"--data-dir {path} --host 127.0.0.1`) and point every process at MILVUS_URI=http://127.0.0.1:19530"
+            ) from None
+        fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class MilvusView:
