@@ -137,6 +137,10 @@ class CollectionStore(ABC):
         `documents` (`previous` None: `documents` only, whatever the collection held); return the version now live.
         `previous` is what the writer read under `writing()`."""
 
+    def absent_view(self) -> StoreView | None:
+        """What to serve while the collection holds nothing yet; None: nothing (the collection cannot serve)."""
+        return None
+
     @property
     def store(self) -> StoreView | None:
         return self._store
@@ -146,7 +150,7 @@ class CollectionStore(ABC):
         (`load_error` says why)."""
         with self._loading:
             try:
-                store = self.read()
+                store = self.read() or self.absent_view()
                 if store is None:
                     raise VectorStoreError(
                         f"no vector store for collection {self.name} at {self.location}: build it with "

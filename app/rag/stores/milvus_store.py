@@ -264,6 +264,30 @@ class MilvusView:
                 return
 
 
+class EmptyView:
+    """A collection that does not exist in Milvus yet: no chunks."""
+
+    version = ""
+    created_at = ""
+    size = 0
+    files: Mapping[str, FileEntry] = {}
+
+    def __init__(self, embedding_model: str) -> None:
+        self.embedding_model = embedding_model
+
+    def search(self, query_vector: np.ndarray, k: int) -> list[SearchHit]:
+        return []
+
+    def search_lexical(self, query: str, k: int) -> list[SearchHit]:
+        return []
+
+    def best_lexical_score(self, query: str) -> float:
+        return 0.0
+
+    def chunks_of(self, source: str) -> list[StoredChunk]:
+        return []
+
+
 def _chunk(entity: Mapping[str, Any]) -> StoredChunk:
     return StoredChunk(text=str(entity["text"]), metadata=dict(entity["metadata"]))
 
@@ -288,9 +312,23 @@ class MilvusCollection(CollectionStore):
 
     @property
     def store(self) -> StoreView | None:
-        if self._store is None:
-            self.reload()  # made meanwhile, maybe by another replica: nothing here to wait for
+        """The view served; a collection made meanwhile (maybe by another replica) is served from its first use."""
+        if isinstance(self._store, EmptyView):
+            try:
+                created = self.exists()
+            except StoreUnavailableError as error:  # an empty view would hide that Milvus is down
+                self._store, self.load_error, self.unavailable = None, error.message, True
+                return None
+            if created:
+                self.reload()
+        elif self._store is None:
+            self.reload()
         return self._store
+
+    def absent_view(self) -> EmptyView:
+        # Replicas share the store and are filled by ingesting into it, through any of them: one that finds no
+        # collection yet serves an empty one (and is ready to take documents) rather than report itself down.
+        return EmptyView(self.embedder.name)
 
     def exists(self) -> bool:
         return bool(self._milvus.call("has_collection", self.milvus_name))
