@@ -75,12 +75,16 @@ def check_numerics(settings: Settings) -> CheckResult:
 
 
 def check_retrieval(settings: Settings, load_reranker: bool = True) -> CheckResult:
-    """RETRIEVAL_MODE and HYBRID_FUSION are names the registries know; RERANKER_MODEL loads (when asked: the
-    launcher checks names only before start, and the service loads the re-ranker itself)."""
+    """VECTOR_STORE_BACKEND, RETRIEVAL_MODE and HYBRID_FUSION are names the registries know; RERANKER_MODEL loads
+    (when asked: the launcher checks names only before start, and the service loads the re-ranker itself)."""
     from app.rag.retrieval.hybrid import FUSIONS
     from app.rag.retrieval.registry import RETRIEVERS
     from app.rag.retrieval.rerank import load_cross_encoder
+    from app.rag.stores.registry import STORES
 
+    if settings.vector_store_backend not in STORES:
+        return CheckResult("retrieval", False, f"VECTOR_STORE_BACKEND={settings.vector_store_backend!r} is unknown",
+                           f"use one of {', '.join(sorted(STORES))}")
     mode = settings.retrieval_mode
     if mode not in RETRIEVERS:
         return CheckResult("retrieval", False, f"RETRIEVAL_MODE={mode!r} is unknown",

@@ -68,14 +68,14 @@ def _child(prompt: int, tokens: int) -> dict[str, Any]:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32 if dtype == "int8" else dtype).eval()
         if dtype == "int8":
             quantize_linears_int8(model)
-        runs[dtype] = _prefill_and_decode(model, ids, tokens)
+        runs[dtype] = prefill_and_decode(model, ids, tokens)
         del model
     capability = CpuCapability.detect()
     return {"cpu": capability.summary(), "auto": choose_numeric_path("auto", "cpu", False, capability).dtype,
             "runs": runs}
 
 
-def _prefill_and_decode(model: Any, ids: Any, tokens: int) -> dict[str, float]:
+def prefill_and_decode(model: Any, ids: Any, tokens: int) -> dict[str, float]:
     """The model's own forward loop (no generate()): one prefill of `ids`, then `tokens` greedy steps."""
     import torch
 

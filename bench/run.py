@@ -9,7 +9,8 @@ Sections: 1 adapter change vs reload, 2 LoRA decode overhead, 3 many clients on 
 4 decode vs llama.cpp (when installed: bash bench/setup_peer.sh), 5 retrieval latency, 6 ingestion throughput,
 7 /ask end to end streamed, with the server's peak RSS (live server), 8 numeric paths (dtype per CPU level),
 9 retrieval quality (recall@1/@4, MRR per RETRIEVAL_MODE, English and Chinese, bench/data),
-10 classification (predict p50 for 16 short texts; /ask decode alone and while predictions run).
+10 classification (predict p50 for 16 short texts; /ask decode alone and while predictions run),
+11 a Qwen2.5-1.5B-shaped model (random weights) beside SmolLM2: bare vs served decode, prefill, bandwidth ceiling.
 Absolute times on a shared machine are noisy: compare the ratios, which are measured in the same run.
 """
 
@@ -32,6 +33,7 @@ from bench import (  # noqa: E402
     backend_bench,
     classification_bench,
     numerics_bench,
+    qwen_shaped_bench,
     retrieval_bench,
     retrieval_quality,
     serving_bench,
@@ -58,9 +60,10 @@ SECTIONS: dict[int, tuple[str, Callable[[Context], SectionResult]]] = {
     8: ("numeric paths", numerics_bench.numeric_paths),
     9: ("retrieval quality", retrieval_quality.retrieval_quality),
     10: ("classification beside generation", classification_bench.classification),
+    11: ("a Qwen2.5-1.5B-shaped model", qwen_shaped_bench.qwen_shaped),
 }
 # In-process sections first, the live server's last, so the server never competes with them for the cores.
-RUN_ORDER = (8, 5, 6, 9, 1, 2, 10, 4, 3, 7)
+RUN_ORDER = (8, 5, 6, 9, 1, 2, 10, 11, 4, 3, 7)
 DOC = REPO_ROOT / "docs" / "performance.md"
 DOC_BEGIN, DOC_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 

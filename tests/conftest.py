@@ -4,6 +4,7 @@ uvicorn server on loopback in a thread."""
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -66,6 +67,16 @@ def pdf_with_text(text: str) -> bytes:
     out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
     out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
     return bytes(out)
+
+
+def stop_process(process: subprocess.Popen[bytes], grace_seconds: float = 30) -> None:
+    """Ask `process` to stop, and kill it when it has not within `grace_seconds`."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace_seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def closed_port() -> int:

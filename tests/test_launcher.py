@@ -72,7 +72,8 @@ def test_bad_use_lora_value_is_a_usage_error(tmp_path: Path) -> None:
     assert result.returncode == 2 and "expected true or false" in result.stderr
 
 
-@pytest.mark.parametrize(("variable", "value"), [("RETRIEVAL_MODE", "fancy"), ("HYBRID_FUSION", "average")])
+@pytest.mark.parametrize(("variable", "value"), [("RETRIEVAL_MODE", "fancy"), ("HYBRID_FUSION", "average"),
+                                               ("VECTOR_STORE_BACKEND", "elastic")])
 def test_an_unknown_retrieval_name_stops_the_launcher_in_one_line(tmp_path: Path, variable: str, value: str) -> None:
     result = subprocess.run([sys.executable, "start_lora_rag.py"], cwd=REPO_ROOT, capture_output=True, text=True,
                             env=_env(tmp_path, **{variable: value}), timeout=300)

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from app.main import create_app
-from tests.conftest import CORPUS, REPO_ROOT, closed_port, make_settings, running_server
+from tests.conftest import CORPUS, REPO_ROOT, closed_port, make_settings, running_server, stop_process
 from tests.milvus_server import milvus_lite_server
 from tests.test_milvus_store import ingest_cli
 
@@ -61,12 +61,7 @@ def _replica(folder: Path, engine: str, milvus: str) -> Iterator[str]:
             time.sleep(0.5)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         log.close()
 
 

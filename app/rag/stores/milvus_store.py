@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import string
@@ -103,6 +104,17 @@ def pymilvus() -> Any:
         return sys.modules["pymilvus"]
 
 
+class _NoMvccWarning(logging.Filter):
+    """Milvus Lite gives iterators no MVCC timestamp; pymilvus then warns at every listing and uses the client's
+    clock, which is right for a store in this process."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "mvccTs" not in record.getMessage()
+
+
+_NO_MVCC_WARNING = _NoMvccWarning()
+
+
 class _Milvus:
     """The client, connected on first use and again after a failure; each call's Milvus errors become
     StoreUnavailableError naming the URI (never the token)."""
@@ -147,6 +159,7 @@ class _Milvus:
         with self._lock:
             if self._client is None:
                 if self.is_lite:
+                    logging.getLogger("pymilvus.client.iterator.query_iterator").addFilter(_NO_MVCC_WARNING)
                     _check_lite_folder_free(self.uri)
                     prepare_shared_jieba()  # Milvus Lite analyses text with it in this process
                 try:
@@ -248,20 +261,16 @@ class MilvusView:
         ))
 
     def _rows(self, expression: str, fields: list[str]) -> Iterator[dict[str, Any]]:
-        """Every row matching `expression`, in pages (a query returns at most 16384 rows)."""
-        last = -1
-        while True:
-            condition = f"id > {last}" + (f" and ({expression})" if expression else "")
-            page = self._milvus.call_loaded(
-                "query", self._collection, filter=condition, output_fields=["id", *fields], limit=QUERY_BATCH
-            )
-            if not page:
-                return
-            page = sorted(page, key=lambda row: int(row["id"]))
-            yield from page
-            last = int(page[-1]["id"])
-            if len(page) < QUERY_BATCH:
-                return
+        """Every row matching `expression`, page by page (one query returns at most 16384 rows)."""
+        pages = self._milvus.call_loaded(
+            "query_iterator", self._collection, batch_size=QUERY_BATCH, filter=expression,
+            output_fields=["id", *fields],
+        )
+        try:
+            while page := self._milvus.run(lambda _: pages.next()):
+                yield from page
+        finally:
+            pages.close()
 
 
 class EmptyView:
