@@ -116,13 +116,13 @@ def check_adapter(settings: Settings) -> CheckResult:
 
 def check_vector_store(settings: Settings) -> CheckResult:
     """The default collection of the store VECTOR_STORE_BACKEND names opens and was made with EMBEDDING_MODEL."""
-    from app.rag.embeddings import create_embedder
+    from app.rag.embeddings import DeferredEmbedder
     from app.rag.stores.base import DEFAULT_COLLECTION
     from app.rag.stores.registry import create_store_backend
 
     hint = "python scripts/ingest.py --source <your documents folder>"
     try:
-        collection = create_store_backend(settings, create_embedder(settings)).collection(DEFAULT_COLLECTION)
+        collection = create_store_backend(settings, DeferredEmbedder(settings)).collection(DEFAULT_COLLECTION)
         store = collection.read()
         if store is None:
             return CheckResult("vector store", False, f"no documents yet in {collection.kind} at {collection.location}",

@@ -18,10 +18,11 @@ from app.main import create_app
 from app.rag.embeddings import Embedder
 from app.rag.ingestion import add_document, ingest_folder
 from app.rag.retrieval.registry import RETRIEVERS
-from app.rag.stores.milvus_store import MilvusBackend, milvus_collection_name
+from app.rag.stores.milvus_store import MilvusBackend, milvus_collection_name, pymilvus
 from bench.retrieval_quality import CORPUS as QUALITY_CORPUS
 from bench.retrieval_quality import collections_of, quality, questions
 from tests.conftest import CORPUS, REPO_ROOT, closed_port, make_settings, running_server
+from tests.launched import launched_server
 from tests.milvus_server import milvus_lite_server
 from tests.ollama_wire_server import OllamaWireServer
 
@@ -217,3 +218,47 @@ def test_hybrid_retrieval_on_milvus_finds_chinese_and_english_questions_as_on_fa
     assert found["zh"]["hybrid"].recall_at_1 >= 0.8, found["zh"]["hybrid"].misses_at_1
     assert found["zh"]["hybrid"].recall_at_4 == 1.0
     assert found["en"]["hybrid"].recall_at_1 >= found["en"]["dense"].recall_at_1, found["en"]["hybrid"].misses_at_1
+
+
+@pytest.mark.slow
+def test_the_launcher_on_milvus_lite_builds_the_first_store_then_serves_and_takes_uploads_in_one_process(
+    tmp_path: Path, ollama: OllamaWireServer
+) -> None:
+    uri = str(tmp_path / "server" / "milvus.db")
+    env = {"VECTOR_STORE_BACKEND": "milvus", "MILVUS_URI": uri, "SAMPLE_CORPUS_PATH": str(CORPUS),
+           "USE_LORA_DEFAULT": "false", "OLLAMA_BASE_URL": ollama.base_url, "API_KEYS": USER_KEY,
+           "ADMIN_API_KEYS": ADMIN_KEY}
+    with launched_server(tmp_path / "server", env) as url, httpx.Client(base_url=url, timeout=120) as client:
+        health = client.get("/health", headers=ADMIN).json()
+        cited = _cited(client, TYRE)
+        uploaded = _upload(client, "glacier.md", GLACIER)
+        found = _cited(client, "When do glacier tours leave?")
+    # The launcher opened Milvus Lite to build the store from SAMPLE_CORPUS_PATH, the server opened it again in the
+    # same process: its own lock is not another process's.
+    assert health["components"]["vector_store"] == "healthy", health
+    assert health["details"]["components"]["vector_store"].startswith("4 chunks; milvus at")
+    assert cited[0] == "corpus/bicycles.txt"
+    assert uploaded.status_code == 201, uploaded.text
+    assert found[0] == "glacier.md"
+
+
+@pytest.mark.slow
+def test_a_write_cut_short_is_seen_and_the_next_ingestion_repairs_it(tmp_path: Path, embedder: Embedder) -> None:
+    source = tmp_path / "handbook"
+    source.mkdir()
+    (source / "long.md").write_text("\n\n".join(f"Paragraph {i}: the harbour office opens at {i} o'clock." * 4
+                                                for i in range(6)), encoding="utf-8")
+    uri = str(tmp_path / "milvus.db")
+    store = MilvusBackend(embedder, uri, "", 30.0).collection("default")
+    first = ingest_folder(source, store, chunk_size=200, chunk_overlap=20, show_progress=False)
+    # As if the process died after some of the document's rows were written: one row of it is missing.
+    written = store.read()
+    assert written is not None
+    pymilvus().MilvusClient(uri).delete(store.milvus_name, ids=[written.files["handbook/long.md"].chunk_ids[-1]])
+    cut = store.read()
+    assert cut is not None and cut.files["handbook/long.md"].sha256 == ""  # not taken for the whole document
+    repaired = ingest_folder(source, store, chunk_size=200, chunk_overlap=20, show_progress=False)
+    view = store.read()
+    assert view is not None
+    assert first.chunk_count >= 3 and repaired.updated == ["handbook/long.md"]
+    assert view.size == first.chunk_count and view.files["handbook/long.md"].sha256 != ""

@@ -5,12 +5,7 @@ processes."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +13,8 @@ import httpx
 import pytest
 
 from app.main import create_app
-from tests.conftest import CORPUS, REPO_ROOT, closed_port, make_settings, running_server, stop_process
+from tests.conftest import CORPUS, closed_port, make_settings, running_server
+from tests.launched import launched_server
 from tests.milvus_server import milvus_lite_server
 from tests.test_milvus_store import ingest_cli
 
@@ -28,41 +24,15 @@ LIGHTHOUSE = "灯塔管理员每天午夜换班，换班时要检查透镜和燃
 GLACIER = "Glacier tours leave from the north pier at seven; crampons are lent at the harbour office."
 
 
-@contextmanager
-def _replica(folder: Path, engine: str, milvus: str) -> Iterator[str]:
-    """`start_lora_rag.py` in its own process and folder (no `.env`, an empty VECTOR_STORE_PATH), ready."""
-    folder.mkdir()
-    port = closed_port()
-    env = {
-        **os.environ,
-        "API_HOST": "127.0.0.1", "API_PORT": str(port),
+def _replica(folder: Path, engine: str, milvus: str) -> AbstractContextManager[str]:
+    """A replica in its own folder (an empty VECTOR_STORE_PATH, no documents of its own), ready."""
+    return launched_server(folder, {
         "API_KEYS": "user-key-replicas", "ADMIN_API_KEYS": "admin-key-replicas",
         "DEFAULT_BACKEND": "remote", "REMOTE_BASE_URL": f"{engine}/v1",
         "VECTOR_STORE_BACKEND": "milvus", "MILVUS_URI": milvus,
         "VECTOR_STORE_PATH": str(folder / "store"), "SAMPLE_CORPUS_PATH": str(folder / "no-documents"),
         "OLLAMA_BASE_URL": f"http://127.0.0.1:{closed_port()}", "MAX_NEW_TOKENS": "12", "TEMPERATURE": "0",
-    }
-    log = (folder / "replica.log").open("w")
-    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "start_lora_rag.py")], cwd=folder, env=env,
-                               stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"replica exited with {process.returncode}: {(folder / 'replica.log').read_text()}")
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"replica not ready in 240 s: {(folder / 'replica.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        stop_process(process)
-        log.close()
+    })
 
 
 def _ask(url: str, query: str, **fields: Any) -> dict[str, Any]:

@@ -74,5 +74,5 @@ async def delete_document(documents: Documents, document_id: str) -> DocumentRes
 @router.get("/collections", response_model=CollectionsResponse, responses=error_responses())
 async def list_collections(documents: Documents) -> CollectionsResponse:
     """The collections questions can name (`collection` on /ask and on /v1/chat/completions with `rag`)."""
-    described = documents.collections()
+    described = await documents.collections()
     return CollectionsResponse(collections=[CollectionEntry.model_validate(c, from_attributes=True) for c in described])

@@ -19,6 +19,7 @@ from app.rag.stores.base import (
     DEFAULT_COLLECTION,
     CollectionStore,
     StoreBackend,
+    StoreUnavailableError,
     StoreView,
     check_collection_name,
 )
@@ -61,20 +62,26 @@ class Collections:
 
     def names(self) -> list[str]:
         """The collections there are: `default` always, the others once they hold content (here or, found now
-        in the store, written by another process)."""
-        try:
-            found = self.backend.collection_names()
-        except VectorStoreError as error:  # the store is unreachable: the ones known here still are collections
-            logger.warning("collections not listed: %s", error.message)
-            found = []
+        in the store, written by another process). StoreUnavailableError when the store cannot be reached."""
+        found = self.backend.collection_names()  # StoreUnavailableError: what exists is not known now
         with self._lock:
             known = set(self._live) | set(found)
         return [DEFAULT_COLLECTION, *sorted(name for name in known if name != DEFAULT_COLLECTION)]
 
     def describe(self) -> list[CollectionInfo]:
-        """Each collection with the documents and chunks of the view it serves."""
-        stores = [(name, self.live(name).store) for name in self.names()]
-        return [CollectionInfo(name, *_counts(store)) for name, store in stores]
+        """Each collection with the documents and chunks of the view it serves (a collection that cannot be
+        reached is StoreUnavailableError, not an empty one)."""
+        return [CollectionInfo(name, *_counts(self.served(name))) for name in self.names()]
+
+    def served(self, name: str) -> StoreView | None:
+        """The view an existing collection serves; None when it serves none (nothing ingested, or unreadable:
+        `load_error` says why); StoreUnavailableError when its store cannot be reached, since "no documents"
+        would then be a guess."""
+        live = self.live(name)
+        store = live.store
+        if store is None and live.unavailable:
+            raise StoreUnavailableError(live.load_error or "the vector store cannot be reached")
+        return store
 
     def clash(self, name: str) -> str | None:
         """An existing collection that `name` would be confused with (it differs only in case or in the width of
@@ -131,11 +138,5 @@ class Collections:
 
 
 def _counts(store: StoreView | None) -> tuple[int, int]:
-    """A view's documents and chunks; none when it is not loaded or cannot be read now."""
-    if store is None:
-        return 0, 0
-    try:
-        return len(store.files), store.size
-    except VectorStoreError as error:
-        logger.warning("collection not counted: %s", error.message)
-        return 0, 0
+    """A view's documents and chunks; none when it is not loaded."""
+    return (len(store.files), store.size) if store is not None else (0, 0)

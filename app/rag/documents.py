@@ -16,7 +16,6 @@ import asyncio
 import hashlib
 import logging
 import unicodedata
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
@@ -28,8 +27,6 @@ from app.rag.collections import CollectionInfo, Collections, check_collection_na
 from app.rag.ingestion import DocumentChange, add_document, remove_document
 from app.rag.loaders import SUPPORTED_SUFFIXES, DocumentReadError, read_document
 from app.rag.service import is_blank
-from app.rag.stores.base import StoreUnavailableError, StoreView
-from app.rag.vector_store import FileEntry
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +167,7 @@ class DocumentService:
         """Index one uploaded file in `collection` (created by its first document); searchable on return.
         Returns the document and whether it is new (False: the same content was there already)."""
         collection = check_collection_name(unicodedata.normalize("NFC", collection))
-        existing = self._collections.clash(collection)
+        existing = await anyio.to_thread.run_sync(self._collections.clash, collection)  # Milvus: a call
         if existing is not None:
             raise ConflictError(
                 f"collection {collection!r} differs from the existing collection {existing!r} only in case or "
@@ -191,39 +188,43 @@ class DocumentService:
                         name, collection, change.chunks, change.version or "-")
         return self._info(collection, change.source, change.sha256, change.chunks, change.ingested_at), change.written
 
-    def collections(self) -> list[CollectionInfo]:
-        return self._collections.describe()
-
-    async def list(self, collection: str | None) -> list[DocumentInfo]:
-        """The documents of `collection`, or of every collection, as the versions being served hold them."""
-        names = [collection] if collection is not None else self._collections.names()
+    def _documents(self, collection: str | None) -> list[DocumentInfo]:
         documents = []
-        for name in names:
-            live = self._collections.live(name)
-            store = live.store
-            if store is None and live.unavailable:  # an empty list would say the documents are gone
-                raise StoreUnavailableError(live.load_error or "the vector store cannot be reached")
+        for name in [collection] if collection is not None else self._collections.names():
+            store = self._collections.served(name)
             if store is not None:
-                files = await anyio.to_thread.run_sync(_files_of, store)  # Milvus: a query
                 documents += [
                     self._info(name, source, entry.sha256, len(entry.chunk_ids), entry.ingested_at or store.created_at)
-                    for source, entry in files.items()
+                    for source, entry in store.files.items()
                 ]
         return documents
 
+    async def collections(self) -> list[CollectionInfo]:
+        return await anyio.to_thread.run_sync(self._collections.describe)  # Milvus: calls over the network
+
+    async def list(self, collection: str | None) -> list[DocumentInfo]:
+        """The documents of `collection`, or of every collection, as the views being served hold them."""
+        return await anyio.to_thread.run_sync(self._documents, collection)  # Milvus: a scan per collection
+
     async def delete(self, document: str) -> DocumentInfo:
-        """Take a document's chunks out of both indexes in a new version of its collection."""
+        """Take a document's chunks out of both indexes of its collection."""
+        found = await anyio.to_thread.run_sync(self._find, document)
+        if found is None:
+            raise DocumentNotFoundError(f"no document {document[:80]!r}")
+        collection, source, sha256, created_at = found
+        async with self._writing:
+            change = await anyio.to_thread.run_sync(self._remove, collection, source, sha256)
+        logger.info("document %s deleted from collection %s (version %s)", source, collection, change.version or "-")
+        return self._info(collection, source, sha256, change.chunks, change.ingested_at or created_at)
+
+    def _find(self, document: str) -> tuple[str, str, str, str] | None:
+        """(collection, source, sha256, its version's creation time) of the document with that id."""
         for collection in self._collections.names():
-            store = self._collections.live(collection).store
-            found = await anyio.to_thread.run_sync(_document_with_id, store, collection, document)
-            if found is not None and store is not None:
-                async with self._writing:
-                    change = await anyio.to_thread.run_sync(self._remove, collection, found[0], found[1])
-                logger.info("document %s deleted from collection %s (version %s)",
-                            change.source, collection, change.version or "-")
-                return self._info(collection, change.source, change.sha256, change.chunks,
-                                  change.ingested_at or store.created_at)
-        raise DocumentNotFoundError(f"no document {document[:80]!r}")
+            store = self._collections.served(collection)
+            for source, entry in (store.files if store is not None else {}).items():
+                if document_id(collection, source, entry.sha256) == document:
+                    return collection, source, entry.sha256, store.created_at if store is not None else ""
+        return None
 
     def _add(self, collection: str, name: str, text: str, sha256: str) -> DocumentChange:
         settings = self._settings
@@ -254,18 +255,3 @@ class DocumentService:
             document_id=document_id(collection, source, sha256), source=source, collection=collection, chunks=chunks,
             ingested_at=ingested_at,
         )
-
-
-def _files_of(store: StoreView) -> Mapping[str, FileEntry]:
-    return store.files
-
-
-def _document_with_id(store: StoreView | None, collection: str, document: str) -> tuple[str, str] | None:
-    """(source, sha256) of the document of that id in `store`; None when it holds none."""
-    if store is None:
-        return None
-    return next(
-        ((source, entry.sha256) for source, entry in store.files.items()
-         if document_id(collection, source, entry.sha256) == document),
-        None,
-    )

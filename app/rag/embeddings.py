@@ -116,3 +116,18 @@ def create_embedder(settings: Settings) -> Embedder:
         str(settings.cache_dir) if settings.cache_dir else None,
         dtype=settings.embedding_dtype,
     )
+
+
+class DeferredEmbedder(Embedder):
+    """The configured embedder, loaded at its first use: for work that may need only its name (the launcher
+    looking for an existing store, the configuration check), so the model is not loaded for nothing."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.name = settings.embedding_model
+        self._settings = settings
+        self._loaded: Embedder | None = None
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if self._loaded is None:
+            self._loaded = create_embedder(self._settings)
+        return self._loaded.embed(texts)

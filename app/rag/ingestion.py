@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from app.config import Settings
 from app.errors import BadRequestError, ConflictError, NotFoundError, VectorStoreError
 from app.rag.chunking import chunk_text
-from app.rag.embeddings import EMBED_BATCH_SIZE, Embedder, create_embedder
+from app.rag.embeddings import EMBED_BATCH_SIZE, DeferredEmbedder, Embedder, create_embedder
 from app.rag.loaders import SUPPORTED_SUFFIXES, DocumentReadError, read_document
 from app.rag.stores.base import DEFAULT_COLLECTION, CollectionStore, NewDocument, StoreUnavailableError, StoreView
 from app.rag.stores.registry import create_store_backend
@@ -93,6 +94,8 @@ def ingest_folder(
     report = IngestReport(location=store.location)
     with store.writing():
         previous = _previous_store(store, rebuild)
+        # Read once: on Milvus each reading is a scan of the collection.
+        previous_files = dict(previous.files) if previous is not None else {}
         prefix = _source_name(source, source / "x").removesuffix("x")
         pending: list[_Pending] = []
         documents = find_documents(source)
@@ -104,7 +107,7 @@ def ingest_folder(
                 report.failed[name] = f"cannot read it ({error.strerror})"
                 continue
             digest = hashlib.sha256(data).hexdigest()
-            old_entry = previous.files.get(name) if previous else None
+            old_entry = previous_files.get(name)
             if old_entry and old_entry.sha256 == digest:
                 report.unchanged.append(name)
                 continue
@@ -126,7 +129,7 @@ def ingest_folder(
                 report.other_sources.add(_origin(name))
         else:
             # Files ingested from other folders stay; only this folder's vanished files are dropped.
-            for name in previous.files:
+            for name in previous_files:
                 if not name.startswith(prefix):
                     report.other_sources.add(_origin(name))
                 elif name not in seen:
@@ -134,26 +137,24 @@ def ingest_folder(
         report.removed.sort()
 
         if previous is not None and not report.changed and not report.failed:
-            report.version, report.chunk_count = previous.version, previous.size
+            report.version = previous.version
+            report.chunk_count = sum(len(entry.chunk_ids) for entry in previous_files.values())
             report.seconds = time.perf_counter() - started
             return report
 
         new_documents = _embedded(store.embedder, pending, show_progress)
-        report.version = store.apply(previous, new_documents, report.removed)
+        report.version = store.apply(previous, new_documents, report.removed, replace=previous is None)
         report.chunks_embedded = sum(len(document.chunks) for document in new_documents)
-        report.chunk_count = _size_after(store, previous, new_documents, report.removed)
+        report.chunk_count = _size_after(previous_files, new_documents, report.removed)
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _size_after(
-    store: CollectionStore, previous: StoreView | None, documents: list[NewDocument], removed: list[str]
-) -> int:
-    """Chunks in the collection after a change, counted from what was applied (a count asked of Milvus may
-    not include rows written a moment ago, and reading a FAISS version back would load it twice)."""
+def _size_after(previous_files: Mapping[str, FileEntry], documents: list[NewDocument], removed: list[str]) -> int:
+    """Chunks in the collection after a change, counted from what was applied (reading it back would load a
+    FAISS version twice, or scan a Milvus collection once more)."""
     replaced = set(removed) | {document.source for document in documents}
-    kept = sum(len(entry.chunk_ids) for name, entry in (previous.files if previous else {}).items()
-               if name not in replaced)
+    kept = sum(len(entry.chunk_ids) for name, entry in previous_files.items() if name not in replaced)
     return kept + sum(len(document.chunks) for document in documents)
 
 
@@ -274,7 +275,7 @@ def build_first_store(settings: Settings) -> IngestReport | None:
     """At a server's first start, the default collection from SAMPLE_CORPUS_PATH, when it holds nothing yet and
     the store is this machine's; a store that replicas share is filled by ingesting into it, never by each
     replica at its start (they would all write the same documents at once)."""
-    backend = create_store_backend(settings, create_embedder(settings))
+    backend = create_store_backend(settings, DeferredEmbedder(settings))
     store = backend.collection(DEFAULT_COLLECTION)
     if backend.shared or store.exists():
         return None

@@ -47,8 +47,6 @@ class StoreUnavailableError(VectorStoreError):
     """The store cannot be reached now (a database down, a folder locked by another process): what it holds is
     unknown, so nothing may be rebuilt in its place."""
 
-    code = "vector_store_unavailable"
-
 
 class StoreView(Protocol):
     """One collection's content, as searched and as an ingestion compares files against."""
@@ -132,10 +130,13 @@ class CollectionStore(ABC):
         a second one gets ConflictError at once instead of waiting."""
 
     @abstractmethod
-    def apply(self, previous: StoreView | None, documents: list[NewDocument], removed: Collection[str]) -> str:
-        """Make the content `previous` without the documents in `removed` or named like one of `documents`, plus
-        `documents` (`previous` None: `documents` only, whatever the collection held); return the version now live.
-        `previous` is what the writer read under `writing()`."""
+    def apply(
+        self, previous: StoreView | None, documents: list[NewDocument], removed: Collection[str], *,
+        replace: bool = False,
+    ) -> str:
+        """Make the content `previous` (what the writer read under `writing()`; None: nothing) without the
+        documents in `removed` or named like one of `documents`, plus `documents`; with `replace`, `documents`
+        only, whatever the collection holds (a rebuild). Return the version now live ("" where none are kept)."""
 
     def absent_view(self) -> StoreView | None:
         """What to serve while the collection holds nothing yet; None: nothing (the collection cannot serve)."""
@@ -153,16 +154,17 @@ class CollectionStore(ABC):
                 store = self.read() or self.absent_view()
                 if store is None:
                     raise VectorStoreError(
-                        f"no vector store for collection {self.name} at {self.location}: build it with "
+                        f"collection {self.name} holds no documents yet: build it with "
                         "`python scripts/ingest.py --source <folder>` or upload documents (POST /documents)"
                     )
+                size = store.size
             except VectorStoreError as error:
                 if error.message != self.load_error:  # once, not at every request that finds it still missing
                     logger.error("vector store not loaded: %s", error.message)
                 self.load_error, self.unavailable = error.message, isinstance(error, StoreUnavailableError)
                 return None
             self._store, self.load_error, self.unavailable = store, None, False
-            logger.info("collection %s loaded from %s: %d chunks %s", self.name, self.kind, store.size, store.version)
+            logger.info("collection %s loaded from %s: %d chunks %s", self.name, self.kind, size, store.version)
             return store
 
     def serve_live_version(self) -> StoreView:

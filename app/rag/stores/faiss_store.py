@@ -91,10 +91,14 @@ class FaissCollection(CollectionStore):
     def writing(self) -> AbstractContextManager[None]:
         return ingestion_lock(self.path)
 
-    def apply(self, previous: StoreView | None, documents: list[NewDocument], removed: Collection[str]) -> str:
+    def apply(
+        self, previous: StoreView | None, documents: list[NewDocument], removed: Collection[str], *,
+        replace: bool = False,
+    ) -> str:
+        # A version is written whole: what it keeps is only ever what `previous` holds.
         replaced = set(removed) | {document.source for document in documents}
-        kept = _KeptChunks(previous if isinstance(previous, VectorStore) else None)
-        for name, entry in (previous.files if previous is not None else {}).items():
+        kept = _KeptChunks(previous if isinstance(previous, VectorStore) and not replace else None)
+        for name, entry in (previous.files if previous is not None and not replace else {}).items():
             if name not in replaced:
                 kept.keep(name, entry)
         for document in documents:

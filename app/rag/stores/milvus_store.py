@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import re
@@ -29,10 +28,11 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
 
+import grpc
 import numpy as np
 from bm25s.stopwords import STOPWORDS_CHINESE, STOPWORDS_EN
 
-from app.errors import AppError, ConflictError, VectorStoreError
+from app.errors import ConflictError, VectorStoreError
 from app.rag.embeddings import Embedder
 from app.rag.retrieval.tokenize import prepare_shared_jieba, tokenize
 from app.rag.stores.base import (
@@ -81,6 +81,9 @@ def shown_uri(uri: str) -> str:
 
 
 _IMPORT_LOCK = threading.Lock()
+# Milvus Lite folders this process has opened: their lock is ours (its server lives as long as the process), so a
+# second client here, or a reconnection, must not take it for another process's.
+_OPENED_LITE: set[str] = set()
 
 
 def pymilvus() -> Any:
@@ -115,6 +118,10 @@ class _NoMvccWarning(logging.Filter):
 _NO_MVCC_WARNING = _NoMvccWarning()
 
 
+#: what a Milvus call raises besides MilvusException when the server cannot be reached or answer
+_CLIENT_ERRORS: tuple[type[Exception], ...] = (grpc.RpcError, ConnectionError, OSError, TimeoutError)
+
+
 class _Milvus:
     """The client, connected on first use and again after a failure; each call's Milvus errors become
     StoreUnavailableError naming the URI (never the token)."""
@@ -147,9 +154,7 @@ class _Milvus:
         except milvus_exception as error:
             self._client = None  # connect again next time: the server may be back
             raise StoreUnavailableError(f"Milvus at {shown_uri(self.uri)}: {error.message}") from None
-        except Exception as error:  # grpc and connection errors that pymilvus lets through
-            if isinstance(error, AppError):
-                raise
+        except _CLIENT_ERRORS as error:  # grpc and connection errors that pymilvus lets through
             self._client = None
             raise StoreUnavailableError(
                 f"Milvus at {shown_uri(self.uri)} is unreachable ({type(error).__name__}: {str(error)[:200]})"
@@ -158,14 +163,17 @@ class _Milvus:
     def _connected(self) -> Any:
         with self._lock:
             if self._client is None:
-                if self.is_lite:
+                folder = os.path.abspath(self.uri)
+                if self.is_lite and folder not in _OPENED_LITE:
                     logging.getLogger("pymilvus.client.iterator.query_iterator").addFilter(_NO_MVCC_WARNING)
                     _check_lite_folder_free(self.uri)
                     prepare_shared_jieba()  # Milvus Lite analyses text with it in this process
                 try:
                     self._client = pymilvus().MilvusClient(uri=self.uri, token=self._token, timeout=self.timeout)
-                except Exception as error:
+                except _CLIENT_ERRORS as error:
                     raise StoreUnavailableError(_connect_failure(self.uri, error)) from None
+                if self.is_lite:
+                    _OPENED_LITE.add(folder)
             return self._client
 
 
@@ -211,15 +219,19 @@ class MilvusView:
 
     @property
     def files(self) -> Mapping[str, FileEntry]:
+        """Each document's content hash, its rows' ids and when it was written. A document whose rows are not one
+        whole write (a write cut short, or two replicas writing it at once) has the hash "": an ingestion then
+        takes it as changed and replaces every row it has."""
         rows: dict[str, list[dict[str, Any]]] = {}
-        for row in self._rows("", ["source", "sha256", "ingested_at"]):
+        for row in self._rows("", ["source", "sha256", "ingested_at", "document_chunks"]):
             rows.setdefault(str(row["source"]), []).append(row)
         files = {}
         for source, held in rows.items():
-            newest = max(held, key=lambda row: str(row["ingested_at"]))  # a crash may have left an older content
-            files[source] = FileEntry(
-                str(newest["sha256"]), sorted(int(row["id"]) for row in held), str(newest["ingested_at"])
-            )
+            writes = {(row["sha256"], row["ingested_at"], row["document_chunks"]) for row in held}
+            sha256, ingested_at, chunks = next(iter(writes))
+            whole = len(writes) == 1 and int(chunks) == len(held)
+            files[source] = FileEntry(str(sha256) if whole else "", sorted(int(row["id"]) for row in held),
+                                      str(ingested_at))
         return files
 
     def search(self, query_vector: np.ndarray, k: int) -> list[SearchHit]:
@@ -270,7 +282,7 @@ class MilvusView:
             while page := self._milvus.run(lambda _: pages.next()):
                 yield from page
         finally:
-            pages.close()
+            self._milvus.run(lambda _: pages.close())
 
 
 class EmptyView:
@@ -301,9 +313,12 @@ def _chunk(entity: Mapping[str, Any]) -> StoredChunk:
     return StoredChunk(text=str(entity["text"]), metadata=dict(entity["metadata"]))
 
 
+_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
 def _literal(value: str) -> str:
-    """A string literal of Milvus's filter expressions (double quotes, backslash escapes)."""
-    return json.dumps(value, ensure_ascii=False)
+    """A string literal of Milvus's filter expressions: double quotes, and the escapes its parser knows."""
+    return f'"{value.translate(_ESCAPES)}"'
 
 
 class MilvusCollection(CollectionStore):
@@ -328,8 +343,8 @@ class MilvusCollection(CollectionStore):
             except StoreUnavailableError as error:  # an empty view would hide that Milvus is down
                 self._store, self.load_error, self.unavailable = None, error.message, True
                 return None
-            if created:
-                self.reload()
+            if created and self.reload() is None:
+                self._store = None  # it exists but cannot serve (another embedding model, say): not empty
         elif self._store is None:
             self.reload()
         return self._store
@@ -371,8 +386,11 @@ class MilvusCollection(CollectionStore):
         finally:
             self._writing.release()
 
-    def apply(self, previous: StoreView | None, documents: list[NewDocument], removed: Collection[str]) -> str:
-        if previous is None:
+    def apply(
+        self, previous: StoreView | None, documents: list[NewDocument], removed: Collection[str], *,
+        replace: bool = False,
+    ) -> str:
+        if replace or not self.exists():
             self._create(documents)
         replaced = set(removed) | {document.source for document in documents}
         old_rows = [i for name, entry in (previous.files if previous else {}).items() if name in replaced
@@ -388,7 +406,8 @@ class MilvusCollection(CollectionStore):
         return ""
 
     def _create(self, documents: list[NewDocument]) -> None:
-        """(Re)create the collection empty, its vectors as wide as the documents' (or the embedder's)."""
+        """(Re)create the collection empty, its vectors as wide as the documents' (or the embedder's). Recreated,
+        it is empty until the documents are in: a rebuild's questions meanwhile find nothing."""
         dimension = next((int(d.vectors.shape[1]) for d in documents if len(d.vectors)), None)
         if dimension is None:
             dimension = self.embedder.dimension()
@@ -409,6 +428,7 @@ class MilvusCollection(CollectionStore):
             schema.add_field("source", DataType.VARCHAR, max_length=MAX_SOURCE_BYTES)
             schema.add_field("sha256", DataType.VARCHAR, max_length=64)
             schema.add_field("ingested_at", DataType.VARCHAR, max_length=64)
+            schema.add_field("document_chunks", DataType.INT64)  # of the whole write: a cut-short one is seen
             schema.add_field("metadata", DataType.JSON)
             schema.add_function(Function(name="text_bm25", function_type=FunctionType.BM25,
                                          input_field_names=["text"], output_field_names=["sparse"]))
@@ -428,7 +448,8 @@ class MilvusCollection(CollectionStore):
 def _row(document: NewDocument, chunk: StoredChunk, vector: np.ndarray) -> dict[str, Any]:
     return {
         "text": chunk.text, "vector": np.asarray(vector, dtype=np.float32).tolist(), "source": document.source,
-        "sha256": document.sha256, "ingested_at": document.ingested_at, "metadata": chunk.metadata,
+        "sha256": document.sha256, "ingested_at": document.ingested_at, "document_chunks": len(document.chunks),
+        "metadata": chunk.metadata,
     }
 
 

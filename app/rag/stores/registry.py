@@ -25,14 +25,11 @@ STORES: Mapping[str, StoreFactory] = {
 }
 
 
-def check_store_backend(settings: Settings) -> None:
-    if settings.vector_store_backend not in STORES:
+def create_store_backend(settings: Settings, embedder: Embedder) -> StoreBackend:
+    """The store VECTOR_STORE_BACKEND names, for collections embedded by `embedder`."""
+    factory = STORES.get(settings.vector_store_backend)
+    if factory is None:
         raise SettingsError(
             f"VECTOR_STORE_BACKEND={settings.vector_store_backend!r} is invalid: allowed: {', '.join(sorted(STORES))}"
         )
-
-
-def create_store_backend(settings: Settings, embedder: Embedder) -> StoreBackend:
-    """The store VECTOR_STORE_BACKEND names, for collections embedded by `embedder`."""
-    check_store_backend(settings)
-    return STORES[settings.vector_store_backend](settings, embedder)
+    return factory(settings, embedder)
