@@ -97,7 +97,8 @@ class Collections:
         if live is None and COLLECTION_NAME.fullmatch(name):
             candidate = self.backend.collection(name)
             if name == DEFAULT_COLLECTION or candidate.exists():  # made meanwhile by another process
-                live = self._entry(name)
+                with self._lock:
+                    live = self._live.setdefault(name, candidate)
                 live.reload()
         if live is None:
             known = ", ".join(self.names())

@@ -23,7 +23,7 @@ import string
 import sys
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
@@ -371,14 +371,11 @@ class MilvusCollection(CollectionStore):
             )
         return MilvusView(self._milvus, self.milvus_name, model)
 
-    def writing(self) -> AbstractContextManager[None]:
-        return self._one_writer()
-
     @contextmanager
-    def _one_writer(self) -> Iterator[None]:
+    def writing(self) -> Iterator[None]:
         # One writer per collection in this process. Replicas writing the same collection at once are not
-        # serialised: each change is whole rows, and a document written twice at once is listed once, with
-        # its chunks twice, until its next change.
+        # serialised: each change is whole rows, and a document written twice at once lists no content hash
+        # (`MilvusView.files`), so its next ingestion replaces every row it has.
         if not self._writing.acquire(blocking=False):
             raise ConflictError("another ingestion is writing this collection; try again when it ends")
         try:
