@@ -380,7 +380,9 @@ def test_generation_is_unchanged_around_classifier_use(served: Served, parts: Pa
     with torch.no_grad():
         for name, parameter in generation.named_parameters():
             if "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(3)) * 0.1)
+                # Strong enough that greedy decoding leaves the base answer on every CPU's numerics (0.1 did
+                # not on one CI machine).
+                parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(3)) * 0.25)
     generation.save_pretrained(served.adapters_dir / "gen")
     loaded = httpx.post(f"{served.url}/admin/load-lora-adapter", headers=ADMIN, timeout=120,
                         json={"lora_name": "gen", "lora_path": "gen"})
