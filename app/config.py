@@ -146,8 +146,13 @@ class Settings(BaseSettings):
     max_query_chars: int = Field(4000, ge=1, le=100_000, description="longest question or chat message")
     max_messages: int = Field(64, ge=1, le=10_000, description="messages in one chat completion request")
     max_concurrent_generations: int = Field(8, ge=1, le=256)
-    max_batch_size: int = Field(8, ge=1, le=64, description="requests decoded together in one batch")
-    batch_window_ms: float = Field(5.0, ge=0, le=1000, description="wait this long for more requests to batch")
+    max_batch_size: int = Field(8, ge=1, le=64, description="requests decoded together (the one prefilling counted)")
+    prefill_chunk_tokens: int = Field(
+        128, ge=16, le=32_768, description="prompt tokens prefilled between two decode steps of the running rows"
+    )
+    prefix_cache_mb: int = Field(
+        256, ge=0, le=1_000_000, description="prompt KV kept for reuse by prompts that begin alike; 0 = none"
+    )
     max_queued_requests: int = Field(16, ge=0, le=10_000, description="waiting beyond capacity before 503")
     api_keys: SecretStr = Field(SecretStr(""), description="user API keys, comma-separated")
     admin_api_keys: SecretStr = Field(SecretStr(""), description="admin API keys, comma-separated")

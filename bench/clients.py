@@ -1,5 +1,7 @@
 """Concurrent HTTP clients of /ask that time each request: total latency and, when streaming, the time to
-the first `delta` event (the SSE format of app/api/ask_router.py)."""
+the first `delta` event (the SSE format of app/api/ask_router.py) and the gaps between `delta` events (the engine
+streams a piece per generated token, but for a token that ends halfway through a character or a stop string: the
+gaps are inter-token times, a held-back token adding its time to the next gap)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import httpx
@@ -31,7 +34,8 @@ CLIENT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
 
 @dataclass(frozen=True)
 class Outcome:
-    """One request: HTTP status (None: no answer at all), seconds, seconds to the first piece when streamed."""
+    """One request: HTTP status (None: no answer at all), seconds, seconds to the first piece when streamed, and
+    the seconds between one streamed piece and the next."""
 
     status: int | None
     seconds: float
@@ -40,6 +44,7 @@ class Outcome:
     prompt_tokens: int = 0
     error: str = ""
     abandoned: bool = False  # the client hung up after the first piece, on purpose
+    piece_gaps: tuple[float, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -87,6 +92,7 @@ async def get(client: httpx.AsyncClient, path: str, headers: dict[str, str] | No
 async def _ask_streamed(client: httpx.AsyncClient, payload: dict[str, Any], headers: dict[str, str] | None,
                         started: float, abandon: bool) -> Outcome:
     first: float | None = None
+    arrivals: list[float] = []  # perf_counter of each `delta` event
     event = ""
     usage: dict[str, int] = {}
     error = ""
@@ -98,16 +104,19 @@ async def _ask_streamed(client: httpx.AsyncClient, payload: dict[str, Any], head
             if line.startswith("event: "):
                 event = line.removeprefix("event: ")
             elif line.startswith("data: "):
-                if event == "delta" and first is None:
-                    first = time.perf_counter() - started
-                    if abandon:
-                        return Outcome(200, first, first, abandoned=True)
+                if event == "delta":
+                    arrivals.append(time.perf_counter())
+                    if first is None:
+                        first = arrivals[0] - started
+                        if abandon:
+                            return Outcome(200, first, first, abandoned=True)
                 elif event == "done":
                     usage = json.loads(line.removeprefix("data: "))["usage"]
                 elif event == "error":
                     error = line.removeprefix("data: ")
+    gaps = tuple(later - earlier for earlier, later in pairwise(arrivals))
     return Outcome(200, time.perf_counter() - started, first, usage.get("completion_tokens", 0),
-                   usage.get("prompt_tokens", 0), error)
+                   usage.get("prompt_tokens", 0), error, piece_gaps=gaps)
 
 
 async def _run_clients(url: str, payloads: Sequence[dict[str, Any]], clients: int,
@@ -137,9 +146,11 @@ def run_clients(url: str, payloads: Sequence[dict[str, Any]], clients: int,
 
 
 def summarise(outcomes: Sequence[Outcome], wall: float) -> dict[str, Any]:
-    """Requests/s, tokens/s, latency and time-to-first-piece distributions, status counts."""
+    """Requests/s, tokens/s, latency, time-to-first-piece and inter-token (every gap between two pieces of every
+    request, pooled) distributions, status counts."""
     good = [outcome for outcome in outcomes if outcome.ok]
     first = [outcome.first_piece_seconds for outcome in good if outcome.first_piece_seconds is not None]
+    gaps = [gap for outcome in good for gap in outcome.piece_gaps]
     return {
         "requests": len(outcomes),
         "ok": len(good),
@@ -152,4 +163,5 @@ def summarise(outcomes: Sequence[Outcome], wall: float) -> dict[str, Any]:
         "mean_completion_tokens": statistics.fmean(o.completion_tokens for o in good) if good else 0.0,
         "latency_s": distribution([outcome.seconds for outcome in good]),
         "first_piece_s": distribution(first),
+        "inter_token_s": distribution(gaps),
     }

@@ -86,8 +86,7 @@ class Context:
 
         folder = self.scratch / "none"
         named = ",".join(f"{name}={path}" for name, path in self.adapters().items())
-        values: dict[str, Any] = {"lora_model_path": folder, "lora_adapters_dir": folder, "lora_adapters": named,
-                                  "batch_window_ms": 0}
+        values: dict[str, Any] = {"lora_model_path": folder, "lora_adapters_dir": folder, "lora_adapters": named}
         return Settings(_env_file=None, **{**values, **update})  # type: ignore[call-arg]
 
 

@@ -10,7 +10,9 @@ Sections: 1 adapter change vs reload, 2 LoRA decode overhead, 3 many clients on 
 7 /ask end to end streamed, with the server's peak RSS (live server), 8 numeric paths (dtype per CPU level),
 9 retrieval quality (recall@1/@4, MRR per RETRIEVAL_MODE, English and Chinese, bench/data),
 10 classification (predict p50 for 16 short texts; /ask decode alone and while predictions run),
-11 a Qwen2.5-1.5B-shaped model (random weights) beside SmolLM2: bare vs served decode, prefill, bandwidth ceiling.
+11 a Qwen2.5-1.5B-shaped model (random weights) beside SmolLM2: bare vs served decode, prefill, bandwidth ceiling,
+12 the engine: a stream's gaps while a prompt prefills per PREFILL_CHUNK_TOKENS, what the prefix cache saves, 1 to 16
+clients on the Qwen2.5-1.5B-shaped model.
 Absolute times on a shared machine are noisy: compare the ratios, which are measured in the same run.
 """
 
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import (  # noqa: E402
     backend_bench,
     classification_bench,
+    engine_bench,
     numerics_bench,
     qwen_shaped_bench,
     retrieval_bench,
@@ -61,9 +64,11 @@ SECTIONS: dict[int, tuple[str, Callable[[Context], SectionResult]]] = {
     9: ("retrieval quality", retrieval_quality.retrieval_quality),
     10: ("classification beside generation", classification_bench.classification),
     11: ("a Qwen2.5-1.5B-shaped model", qwen_shaped_bench.qwen_shaped),
+    12: ("continuous batching, chunked prefill, prefix cache", engine_bench.engine),
 }
-# In-process sections first, the live server's last, so the server never competes with them for the cores.
-RUN_ORDER = (8, 5, 6, 9, 1, 2, 10, 11, 4, 3, 7)
+# In-process sections first, the live server's last, so the server never competes with them for the cores; 12 after
+# 11, which builds the Qwen2.5-1.5B-shaped model both use.
+RUN_ORDER = (8, 5, 6, 9, 1, 2, 10, 11, 12, 4, 3, 7)
 DOC = REPO_ROOT / "docs" / "performance.md"
 DOC_BEGIN, DOC_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 

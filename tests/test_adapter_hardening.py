@@ -154,7 +154,7 @@ def test_non_finite_weights_are_refused_at_load(adapters: dict[str, Path], tmp_p
 
 
 def test_an_adapter_that_overflows_fails_only_its_own_row(adapters: dict[str, Path], tmp_path: Path) -> None:
-    backend = _backend(tmp_path, batch_window_ms=500)  # the two requests below share one batch
+    backend = _backend(tmp_path)
     _load(backend, "huge", adapters["huge"])
     alone = _text(backend, BASE)
 

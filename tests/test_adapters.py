@@ -28,6 +28,7 @@ def _save_lora(model: object, folder: Path, seed: int, scale: float = 0.05) -> P
     import torch
     from peft import LoraConfig, get_peft_model
 
+    torch.manual_seed(seed)  # PEFT draws A from the global generator: the same seed, the same adapter every run
     peft_model = get_peft_model(
         model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")  # type: ignore[arg-type]
     )

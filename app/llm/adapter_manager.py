@@ -1,6 +1,6 @@
 """Named LoRA adapters on one base model: discovery, loading, LRU unloading, weighted mixes.
 
-Only the generation engine's thread calls the methods that touch the model (`prepare_batch`, `load`,
+Only the generation engine's thread calls the methods that touch the model (`admit`, `arrange`, `load`,
 `unload`, the classifier methods); the catalogue (`known`, `describe`) is read from the event loop under `_lock`.
 
 This is the one owner of PEFT adapters on the model, classifiers' included: a classifier's LoRA is attached under
@@ -10,17 +10,17 @@ selectable or evicted as a generation adapter, and is active only in its own for
 
 from __future__ import annotations
 
-import functools
+import itertools
 import logging
 import re
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.errors import AdapterError, AppError, BackendUnavailableError, NotFoundError
+from app.errors import AdapterError, BackendUnavailableError, NotFoundError
 from app.llm.adapters import AdapterInfo, check_adapter_fits, has_adapter_files, inspect_adapter
 from app.llm.base import AdapterSpec
 from app.llm.jobs import BASE_KEY, BASE_MODEL, CLASSIFIER_PREFIX, AdapterChoice
@@ -31,8 +31,7 @@ if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
     from typing_extensions import TypeIs
 
-    from app.llm.engine import CausalLM, PreparedBatch, ServedModel
-    from app.llm.jobs import GenerationJob
+    from app.llm.engine import Admission, Arrangement, CausalLM, ServedModel
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +54,7 @@ class AdapterRecord:
     last_used: float = 0.0
     requests_served: int = 0
     evictions: int = 0  # times detached as least recently used (attached again on its next request)
+    generation: int = 0  # which attach this is, counted over every adapter: KV computed with it is keyed by it
 
 
 class AdapterManager:
@@ -70,6 +70,8 @@ class AdapterManager:
         self._lock = threading.Lock()
         self._merger = WeightMerger(merge_cache_bytes)
         self._classifiers: set[str] = set()  # PEFT names of attached classifier adapters
+        self._in_flight: Counter[AdapterChoice] = Counter()  # the choices of the engine's admitted rows
+        self._attaches = itertools.count(1)
 
     # -- catalogue (any thread) ---------------------------------------------------------------
 
@@ -172,48 +174,46 @@ class AdapterManager:
         for peft_name in [name, *(mix.peft_name for mix in dependent)]:
             self._detach(peft_name)
 
-    def prepare_batch(self, jobs: list[GenerationJob]) -> PreparedBatch:
-        """Attach every row's adapter (or mix). Rows whose adapter cannot be had fail alone."""
-        wanted = {job.adapter for job in jobs}
-        names: dict[AdapterChoice, str] = {}
-        for choice in wanted:
-            try:
-                names[choice] = self._activate(choice, pinned=wanted)
-            except AppError as error:
-                for job in jobs:
-                    if job.adapter == choice:
-                        job.fail(error)
-        runnable = [job for job in jobs if job.adapter in names]
-        now = time.time()
-        with self._lock:
-            for job in runnable:
-                for name in job.adapter.names:
-                    record = self._records.get(name)
-                    if record is not None:
-                        record.requests_served += 1
-                        record.last_used = now
-        return self._arrange(runnable, [names[job.adapter] for job in runnable])
+    def admit(self, choice: AdapterChoice) -> Admission:
+        """Attach what a new row needs (`RowModel.admit`) and keep it attached while the row runs: eviction
+        passes over every adapter an admitted row uses until `release`."""
+        from app.llm.engine import Admission
 
-    def _arrange(self, jobs: list[GenerationJob], peft_names: list[str]) -> PreparedBatch:
-        """How the batch runs. One adapter (or none) for every row: the plain model without PEFT layers, the
-        adapter folded into its weights; where it cannot be folded in exactly (int8), PEFT with it active.
-        Different adapters: each LoRA layer adds every row's own delta in batched matmuls; for adapters other
-        than plain LoRA, PEFT's mixed batch with one adapter name per row."""
-        from app.llm.engine import PreparedBatch
+        peft_name = self._activate(choice, pinned=set(self._in_flight) | {choice})
+        self._in_flight[choice] += 1
+        now = time.time()
+        generations = []
+        with self._lock:
+            for name in choice.names:
+                record = self._records[name]  # _activate found every one
+                record.requests_served += 1
+                record.last_used = now
+                generations.append(record.generation)
+        return Admission(peft_name, (choice.key, tuple(generations)))
+
+    def release(self, choice: AdapterChoice) -> None:
+        self._in_flight[choice] -= 1
+        if self._in_flight[choice] <= 0:
+            del self._in_flight[choice]
+
+    def arrange(self, peft_names: list[str]) -> Arrangement:
+        """How a forward pass over rows with these adapters runs. One adapter (or none) for every row: the plain
+        model without PEFT layers, the adapter folded into its weights; where it cannot be folded in exactly
+        (int8), PEFT with it active. Different adapters: each LoRA layer adds every row's own delta in batched
+        matmuls; for adapters other than plain LoRA, PEFT's mixed batch with one adapter name per row."""
+        from app.llm.engine import Arrangement
 
         if not _is_peft(self.model):
-            return PreparedBatch(self.model, jobs, None)
-        # The same arrangement again, after a classifier's forward between this batch's decode steps.
-        again = functools.partial(self._arrange, jobs, peft_names)
+            return Arrangement(self.model)
         distinct = set(peft_names)
         if len(distinct) > 1:
             if self._merger.run_rows(self.model, [None if name == BASE_KEY else name for name in peft_names]):
-                return PreparedBatch(self.model, jobs, None, again)
-            return PreparedBatch(self.model, jobs, peft_names)  # PEFT's per-row hooks: nothing may run inside
+                return Arrangement(self.model)
+            return Arrangement(self.model, peft_names)
         only = distinct.pop() if distinct else BASE_KEY
         if not self._merger.run_plain(self.model, None if only == BASE_KEY else only):
             self.model.set_adapter(only, inference_mode=True)
-        return PreparedBatch(self.model, jobs, None, again)
+        return Arrangement(self.model)
 
     def _activate(self, choice: AdapterChoice, pinned: set[AdapterChoice]) -> str:
         """Attach what `choice` needs and return its PEFT adapter name (BASE_KEY for the base model)."""
@@ -249,8 +249,8 @@ class AdapterManager:
         return peft_name
 
     def _attach(self, record: AdapterRecord, pinned: set[AdapterChoice] | None = None) -> None:
+        self._merger.model_changing()  # the PEFT layers back in the tree: what check_adapter_fits compares with
         check_adapter_fits(self.model, record.info)
-        self._merger.model_changing()
         try:
             self._peft_load(record.path, record.name)
         except Exception as error:  # PEFT fails half-way: whatever it injected must go, so the name stays free
@@ -258,7 +258,7 @@ class AdapterManager:
             reason = " ".join(str(error).split())[:_MAX_REASON_CHARS] or type(error).__name__
             raise AdapterError(f"adapter '{record.name}' could not be loaded: {reason}") from None
         self.model.eval()
-        record.loaded, record.loaded_at = True, time.time()
+        record.loaded, record.loaded_at, record.generation = True, time.time(), next(self._attaches)
         self._touch(record.name)
         # Evict after attaching, the new adapter counted among the MAX_LOADED_ADAPTERS it may keep.
         self._make_room((pinned or set()) | {AdapterChoice.single(record.name)}, limit=self._max_loaded + 1)
@@ -296,10 +296,10 @@ class AdapterManager:
             return
         from peft import LoraConfig
 
+        self._merger.model_changing()  # as in _attach
         check_adapter_fits(self.model, info)
         config = LoraConfig.from_pretrained(str(info.path))
         config.task_type, config.modules_to_save, config.inference_mode = "CAUSAL_LM", None, True
-        self._merger.model_changing()
         try:
             self._peft_load(info.path, peft_name, config)
         except Exception as error:  # as in _attach: nothing half-made may stay
@@ -346,6 +346,7 @@ class AdapterManager:
 
     def _make_room(self, pinned: set[AdapterChoice], limit: int | None = None) -> None:
         """Unload least recently used adapters until fewer than `limit` (default MAX_LOADED_ADAPTERS) remain."""
+        pinned = pinned | set(self._in_flight)
         keep = {choice.peft_name for choice in pinned} | {name for choice in pinned for name in choice.names}
         while len(self._lru) >= (limit or self._max_loaded):
             victim = next((name for name in self._lru if name not in keep), None)

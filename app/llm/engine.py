@@ -1,16 +1,24 @@
-"""Batched generation on one worker thread.
+"""Continuous batching on one worker thread.
 
-Every use of the model happens on this thread: generation batches and, between them, control tasks such as
-loading or unloading an adapter. So an adapter is never changed under a running forward pass, and no lock
-is held across a generation. Requests waiting together are decoded as one batch, each row with its own
-adapter (PEFT `adapter_names=`), sampling settings, token budget, stop strings and streaming callback.
+Every use of the model happens on this thread: prefills, decode steps and, between steps, control tasks such as
+loading or unloading an adapter. So an adapter is never changed under a running forward pass, and no lock is held
+across a generation. The engine owns its decode loop: rows decode together, each with its own adapter, sampling
+settings, token budget, stop strings and streaming callback, and the set of rows changes at every step.
 
-Classification predictions (`PredictionJob`) run here too, one forward pass of at most a request's batch size per
-turn, rows of every queued request on the same classifier sharing it. When generations and predictions both wait,
-turns alternate, so neither starves the other. During a generation batch, one prediction turn may run between two
-decode steps (then the batch's adapter arrangement is put back before its next step), while predictions have taken
-no more time than the batch's own steps: a waiting prediction starts within a step or two, and a running
-generation keeps at least half of the engine's time.
+- **Admission at the next step.** A new request's prompt is prefilled alone, in chunks of PREFILL_CHUNK_TOKENS,
+  one chunk between two decode steps of the running rows, so a long prompt stalls a running stream by one chunk
+  at a time and prompts of different lengths are never padded to each other. Once prefilled, the row joins the
+  batch: its KV cache is left-padded to the batch's length (or the batch's to its) and masked.
+- **Leaving at once.** A row that finishes, is cancelled or fails leaves the batch after the step that ended it;
+  its slot (MAX_BATCH_SIZE rows in all, the one prefilling counted) is free at the next step.
+- **Adapters.** `RowModel.admit` attaches what a row needs when it is admitted and keeps it attached while the row
+  runs (LRU eviction passes over it); `arrange` sets the model up for the rows of each forward pass. A control that
+  drains an adapter (an unload) waits until the rows on it have finished, and no new row on it is admitted
+  meanwhile; other controls run at the next step.
+- **Classification.** Predictions (`PredictionJob`) run here too, one forward of at most a request's batch size
+  per turn, rows of every queued request on the same classifier sharing it. A turn runs between two steps while
+  predictions have taken no more time than generation since the engine was last idle, so a waiting prediction
+  starts within a step or two and a running generation keeps at least half of the engine's time.
 """
 
 from __future__ import annotations
@@ -21,19 +29,19 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
 
 from app.errors import AppError, NumericalFailureError
-from app.llm.jobs import GenerationJob, PredictionJob
+from app.llm.jobs import AdapterChoice, GenerationJob, PredictionJob
+from app.llm.prefix_cache import KVKey, PrefixCache
 
 if TYPE_CHECKING:
     from peft import PeftModel
-    from transformers import PreTrainedTokenizerBase
+    from transformers import DynamicCache, PreTrainedTokenizerBase
+    from transformers.cache_utils import DynamicLayer
 
     # What AutoModelForCausalLM loads: a PreTrainedModel with GenerationMixin's `generate` (transformers
     # declares this type for type checkers only; PreTrainedModel alone has no `generate`).
@@ -53,47 +61,161 @@ _PredictionTurn = list[tuple[PredictionJob, int, int]]
 
 
 @dataclass(frozen=True)
-class PreparedBatch:
-    """What `prepare` hands back: the model to run, the rows that can run (the others already failed),
-    each row's PEFT adapter name (None when every row runs the same weights), and how to put the batch's
-    arrangement back after a prediction ran between its decode steps (None: nothing may run inside the batch)."""
+class Arrangement:
+    """The model set up for one forward pass's rows, and each row's PEFT adapter name where PEFT itself must pick
+    the adapter per row (`adapter_names=`; None when the model already runs every row's own weights)."""
 
     model: ServedModel
-    jobs: list[GenerationJob]
-    adapter_names: list[str] | None
-    rearrange: Callable[[], object] | None = None
+    adapter_names: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A row let in: the PEFT name of its adapter (or mix, or BASE_KEY) and what its KV is computed with."""
+
+    peft_name: str
+    kv_key: KVKey
+
+
+class RowModel(Protocol):
+    """What the engine needs from the model's owner (AdapterManager); called on the engine thread only."""
+
+    def admit(self, choice: AdapterChoice) -> Admission:
+        """Attach what a new row needs and keep it attached until `release`. AppError: the row cannot run (it
+        fails alone)."""
+
+    def release(self, choice: AdapterChoice) -> None:
+        """The row admitted with `choice` has left the batch."""
+
+    def arrange(self, peft_names: list[str]) -> Arrangement:
+        """Set the model up for rows with these PEFT names (cheap when nothing changed since the last call)."""
+
+
+@dataclass
+class _Control:
+    function: Callable[[], Any]
+    future: concurrent.futures.Future[Any]
+    drain: str | None  # an adapter whose rows, running or submitted before this control, must finish first
+    submitted: int  # jobs submitted before this control (the first `submitted` sequence numbers)
+
+
+@dataclass(eq=False)
+class _Row:
+    """A generation job on the engine: its prefill progress, then its place in the batch."""
+
+    job: GenerationJob
+    admission: Admission
+    generator: torch.Generator | None
+    cache: DynamicCache | None = None  # its own cache while it prefills
+    prefilled: int = 0  # prompt tokens in its cache so far
+    position: int = 0  # the position of the token it feeds next
+    next_token: int = 0
+
+    @property
+    def done(self) -> bool:
+        job = self.job
+        return job.finish_reason is not None or job.error is not None
+
+
+@dataclass
+class _Batch:
+    """The running rows' shared KV cache, left-padded, and its attention mask (0 over each row's padding)."""
+
+    cache: DynamicCache
+    mask: torch.Tensor  # (rows, columns), long
+    rows: list[_Row] = field(default_factory=list)
+
+    def join(self, row: _Row) -> None:
+        assert row.cache is not None
+        width = max(self.mask.shape[1], row.prefilled)
+        for mine, theirs in zip(_kv_layers(self.cache), _kv_layers(row.cache), strict=True):
+            (keys, values), (row_keys, row_values) = _kv(mine), _kv(theirs)
+            mine.keys = torch.cat([_pad_left(keys, width), _pad_left(row_keys, width)])
+            mine.values = torch.cat([_pad_left(values, width), _pad_left(row_values, width)])
+        own = torch.ones((1, row.prefilled), dtype=self.mask.dtype, device=self.mask.device)
+        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(own, width)])
+        row.cache = None
+        self.rows.append(row)
+
+    def keep(self, rows: list[_Row]) -> None:
+        """Only `rows` (a subset, in order) stay; columns that are padding for every row left go too."""
+        index = torch.tensor([self.rows.index(row) for row in rows], device=self.mask.device)
+        mask = self.mask[index]
+        start = int(mask.any(dim=0).int().argmax())
+        self.mask = mask[:, start:]
+        for layer in _kv_layers(self.cache):
+            keys, values = _kv(layer)
+            layer.keys, layer.values = keys[index, :, start:], values[index, :, start:]
+        self.rows = rows
+
+
+def _kv_layers(cache: DynamicCache) -> list[DynamicLayer]:
+    """The cache's layers, each holding its keys and values as (rows, heads, columns, head size) tensors. A cache
+    built without the model's config has only these (models with linear attention are not served here)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = [layer for layer in cache.layers if isinstance(layer, DynamicLayer)]
+    if len(layers) != len(cache.layers):
+        raise TypeError("this model's KV cache has layers that cannot be batched row by row")
+    return layers
+
+
+def _kv(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    assert layer.keys is not None and layer.values is not None  # every layer has run once the prompt is in
+    return layer.keys, layer.values
+
+
+def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros before the sequence dimension's entries (the last of a mask, the next to last of keys and values)."""
+    missing = width - (tensor.shape[-1] if tensor.dim() == 2 else tensor.shape[-2])
+    if missing == 0:
+        return tensor
+    padding = (missing, 0) if tensor.dim() == 2 else (0, 0, missing, 0)
+    return torch.nn.functional.pad(tensor, padding)
 
 
 class GenerationEngine:
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
-        prepare: Callable[[list[GenerationJob]], PreparedBatch],
+        model: RowModel,
         *,
         max_batch_size: int,
-        batch_window_seconds: float,
+        prefill_chunk_tokens: int,
+        prefix_cache_bytes: int,
         classify: Classify | None = None,
     ) -> None:
         self._tokenizer = tokenizer
-        self._prepare = prepare
+        self._model = model
         self._classify = classify
-        self._predictions: deque[PredictionJob] = deque()
-        self._last_turn: Literal["generate", "predict"] = "predict"
-        self._max_batch_size = max_batch_size
-        self._batch_window = batch_window_seconds
-        self._jobs: deque[GenerationJob] = deque()
-        self._controls: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
-        self._wakeup = threading.Condition()
-        self._closed = False
+        self._max_rows = max_batch_size
+        self._chunk = prefill_chunk_tokens
+        self._prefixes = PrefixCache(prefix_cache_bytes)
         self._eos_ids = _eos_token_ids(tokenizer)
+        self._eos = sorted(self._eos_ids)
+        # Shared with the request side, under the lock.
+        self._wakeup = threading.Condition()
+        self._jobs: deque[tuple[int, GenerationJob]] = deque()  # with each job's sequence number
+        self._submitted = 0
+        self._predictions: deque[PredictionJob] = deque()
+        self._controls: deque[_Control] = deque()
+        self._closed = False
+        # The engine thread's own.
+        self._batch: _Batch | None = None
+        self._prefilling: _Row | None = None
+        self._generate_s = 0.0  # time spent generating and predicting since the engine was last idle
+        self._predict_s = 0.0
         self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
         self._thread.start()
+
+    # -- the request side -------------------------------------------------------------------------
 
     def submit(self, job: GenerationJob) -> None:
         with self._wakeup:
             if self._closed:
                 raise RuntimeError("the generation engine is closed")
-            self._jobs.append(job)
+            self._jobs.append((self._submitted, job))
+            self._submitted += 1
             self._wakeup.notify()
 
     def submit_prediction(self, job: PredictionJob) -> None:
@@ -111,13 +233,20 @@ class GenerationEngine:
         with self._wakeup:
             return len(self._predictions)
 
-    def call(self, function: Callable[[], T]) -> T:
-        """Run `function` on the engine thread between batches and return its result (blocking)."""
+    def prefix_cache_stats(self) -> dict[str, int]:
+        return self._prefixes.stats()
+
+    def call(self, function: Callable[[], T], *, drain: str | None = None) -> T:
+        """Run `function` on the engine thread between decode steps and return its result (blocking). With
+        `drain`, once the requests on that adapter (alone or in a mix) submitted before this call have finished;
+        requests on it submitted later wait for it to run."""
         if threading.current_thread() is self._thread:
             return function()
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._wakeup:
-            self._controls.append((function, future))
+            if self._closed:
+                raise RuntimeError("the generation engine is closed")
+            self._controls.append(_Control(function, future, drain, self._submitted))
             self._wakeup.notify()
         return future.result()
 
@@ -127,52 +256,253 @@ class GenerationEngine:
             self._wakeup.notify()
         self._thread.join(timeout=60)
 
-    def _next_work(
-        self,
-    ) -> tuple[Callable[[], Any], concurrent.futures.Future[Any]] | list[GenerationJob] | _PredictionTurn | None:
-        with self._wakeup:
-            while not (self._jobs or self._controls or self._predictions or self._closed):
-                self._wakeup.wait()
-            if self._closed:
-                for job in self._jobs:
-                    job.fail(RuntimeError("the server is shutting down"))
-                for prediction in self._predictions:
-                    prediction.fail(RuntimeError("the server is shutting down"))
-                return None
-            if self._controls:
-                return self._controls.popleft()
-            if self._predictions and (not self._jobs or self._last_turn == "generate"):
-                turn = self._prediction_turn()
-                if turn:
-                    self._last_turn = "predict"
-                    return turn
-                if not self._jobs:
-                    return []
-            self._last_turn = "generate"
-            if len(self._jobs) < self._max_batch_size and self._batch_window > 0:
-                # Let requests that arrive together share a batch.
-                self._wakeup.wait(timeout=self._batch_window)
-            count = min(self._max_batch_size, len(self._jobs))
-            return [self._jobs.popleft() for _ in range(count)]
+    # -- the engine thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
+        while self._wait_for_work():
+            self._run_ready_controls()
+            self._drop_cancelled()
+            if self._prediction_due():
+                started = time.perf_counter()
+                self._run_predictions()
+                self._predict_s += time.perf_counter() - started
+                continue
+            started = time.perf_counter()
+            self._admit()
+            with torch.inference_mode():
+                if self._prefilling is not None:
+                    self._prefill_chunk(self._prefilling)
+                if self._batch is not None:
+                    self._decode_step(self._batch)
+            self._generate_s += time.perf_counter() - started
+        self._shut_down()
+
+    def _rows(self) -> list[_Row]:
+        rows = list(self._batch.rows) if self._batch is not None else []
+        return rows + ([self._prefilling] if self._prefilling is not None else [])
+
+    def _wait_for_work(self) -> bool:
+        """Sleep while there is nothing to do; False once closed."""
+        with self._wakeup:
+            while not (self._closed or self._rows() or self._jobs or self._controls or self._predictions):
+                self._generate_s = self._predict_s = 0.0
+                self._wakeup.wait()
+            return not self._closed
+
+    def _run_ready_controls(self) -> None:
+        """Controls in order, up to the first one still waiting for its adapter's rows to finish."""
         while True:
-            work = self._next_work()
-            if work is None:
+            with self._wakeup:
+                if not self._controls:
+                    return
+                control = self._controls[0]
+                if control.drain is not None:
+                    earlier = [job for sequence, job in self._jobs if sequence < control.submitted]
+                    if any(control.drain in job.adapter.names for job in [*earlier, *(r.job for r in self._rows())]):
+                        return
+                self._controls.popleft()
+            try:
+                control.future.set_result(control.function())
+            except BaseException as error:  # handed to the caller, who raises it
+                control.future.set_exception(error)
+
+    def _drop_cancelled(self) -> None:
+        with self._wakeup:
+            for entry in [entry for entry in self._jobs if entry[1].cancelled.is_set()]:
+                self._jobs.remove(entry)
+                entry[1].finish_reason = "cancelled"
+                entry[1].resolve()
+        for row in self._rows():
+            if row.job.cancelled.is_set() and not row.done:
+                row.job.finish_reason = "cancelled"
+        self._remove_done()
+
+    def _admit(self) -> None:
+        """Start prefilling the first waiting job that may run, if a slot is free."""
+        while self._prefilling is None and len(self._rows()) < self._max_rows:
+            with self._wakeup:
+                entry = next((entry for entry in self._jobs if self._may_start(*entry)), None)
+                if entry is None:
+                    return
+                self._jobs.remove(entry)
+                job = entry[1]
+            try:
+                admission = self._model.admit(job.adapter)
+            except Exception as error:
+                _log_unexpected(error, "admitting a generation")
+                job.fail(error)
+                continue
+            params = job.params
+            generator = (torch.Generator().manual_seed(params.seed)
+                         if params.seed is not None and params.temperature > 0 else None)
+            self._prefilling = _Row(job, admission, generator)
+
+    def _may_start(self, sequence: int, job: GenerationJob) -> bool:
+        """Under the lock: not held back by a waiting drain submitted before it."""
+        return not any(control.drain in job.adapter.names and control.submitted <= sequence
+                       for control in self._controls if control.drain is not None)
+
+    def _forward(self, rows: list[_Row], **inputs: Any) -> Any:
+        arrangement = self._model.arrange([row.admission.peft_name for row in rows])
+        if arrangement.adapter_names is not None:
+            inputs["adapter_names"] = arrangement.adapter_names
+        device = arrangement.model.device
+        tensors = {key: value.to(device) if isinstance(value, torch.Tensor) else value
+                   for key, value in inputs.items()}
+        return arrangement.model(**tensors, use_cache=True, logits_to_keep=1)
+
+    def _prefill_chunk(self, row: _Row) -> None:
+        prompt = row.job.input_ids
+        try:
+            if row.cache is None:
+                row.cache = self._start_cache(row)
+            chunk = prompt[row.prefilled : row.prefilled + self._chunk]
+            output = self._forward([row], input_ids=torch.tensor([chunk]), past_key_values=row.cache)
+            row.prefilled += len(chunk)
+            if row.prefilled < len(prompt):
                 return
-            if isinstance(work, tuple):
-                function, future = work
-                try:
-                    future.set_result(function())
-                except BaseException as error:  # handed to the caller, who raises it
-                    future.set_exception(error)
+            self._prefixes.add(row.admission.kv_key, prompt, row.cache)
+            row.position = row.prefilled
+            self._prefilling = None
+            self._take_tokens([row], output.logits[:, -1])
+        except Exception as error:
+            _log_unexpected(error, "prefilling a prompt")
+            self._prefilling = None
+            self._leave(row, error)
+            return
+        if row.done:
+            self._leave(row)
+        elif self._batch is None:
+            self._batch = _Batch(row.cache, torch.ones((1, row.prefilled), dtype=torch.long), [row])
+            row.cache = None
+        else:
+            self._batch.join(row)
+
+    def _start_cache(self, row: _Row) -> DynamicCache:
+        """A new row's KV cache: empty, or the longest beginning of its prompt (whole chunks) already computed on
+        its weights."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        reused, layers = self._prefixes.longest(row.admission.kv_key, row.job.input_ids, self._chunk)
+        for index, (keys, values) in enumerate(layers):
+            cache.update(keys, values, index)
+        row.prefilled = reused
+        return cache
+
+    def _decode_step(self, batch: _Batch) -> None:
+        rows = batch.rows
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(rows), 1))], dim=1)
+        try:
+            output = self._forward(
+                rows,
+                input_ids=torch.tensor([[row.next_token] for row in rows]),
+                position_ids=torch.tensor([[row.position] for row in rows]),
+                attention_mask=batch.mask,
+                past_key_values=batch.cache,
+            )
+            for row in rows:
+                row.position += 1
+            self._take_tokens(rows, output.logits[:, -1])
+        except Exception as error:
+            _log_unexpected(error, f"a decode step of {len(rows)} rows")
+            self._batch = None
+            for row in rows:
+                self._leave(row, error)
+            return
+        self._remove_done()
+
+    def _remove_done(self) -> None:
+        batch = self._batch
+        if self._prefilling is not None and self._prefilling.done:
+            self._leave(self._prefilling)
+            self._prefilling = None
+        if batch is None or not any(row.done for row in batch.rows):
+            return
+        staying = [row for row in batch.rows if not row.done]
+        for row in batch.rows:
+            if row.done:
+                self._leave(row)
+        if staying:
+            batch.keep(staying)
+        else:
+            self._batch = None
+
+    def _leave(self, row: _Row, error: BaseException | None = None) -> None:
+        self._model.release(row.job.adapter)
+        job = row.job
+        failure = error or job.error
+        if failure is not None:
+            job.fail(failure)
+        else:
+            job.resolve()
+
+    def _take_tokens(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Each row's next token from its logits (rows, vocabulary): greedy or sampled with the row's settings;
+        then the row's text, stop strings and budget."""
+        logits = logits.float()
+        broken = (~torch.isfinite(logits).all(dim=-1)).tolist()
+        for index, row in enumerate(rows):
+            if not row.job.tokens and self._eos:
+                logits[index, self._eos] = float("-inf")  # an answer never ends before its first token
+        chosen = logits.argmax(dim=-1).tolist()
+        for index, row in enumerate(rows):
+            job = row.job
+            if broken[index]:
+                job.error = NumericalFailureError(
+                    "the adapter (or weighted mix) produced non-finite values for this request; "
+                    "other requests are unaffected"
+                )
+                logger.error("row %d of %d: non-finite logits; that row fails alone", index, len(rows))
                 continue
-            if work and isinstance(work[0], tuple):
-                self._run_predictions(work)  # type: ignore[arg-type]
-                continue
-            jobs = [job for job in work if isinstance(job, GenerationJob) and not self._skip_cancelled(job)]
-            if jobs:
-                self._run_batch(jobs)
+            if job.params.temperature > 0:
+                chosen[index] = _sample(logits[index], job.params.temperature, job.params.top_p, row.generator)
+            token = chosen[index]
+            if token in self._eos_ids:
+                job.finish_reason = "stop"
+            else:
+                job.tokens.append(token)
+                row.next_token = token
+                if len(job.tokens) >= job.params.max_new_tokens:
+                    job.finish_reason = "length"
+            _emit(job, self._tokenizer)
+
+    # -- predictions ------------------------------------------------------------------------------
+
+    def _prediction_due(self) -> bool:
+        with self._wakeup:
+            if not self._predictions:
+                return False
+            generating = bool(self._rows() or self._jobs)
+            return not generating or self._predict_s <= self._generate_s
+
+    def _run_predictions(self) -> None:
+        with self._wakeup:
+            turn = self._prediction_turn()
+        if not turn:
+            return
+        assert self._classify is not None  # submit_prediction refuses jobs otherwise
+        rows = [row for job, start, count in turn for row in job.rows[start : start + count]]
+        try:
+            with torch.inference_mode():
+                outputs = self._classify(turn[0][0].adapter, rows)
+        except Exception as error:
+            _log_unexpected(error, f"classification of a forward of {len(rows)} rows")
+            finished = [job for job, _, _ in turn]
+            for job in finished:
+                job.fail(error)
+        else:
+            position = 0
+            for job, _, count in turn:
+                job.outputs.extend(outputs[position : position + count])
+                position += count
+            finished = [job for job, _, _ in turn if job.remaining == 0]
+            for job in finished:
+                job.resolve()
+        with self._wakeup:
+            for job in finished:
+                if job in self._predictions:
+                    self._predictions.remove(job)
 
     def _prediction_turn(self) -> _PredictionTurn:
         """Under the lock: the next forward's rows, FIFO from the queued jobs on the first job's classifier, at
@@ -194,100 +524,23 @@ class GenerationEngine:
                 budget -= count
         return turn
 
-    def _predict_between_steps(self, prepared: PreparedBatch) -> bool:
-        """Inside a generation batch, after a decode step: one prediction turn if any waits (not when a control
-        waits: it will change the model after the batch), then the batch's arrangement back. True if one ran."""
+    def _shut_down(self) -> None:
+        stopping = RuntimeError("the server is shutting down")
+        for row in self._rows():
+            self._leave(row, stopping)
+        self._batch = self._prefilling = None
         with self._wakeup:
-            turn = self._prediction_turn() if self._predictions and not self._controls else []
-        if not turn:
-            return False
-        self._run_predictions(turn)
-        assert prepared.rearrange is not None  # only batches that can be re-arranged call this
-        prepared.rearrange()
-        return True
+            for _, job in self._jobs:
+                job.fail(stopping)
+            for prediction in self._predictions:
+                prediction.fail(stopping)
+            for control in self._controls:
+                control.future.set_exception(stopping)
 
-    def _run_predictions(self, turn: _PredictionTurn) -> None:
-        assert self._classify is not None  # submit_prediction refuses jobs otherwise
-        rows = [row for job, start, count in turn for row in job.rows[start : start + count]]
-        try:
-            outputs = self._classify(turn[0][0].adapter, rows)
-        except Exception as error:
-            if not isinstance(error, AppError):
-                logger.exception("classification failed for a forward of %d rows", len(rows))
-            finished = [job for job, _, _ in turn]
-            for job in finished:
-                job.fail(error)
-        else:
-            position = 0
-            for job, _, count in turn:
-                job.outputs.extend(outputs[position : position + count])
-                position += count
-            finished = [job for job, _, _ in turn if job.remaining == 0]
-            for job in finished:
-                job.resolve()
-        with self._wakeup:
-            for job in finished:
-                if job in self._predictions:
-                    self._predictions.remove(job)
 
-    @staticmethod
-    def _skip_cancelled(job: GenerationJob) -> bool:
-        if job.cancelled.is_set():
-            job.finish_reason = "cancelled"
-            job.resolve()
-            return True
-        return False
-
-    def _run_batch(self, jobs: list[GenerationJob]) -> None:
-        try:
-            prepared = self._prepare(jobs)
-            if prepared.jobs:
-                self._generate(prepared)
-        except Exception as error:
-            if not isinstance(error, AppError):
-                logger.exception("generation failed for a batch of %d", len(jobs))
-            for job in jobs:
-                job.fail(error)
-            return
-        for job in prepared.jobs:
-            if job.error is not None:
-                job.fail(job.error)
-            else:
-                job.resolve()
-
-    def _generate(self, prepared: PreparedBatch) -> None:
-        jobs = prepared.jobs
-        pad_id = self._tokenizer.pad_token_id
-        width = max(len(job.input_ids) for job in jobs)
-        # Left padding: every row's next token sits in the last column.
-        input_ids = torch.tensor([[pad_id] * (width - len(j.input_ids)) + j.input_ids for j in jobs])
-        attention_mask = torch.tensor([[0] * (width - len(j.input_ids)) + [1] * len(j.input_ids) for j in jobs])
-        device = prepared.model.device
-        kwargs: dict[str, Any] = {}
-        if prepared.adapter_names is not None:
-            kwargs["adapter_names"] = prepared.adapter_names
-        processors = LogitsProcessorList([_RowGuard(jobs, self._eos_ids)])
-        stopping = StoppingCriteriaList([_RowsFinished(jobs)])
-        if prepared.rearrange is not None and self._classify is not None:
-            stopping.append(_BetweenSteps(lambda: self._predict_between_steps(prepared)))
-        if all(job.params.temperature == 0 for job in jobs):
-            kwargs["do_sample"] = False
-        else:
-            kwargs.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
-            processors.append(_PerRowSampling(jobs, device))
-        with torch.inference_mode():
-            # transformers types `generate`'s self as a Protocol its own models do not satisfy for mypy
-            # (settable `device` and `dtype`, which PreTrainedModel has as read-only properties).
-            prepared.model.generate(  # type: ignore[misc]
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                max_new_tokens=max(job.params.max_new_tokens for job in jobs),
-                pad_token_id=pad_id,
-                streamer=_BatchStreamer(jobs, self._tokenizer, self._eos_ids),
-                stopping_criteria=stopping,
-                logits_processor=processors,
-                **kwargs,
-            )
+def _log_unexpected(error: Exception, what: str) -> None:
+    if not isinstance(error, AppError):
+        logger.exception("%s failed", what)
 
 
 def _eos_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -296,141 +549,36 @@ def _eos_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     return ids | ({end_of_turn} if isinstance(end_of_turn, int) else set())
 
 
-class _RowGuard(LogitsProcessor):
-    """Before any sampling, per row: a row whose scores are not finite (an adapter or mix that overflows) fails
-    alone, its row ended; a row with no token yet may not end, so an answer is never silently empty because the
-    model's first choice was end-of-turn."""
-
-    def __init__(self, jobs: list[GenerationJob], eos_ids: set[int]) -> None:
-        self._jobs = jobs
-        self._eos = sorted(eos_ids)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        broken = (~torch.isfinite(scores).all(dim=-1)).tolist()
-        for row, (job, is_broken) in enumerate(zip(self._jobs, broken, strict=True)):
-            if is_broken and job.error is None:
-                job.error = NumericalFailureError(
-                    "the adapter (or weighted mix) produced non-finite values for this request; "
-                    "other requests are unaffected"
-                )
-                logger.error("row %d of a batch of %d: non-finite logits; that row fails alone", row, len(broken))
-            if job.error is not None:
-                scores[row] = 0.0  # finite, so sampling the batch still works; the row ends at its next token
-            elif not job.tokens and self._eos:
-                scores[row, self._eos] = float("-inf")
-        return scores
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """One token from a row's logits at `temperature`, from the smallest set of tokens reaching `top_p` (the most
+    likely one always kept); drawn from the row's own generator when it has a seed, so the same request gives the
+    same answer again whatever rows it shares a step with."""
+    scaled = logits / max(temperature, 1e-5)
+    sorted_scores, order = scaled.sort(descending=True)
+    probabilities = sorted_scores.softmax(dim=-1)
+    keep = (probabilities.cumsum(dim=-1) - probabilities) < top_p
+    kept = probabilities * keep
+    pick = torch.multinomial(kept / kept.sum(), 1, generator=generator)
+    return int(order[pick])
 
 
-class _PerRowSampling(LogitsProcessor):
-    """Temperature and top-p per row; greedy rows (temperature 0) keep only their argmax. A row with a seed draws
-    its token here, from its own generator, and keeps only that token, so generate()'s draw (from the process's
-    one random stream, shared by the batch) cannot change it: the same request alone gives the same answer again.
-    Beside other rows its logits may differ in the last bits (padding, reduced precision), and so may a draw."""
-
-    def __init__(self, jobs: list[GenerationJob], device: torch.device) -> None:
-        self._temperature = torch.tensor([[j.params.temperature] for j in jobs], device=device)
-        self._top_p = torch.tensor([[j.params.top_p] for j in jobs], device=device)
-        self._generators = [
-            torch.Generator(device=device).manual_seed(job.params.seed)
-            if job.params.seed is not None and job.params.temperature > 0 else None
-            for job in jobs
-        ]
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        logits = scores.float()
-        scaled = logits / self._temperature.clamp(min=1e-5)
-        sorted_scores, order = scaled.sort(dim=-1, descending=True)
-        probabilities = sorted_scores.softmax(dim=-1)
-        # Drop a token once the tokens before it already reach top_p (the most likely one always stays).
-        drop_sorted = (probabilities.cumsum(dim=-1) - probabilities) >= self._top_p
-        drop = drop_sorted.scatter(1, order, drop_sorted)
-        sampled = scaled.masked_fill(drop, float("-inf"))
-        only_argmax = torch.full_like(logits, float("-inf")).scatter(1, logits.argmax(dim=-1, keepdim=True), 0.0)
-        chosen = torch.where(self._temperature == 0, only_argmax, sampled)
-        for row, generator in enumerate(self._generators):
-            if generator is not None:
-                token = torch.multinomial(sampled[row].softmax(dim=-1), 1, generator=generator)
-                chosen[row] = torch.full_like(chosen[row], float("-inf")).scatter(0, token, 0.0)
-        return chosen  # type: ignore[return-value]
-
-
-class _RowsFinished(StoppingCriteria):
-    def __init__(self, jobs: list[GenerationJob]) -> None:
-        self._jobs = jobs
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: Any) -> torch.BoolTensor:
-        done = [job.finish_reason is not None or job.cancelled.is_set() or job.error is not None for job in self._jobs]
-        return torch.tensor(done, device=input_ids.device)  # type: ignore[return-value]
-
-
-class _BetweenSteps(StoppingCriteria):
-    """Not a stop: generate() calls its criteria once after every decode step, the one point inside a batch where
-    other work may use the model (the batch's next forward has not begun). Work runs there only while it has
-    taken no more time than the batch's own steps, so a running generation keeps at least half the engine."""
-
-    def __init__(self, work: Callable[[], bool]) -> None:
-        self._work = work
-        self._resumed = time.perf_counter()  # when the batch's own computation last resumed
-        self._batch_s = 0.0
-        self._work_s = 0.0
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: Any) -> torch.BoolTensor:
-        started = time.perf_counter()
-        self._batch_s += started - self._resumed
-        if self._work_s <= self._batch_s and self._work():
-            self._work_s += time.perf_counter() - started
-        self._resumed = time.perf_counter()
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
-
-
-class _BatchStreamer(BaseStreamer):
-    """Receives each step's new tokens for all rows; keeps each row's text and streams its new part."""
-
-    def __init__(self, jobs: list[GenerationJob], tokenizer: PreTrainedTokenizerBase, eos_ids: set[int]) -> None:
-        self._jobs = jobs
-        self._tokenizer = tokenizer
-        self._eos_ids = eos_ids
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate() first hands over the prompt
-            self._prompt_seen = True
-            return
-        for job, token in zip(self._jobs, value.view(-1).tolist(), strict=True):
-            if job.finish_reason is not None:
-                continue
-            if job.cancelled.is_set():
-                job.finish_reason = "cancelled"
-            elif job.error is not None or token in self._eos_ids:
-                job.finish_reason = "stop"
-            else:
-                job.tokens.append(token)
-                if len(job.tokens) >= job.params.max_new_tokens:
-                    job.finish_reason = "length"
-            self._emit(job)
-
-    def end(self) -> None:
-        for job in self._jobs:
-            if job.finish_reason is None:
-                job.finish_reason = "length"
-            self._emit(job)
-
-    def _emit(self, job: GenerationJob) -> None:
-        # One sequence decodes to a str; transformers types every decode as `str | list[str]` (no overload).
-        text: str = self._tokenizer.decode(job.tokens, skip_special_tokens=True)  # type: ignore[assignment]
-        for stop in job.params.stop:
-            position = text.find(stop)
-            if position >= 0:
-                text, job.finish_reason = text[:position], "stop"
-        if job.finish_reason is None:
-            # Hold back a half-decoded character and anything that may be the start of a stop string.
-            text = text.rstrip("\ufffd")
-            text = text[: len(text) - _partial_stop_length(text, job.params.stop)]
-        if not text.startswith(job.text):
-            return  # the tokenizer re-joined earlier pieces; wait until the text grows past them
-        delta, job.text = text[len(job.text) :], text
-        if delta and job.on_text is not None:
-            job.on_text(delta)
+def _emit(job: GenerationJob, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The job's text so far, cut at a stop string; its new part streamed."""
+    # One sequence decodes to a str; transformers types every decode as `str | list[str]` (no overload).
+    text: str = tokenizer.decode(job.tokens, skip_special_tokens=True)  # type: ignore[assignment]
+    for stop in job.params.stop:
+        position = text.find(stop)
+        if position >= 0:
+            text, job.finish_reason = text[:position], "stop"
+    if job.finish_reason is None:
+        # Hold back a half-decoded character and anything that may be the start of a stop string.
+        text = text.rstrip("\ufffd")
+        text = text[: len(text) - _partial_stop_length(text, job.params.stop)]
+    if not text.startswith(job.text):
+        return  # the tokenizer re-joined earlier pieces; wait until the text grows past them
+    delta, job.text = text[len(job.text) :], text
+    if delta and job.on_text is not None:
+        job.on_text(delta)
 
 
 def _partial_stop_length(text: str, stops: tuple[str, ...]) -> int:

@@ -130,6 +130,7 @@ class WeightMerger:
         self._sets: OrderedDict[str, MergedSet] = OrderedDict()  # built merged sets, least recently used first
         self._mode: Literal["peft", "plain", "rows"] = "peft"  # what sits in the module tree now
         self.merged: str | None = None
+        self._row_adapters: list[str | None] = []  # each row's adapter while the mode is "rows"
 
     def run_plain(self, model: nn.Module, peft_name: str | None) -> bool:
         """Take the PEFT layers out, with `peft_name` folded into the weights (None: the base model).
@@ -158,6 +159,8 @@ class WeightMerger:
         """Take the PEFT layers out for a batch with different adapters per row (None: the base model), each
         LoRA layer replaced by one that adds every row's own delta. False, and nothing changed, when an
         adapter is not plain LoRA (PEFT's own mixed batch then runs)."""
+        if self._mode == "rows" and self._row_adapters == row_adapters:
+            return True  # the same rows as the last step's: the stacked deltas are in place
         self.restore()
         slots = self._slots(model)
         names = {name for name in row_adapters if name is not None}
@@ -165,7 +168,7 @@ class WeightMerger:
             return False
         for slot in slots:
             setattr(slot.parent, slot.attribute, _row_lora(slot, row_adapters))
-        self._mode = "rows"
+        self._mode, self._row_adapters = "rows", list(row_adapters)
         return True
 
     def restore(self) -> None:
