@@ -7,8 +7,10 @@ settings, token budget, stop strings and streaming callback, and the set of rows
 
 - **Admission at the next step.** A new request's prompt is prefilled alone, in chunks of PREFILL_CHUNK_TOKENS,
   one chunk between two decode steps of the running rows, so a long prompt stalls a running stream by one chunk
-  at a time and prompts of different lengths are never padded to each other. Once prefilled, the row joins the
-  batch: its KV cache is left-padded to the batch's length (or the batch's to its) and masked.
+  at a time and prompts of different lengths are never padded to each other. While no row decodes, the prompt
+  goes in one forward (up to _ALONE_CHUNKS chunks): nobody waits on a step, and every forward has a fixed cost.
+  Once prefilled, the row joins the batch: its KV cache is left-padded to the batch's length (or the batch's to
+  its) and masked.
 - **Leaving at once.** A row that finishes, is cancelled or fails leaves the batch after the step that ended it;
   its slot (MAX_BATCH_SIZE rows in all, the one prefilling counted) is free at the next step.
 - **Adapters.** `RowModel.admit` attaches what a row needs when it is admitted and keeps it attached while the row
@@ -56,6 +58,9 @@ T = TypeVar("T")
 
 #: Runs one forward pass for a classifier (its PEFT adapter name) over token-id rows: one output per row.
 Classify = Callable[[str, list[list[int]]], Sequence[object]]
+#: A prompt prefilled while no row decodes goes in forwards of up to this many chunks: one forward for a RAG prompt,
+#: while a cancelled request's longer prompt still stops within a few seconds.
+_ALONE_CHUNKS = 16
 #: A prediction turn: slices (job, first row, row count) of queued jobs on one classifier.
 _PredictionTurn = list[tuple[PredictionJob, int, int]]
 
@@ -356,7 +361,10 @@ class GenerationEngine:
         try:
             if row.cache is None:
                 row.cache = self._start_cache(row)
-            chunk = prompt[row.prefilled : row.prefilled + self._chunk]
+            # With no row decoding there is no stream to stall, and each forward costs about as much as a decode
+            # step on top of its tokens (SmolLM2: 715 tokens in chunks of 128 take 1.7x one forward's time).
+            size = self._chunk if self._batch is not None else self._chunk * _ALONE_CHUNKS
+            chunk = prompt[row.prefilled : row.prefilled + size]
             output = self._forward([row], input_ids=torch.tensor([chunk]), past_key_values=row.cache)
             row.prefilled += len(chunk)
             if row.prefilled < len(prompt):
@@ -379,12 +387,11 @@ class GenerationEngine:
             self._batch.join(row)
 
     def _start_cache(self, row: _Row) -> DynamicCache:
-        """A new row's KV cache: empty, or the longest beginning of its prompt (whole chunks) already computed on
-        its weights."""
+        """A new row's KV cache: empty, or the longest beginning of its prompt already computed on its weights."""
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        reused, layers = self._prefixes.longest(row.admission.kv_key, row.job.input_ids, self._chunk)
+        reused, layers = self._prefixes.longest(row.admission.kv_key, row.job.input_ids)
         for index, (keys, values) in enumerate(layers):
             cache.update(keys, values, index)
         row.prefilled = reused

@@ -49,14 +49,14 @@ class PrefixCache:
         return {"max_bytes": self._max_bytes, "bytes": self._bytes, "entries": len(self._entries),
                 "lookups": self.lookups, "hits": self.hits, "reused_tokens": self.reused_tokens}
 
-    def longest(self, key: KVKey, prompt: list[int], block: int) -> tuple[int, LayerKV]:
-        """The most prompt tokens, a multiple of `block`, whose KV an entry on `key` holds (never all of them: the
-        last one's logits are needed), and views of that KV; (0, []) when none begins like the prompt.
+    def longest(self, key: KVKey, prompt: list[int]) -> tuple[int, LayerKV]:
+        """The most prompt tokens whose KV an entry on `key` holds (never all of them: the last one's logits are
+        needed), and views of that KV; (0, []) when none begins like the prompt.
 
-        `block` is the engine's prefill chunk: a prompt prefilled without the cache is computed in chunks starting
-        at multiples of it, so reusing whole chunks and prefilling the rest in the same chunks computes exactly
-        the same numbers (a seeded answer stays the same answer; reusing a part chunk changes the last bits,
-        which in bfloat16 can change a sampled token)."""
+        The reused KV is what a fresh prefill of those tokens computes, up to rounding: a prefill's last bits
+        depend on how the prompt is cut into forward passes (one forward when nothing else runs, chunks while
+        rows decode), so a greedy answer is the same with and without the cache and a sampled one may differ as
+        it may when the request shares its decode steps with other rows."""
         self.lookups += 1
         if not self._entries or len(prompt) < 2:
             return 0, []
@@ -65,7 +65,7 @@ class PrefixCache:
         for entry in self._entries.values():
             if entry.key != key:
                 continue
-            length = _common_prefix(entry.tokens, wanted) // block * block
+            length = _common_prefix(entry.tokens, wanted)
             if length > best_length:
                 best, best_length = entry, length
         if best is None:
