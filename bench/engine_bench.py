@@ -7,7 +7,7 @@ a. Stream gap (SmolLM2, adapters a and b): a greedy stream on adapter `a` runs a
    prompt on `b` arrives. Its prefill runs one PREFILL_CHUNK_TOKENS chunk between two of the stream's decode steps,
    so each gap of the stream meanwhile is a chunk plus a step. Measured: the stream's inter-token p95 from the
    newcomer's arrival to the stream's first piece after the newcomer's first token (that gap holds the last chunk)
-   over its p95 alone, before the arrival; and the newcomer's time to first token. At PREFILL_CHUNK_TOKENS 64,
+   over its p95 alone, before the arrival; and the newcomer's time to first token. At PREFILL_CHUNK_TOKENS 32, 64,
    128 and 256, one backend each, rounds interleaved so a noisy moment hits every size alike.
 b. Prefix cache (SmolLM2): per round, a RAG request, then one on the same adapter with the same passages and
    another question, then one with other passages (only the template and system prompt shared), each timed to
@@ -39,7 +39,7 @@ from bench.qwen_shaped_bench import PROMPT_TOKENS, qwen_shaped_folder
 CORPUS = REPO_ROOT / "bench" / "data" / "corpus" / "en"
 #: A greedy answer that runs far past any budget set here (a stream must outlast a newcomer's whole prefill).
 STREAM_MESSAGES = [{"role": "user", "content": "Count from 1 to 500, separated by commas."}]
-CHUNK_SIZES = (64, 128, 256)
+CHUNK_SIZES = (32, 64, 128, 256)
 CLIENT_COUNTS = (1, 4, 8, 16)  # c; a smoke run (--quick) takes the first two
 GAP_TARGET = 3.0  # the engine issue's: a stream's gap p95 while a prompt prefills <= 3x its gap alone
 REUSE_TARGET = 0.30  # TTFT of a second request on the same adapter and passages at least 30% lower with the cache
