@@ -5,6 +5,9 @@ What is promised (greedy decoding in float32, where answers compare exactly):
 - A request that arrives while a batch is decoding joins that batch at one of its next decode steps instead of
   waiting for the batch to end; its answer is exactly the answer it gets alone, whether it runs on the base model,
   one adapter or a weighted mix, and the running rows' answers do not change either.
+- A prompt longer than PREFILL_CHUNK_TOKENS that arrives while a stream decodes is prefilled a chunk at a time
+  between the stream's steps: the stream goes on streaming meanwhile, and the newcomer answers exactly as alone
+  (where, with nothing else running, its prompt is prefilled in one forward).
 - A row that finishes or is cancelled leaves the batch at once: with every slot (MAX_BATCH_SIZE) busy, a waiting
   request takes the freed slot and completes while the other long row goes on, each with its alone answer.
 - An adapter unloaded and loaded again under the same name answers with the new weights, never the old ones
@@ -59,6 +62,14 @@ WATER: list[ChatMessage] = [
                                 "rain to the tap."}
 ]
 
+#: A RAG-like prompt of about 130 tokens: several chunks at CHUNK tokens.
+MANUAL: list[ChatMessage] = [
+    {"role": "system", "content": "You answer questions about the user's documents, using only these passages. "
+                                  "The water plant filters river water through sand, then adds chlorine. " * 4},
+    {"role": "user", "content": "How is the river water cleaned?"},
+]
+CHUNK = 16
+
 BASE: AdapterSpec = ()
 ONE: AdapterSpec = (("one", 1.0),)
 TWO: AdapterSpec = (("two", 1.0),)
@@ -100,6 +111,14 @@ def backend(tmp_path_factory: pytest.TempPathFactory, loras: dict[str, Path]) ->
 def two_slots(tmp_path_factory: pytest.TempPathFactory, loras: dict[str, Path]) -> Iterator[HFLoraBackend]:
     """A backend that decodes at most two rows at once, adapters "one" and "two" loaded."""
     yield from _serving(tmp_path_factory.mktemp("narrow"), loras, max_batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def small_chunks(tmp_path_factory: pytest.TempPathFactory, loras: dict[str, Path]) -> Iterator[HFLoraBackend]:
+    """A backend that prefills CHUNK tokens per running row each turn and keeps no prompt KV (a prompt asked again is
+    prefilled again), adapters "one" and "two" loaded."""
+    yield from _serving(tmp_path_factory.mktemp("chunks"), loras, max_batch_size=8, prefill_chunk_tokens=CHUNK,
+                        prefix_cache_mb=0)
 
 
 def _answer(result: GenerationResult) -> Answer:
@@ -183,6 +202,30 @@ def test_requests_admitted_into_a_running_batch_answer_as_alone_and_finish_befor
     assert [results[name].adapters for name in joining] == ["", "one", "one*0.5+two*0.5"]
     assert _answer(long_result) == long_alone  # the rows that joined did not change the running row's answer
     assert long_result.adapters == "two"
+
+
+def test_a_long_prompt_is_prefilled_between_a_streams_steps_and_answers_as_alone(small_chunks: HFLoraBackend) -> None:
+    backend = small_chunks
+    prompt_tokens = len(backend.encode(MANUAL))
+    assert prompt_tokens > 6 * CHUNK
+    alone = _alone(backend, MANUAL, SHORT, ONE)
+
+    async def scenario() -> tuple[GenerationResult, int]:
+        stream, newcomer = _Stream(), _Stream()
+        running = asyncio.create_task(backend.generate(COUNT, LONG, TWO, on_text=stream))
+        await stream.until(STARTED_PIECES)
+        sent_at = len(stream.pieces)
+        joining = asyncio.create_task(backend.generate(MANUAL, SHORT, ONE, on_text=newcomer))
+        await newcomer.until(1)
+        streamed_meanwhile = len(stream.pieces) - sent_at
+        result = await asyncio.wait_for(joining, TIMEOUT_S)
+        _used_its_budget(_answer(await asyncio.wait_for(running, TIMEOUT_S)))
+        return result, streamed_meanwhile
+
+    result, streamed_meanwhile = asyncio.run(scenario())
+    # One chunk a turn, each turn one decode step of the stream (less one: the turn it arrived in may be half done).
+    assert streamed_meanwhile >= -(-prompt_tokens // CHUNK) - 2, (streamed_meanwhile, prompt_tokens)
+    assert _answer(result) == alone
 
 
 def test_a_cancelled_row_frees_its_slot_for_a_waiting_request_while_the_other_row_goes_on(
