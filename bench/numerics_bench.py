@@ -76,13 +76,14 @@ def _child(prompt: int, tokens: int) -> dict[str, Any]:
 
 
 def prefill_and_decode(model: Any, ids: Any, tokens: int) -> dict[str, float]:
-    """The model's own forward loop (no generate()): one prefill of `ids`, then `tokens` greedy steps."""
+    """The model's own forward loop (no generate()): one prefill of `ids` (the last position's logits only, as a
+    server computes it), then `tokens` greedy steps."""
     import torch
 
     with torch.inference_mode():
         model(ids[:, :16])  # warm-up: first-call allocations
         started = time.perf_counter()
-        out = model(ids, use_cache=True)
+        out = model(ids, use_cache=True, logits_to_keep=1)
         prefill = time.perf_counter() - started
         past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         started = time.perf_counter()
