@@ -116,13 +116,21 @@ class _Row:
     generator: torch.Generator | None
     cache: DynamicCache | None = None  # its own cache while it prefills
     prefilled: int = 0  # prompt tokens in its cache so far
-    position: int = 0  # the position of the token it feeds next
-    next_token: int = 0
 
     @property
     def done(self) -> bool:
         job = self.job
         return job.finish_reason is not None or job.error is not None
+
+    @property
+    def next_token(self) -> int:
+        """What the next decode step feeds: the last token taken (a row in the batch has taken at least one)."""
+        return self.job.tokens[-1]
+
+    @property
+    def position(self) -> int:
+        """The next token's position: after the prompt and every token taken before it."""
+        return len(self.job.input_ids) + len(self.job.tokens) - 1
 
 
 @dataclass
@@ -372,7 +380,6 @@ class GenerationEngine:
             if row.prefilled < len(prompt):
                 return
             self._prefixes.add(row.admission.kv_key, prompt, row.cache)
-            row.position = row.prefilled
             self._prefilling = None
             self._take_tokens([row], output.logits[:, -1])
         except Exception as error:
@@ -410,8 +417,6 @@ class GenerationEngine:
                 attention_mask=batch.mask,
                 past_key_values=batch.cache,
             )
-            for row in rows:
-                row.position += 1
             self._take_tokens(rows, output.logits[:, -1])
         except Exception as error:
             _log_unexpected(error, f"a decode step of {len(rows)} rows")
@@ -471,7 +476,6 @@ class GenerationEngine:
                 job.finish_reason = "stop"
             else:
                 job.tokens.append(token)
-                row.next_token = token
                 if len(job.tokens) >= job.params.max_new_tokens:
                     job.finish_reason = "length"
             _emit(job, self._tokenizer)

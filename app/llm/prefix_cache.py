@@ -55,20 +55,14 @@ class PrefixCache:
 
         The reused KV is what a fresh prefill of those tokens computes, up to rounding: a prefill's last bits
         depend on how the prompt is cut into forward passes (one forward when nothing else runs, chunks while
-        rows decode), so a greedy answer is the same with and without the cache and a sampled one may differ as
-        it may when the request shares its decode steps with other rows."""
+        rows decode), so a greedy answer is the same with and without the cache, while a seeded sampled answer
+        may, rarely, differ in a token."""
         self.lookups += 1
         if not self._entries or len(prompt) < 2:
             return 0, []
-        wanted = torch.tensor(prompt[:-1])
-        best, best_length = None, 0
-        for entry in self._entries.values():
-            if entry.key != key:
-                continue
-            length = _common_prefix(entry.tokens, wanted)
-            if length > best_length:
-                best, best_length = entry, length
-        if best is None:
+        best, best_length = max(self._shared_beginnings(key, torch.tensor(prompt[:-1])), key=lambda match: match[1],
+                                default=(None, 0))
+        if best is None or best_length == 0:
             return 0, []
         self._entries.move_to_end(id(best))
         self.hits += 1
@@ -80,10 +74,8 @@ class PrefixCache:
         if self._max_bytes <= 0:
             return
         tokens = torch.tensor(prompt)
-        for entry in self._entries.values():
-            if entry.key == key and len(entry.tokens) >= len(tokens) and _common_prefix(entry.tokens, tokens) == len(
-                tokens
-            ):
+        for entry, shared in self._shared_beginnings(key, tokens):
+            if shared == len(tokens):
                 self._entries.move_to_end(id(entry))
                 return  # an entry holds this prompt already
         layers: LayerKV = []
@@ -101,6 +93,10 @@ class PrefixCache:
         while self._bytes > self._max_bytes:
             _, oldest = self._entries.popitem(last=False)
             self._bytes -= oldest.size_bytes
+
+    def _shared_beginnings(self, key: KVKey, tokens: torch.Tensor) -> list[tuple[_Entry, int]]:
+        """Each entry on `key`, with how many of `tokens` it begins with."""
+        return [(entry, _common_prefix(entry.tokens, tokens)) for entry in self._entries.values() if entry.key == key]
 
 
 def _common_prefix(first: torch.Tensor, second: torch.Tensor) -> int:
