@@ -148,7 +148,7 @@ class Settings(BaseSettings):
     max_concurrent_generations: int = Field(8, ge=1, le=256)
     max_batch_size: int = Field(8, ge=1, le=64, description="requests decoded together (the one prefilling counted)")
     prefill_chunk_tokens: int = Field(
-        128, ge=16, le=32_768, description="prompt tokens prefilled between two decode steps, per running row (<= 16x)"
+        128, ge=16, le=32_768, description="prompt tokens per prefill forward; one per running row between decode steps"
     )
     prefix_cache_mb: int = Field(
         256, ge=0, le=1_000_000, description="prompt KV kept for reuse by prompts that begin alike; 0 = none"

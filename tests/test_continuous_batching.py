@@ -6,8 +6,7 @@ What is promised (greedy decoding in float32, where answers compare exactly):
   waiting for the batch to end; its answer is exactly the answer it gets alone, whether it runs on the base model,
   one adapter or a weighted mix, and the running rows' answers do not change either.
 - A prompt longer than PREFILL_CHUNK_TOKENS that arrives while a stream decodes is prefilled a chunk at a time
-  between the stream's steps: the stream goes on streaming meanwhile, and the newcomer answers exactly as alone
-  (where, with nothing else running, its prompt is prefilled in one forward).
+  between the stream's steps: the stream goes on streaming meanwhile, and the newcomer answers exactly as alone.
 - A row that finishes or is cancelled leaves the batch at once: with every slot (MAX_BATCH_SIZE) busy, a waiting
   request takes the freed slot and completes while the other long row goes on, each with its alone answer.
 - An adapter unloaded and loaded again under the same name answers with the new weights, never the old ones

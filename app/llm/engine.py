@@ -8,9 +8,9 @@ settings, token budget, stop strings and streaming callback, and the set of rows
 - **Admission at the next step.** A new request's prompt is prefilled alone, between two decode steps of the
   running rows, in chunks of PREFILL_CHUNK_TOKENS, one chunk per running row each turn: one stream waits a chunk
   at a time, and under load newcomers wait less for their first token while streams wait longer between tokens.
-  With no row running, the prompt goes in one forward. Prompts of different lengths are never padded to each
-  other. Once prefilled, the row joins the batch: its KV cache is left-padded to the batch's length (or the
-  batch's to its) and masked.
+  Chunks always start at multiples of PREFILL_CHUNK_TOKENS, so a prompt's numbers never depend on the load or on
+  the prefix cache. Prompts of different lengths are never padded to each other. Once prefilled, the row joins
+  the batch: its KV cache is left-padded to the batch's length (or the batch's to its) and masked.
 - **Leaving at once.** A row that finishes, is cancelled or fails leaves the batch after the step that ended it;
   its slot (MAX_BATCH_SIZE rows in all, the one prefilling counted) is free at the next step.
 - **Adapters.** `RowModel.admit` attaches what a row needs when it is admitted and keeps it attached while the row
@@ -58,11 +58,11 @@ T = TypeVar("T")
 
 #: Runs one forward pass for a classifier (its PEFT adapter name) over token-id rows: one output per row.
 Classify = Callable[[str, list[list[int]]], Sequence[object]]
-#: A turn prefills one chunk per decoding row, at most this many; while no row decodes, this many. A forward has a
-#: fixed cost of about one decode step, and a prefill's chunks are each followed by a decode step: with 8 rows on 4
-#: adapters (SmolLM2, 715-token prompts) one chunk a turn gave 0.35 requests/s and a first token p50 of 2.3 s,
-#: a chunk per row 0.49 requests/s and 0.78 s, the streams' inter-token p95 going from 0.43 to 0.9 s. With no
-#: row decoding nobody waits on the turn, and a RAG prompt goes in one forward.
+#: A turn prefills one chunk per decoding row, at most this many. Each chunk is a forward of its own, starting at a
+#: multiple of PREFILL_CHUNK_TOKENS, so a prompt's KV is computed the same way under any load and with or without
+#: the prefix cache (a greedy or seeded answer does not depend on either). A prefill's chunks are each followed by
+#: a turn's decode step: with 8 rows on 4 adapters (SmolLM2, 715-token prompts) one chunk a turn gave 0.35
+#: requests/s and a first token p50 of 2.3 s; see docs/performance.md section 12 for a chunk per row.
 _MAX_CHUNKS = 16
 #: A prediction turn: slices (job, first row, row count) of queued jobs on one classifier.
 _PredictionTurn = list[tuple[PredictionJob, int, int]]
@@ -372,11 +372,12 @@ class GenerationEngine:
         try:
             if row.cache is None:
                 row.cache = self._start_cache(row)
-            chunk_count = min(len(self._batch.rows), _MAX_CHUNKS) if self._batch is not None else _MAX_CHUNKS
-            size = self._chunk * chunk_count
-            chunk = prompt[row.prefilled : row.prefilled + size]
-            output = self._forward([row], input_ids=torch.tensor([chunk]), past_key_values=row.cache)
-            row.prefilled += len(chunk)
+            for _ in range(min(len(self._batch.rows), _MAX_CHUNKS) if self._batch is not None else 1):
+                chunk = prompt[row.prefilled : row.prefilled + self._chunk]
+                output = self._forward([row], input_ids=torch.tensor([chunk]), past_key_values=row.cache)
+                row.prefilled += len(chunk)
+                if row.prefilled == len(prompt):
+                    break
             if row.prefilled < len(prompt):
                 return
             self._prefixes.add(row.admission.kv_key, prompt, row.cache)
@@ -396,11 +397,12 @@ class GenerationEngine:
             self._batch.join(row)
 
     def _start_cache(self, row: _Row) -> DynamicCache:
-        """A new row's KV cache: empty, or the longest beginning of its prompt already computed on its weights."""
+        """A new row's KV cache: empty, or the longest beginning of its prompt (whole chunks) already computed on
+        its weights."""
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        reused, layers = self._prefixes.longest(row.admission.kv_key, row.job.input_ids)
+        reused, layers = self._prefixes.longest(row.admission.kv_key, row.job.input_ids, self._chunk)
         for index, (keys, values) in enumerate(layers):
             cache.update(keys, values, index)
         row.prefilled = reused

@@ -49,19 +49,20 @@ class PrefixCache:
         return {"max_bytes": self._max_bytes, "bytes": self._bytes, "entries": len(self._entries),
                 "lookups": self.lookups, "hits": self.hits, "reused_tokens": self.reused_tokens}
 
-    def longest(self, key: KVKey, prompt: list[int]) -> tuple[int, LayerKV]:
-        """The most prompt tokens whose KV an entry on `key` holds (never all of them: the last one's logits are
-        needed), and views of that KV; (0, []) when none begins like the prompt.
+    def longest(self, key: KVKey, prompt: list[int], block: int) -> tuple[int, LayerKV]:
+        """The most prompt tokens, a multiple of `block`, whose KV an entry on `key` holds (never all of them: the
+        last one's logits are needed), and views of that KV; (0, []) when none begins like the prompt.
 
-        The reused KV is what a fresh prefill of those tokens computes, up to rounding: a prefill's last bits
-        depend on how the prompt is cut into forward passes (one forward when nothing else runs, chunks while
-        rows decode), so a greedy answer is the same with and without the cache, while a seeded sampled answer
-        may, rarely, differ in a token."""
+        `block` is the engine's prefill chunk: a prompt prefilled without the cache is computed in chunks starting
+        at multiples of it, so reusing whole chunks and prefilling the rest in the same chunks computes exactly
+        the same numbers (a seeded answer stays the same answer; reusing a part chunk changes the last bits,
+        which in bfloat16 can change a sampled token, or even a greedy one)."""
         self.lookups += 1
         if not self._entries or len(prompt) < 2:
             return 0, []
-        best, best_length = max(self._shared_beginnings(key, torch.tensor(prompt[:-1])), key=lambda match: match[1],
-                                default=(None, 0))
+        matches = [(entry, shared // block * block) for entry, shared in self._shared_beginnings(
+            key, torch.tensor(prompt[:-1]))]
+        best, best_length = max(matches, key=lambda match: match[1], default=(None, 0))
         if best is None or best_length == 0:
             return 0, []
         self._entries.move_to_end(id(best))
