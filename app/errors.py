@@ -48,6 +48,14 @@ class NumericalFailureError(AppError):
     code = "numerical_failure"
 
 
+class EngineFailureError(AppError):
+    """The generation engine failed on this request (a defect of ours, logged with its traceback); the engine and
+    the other requests go on."""
+
+    status_code = 500
+    code = "engine_failure"
+
+
 class ConflictError(AppError):
     """The operation clashes with one already running."""
 

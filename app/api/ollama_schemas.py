@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from app.api.schemas import RequestModel
+from app.api.schemas import RequestModel, Seed
 from app.errors import BadRequestError
 from app.llm.base import ChatMessage, GenerationParams
 
@@ -30,7 +30,9 @@ class OllamaOptions(RequestModel):
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False, description="0: greedy")
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     stop: list[StrictStr] | None = Field(None, max_length=4, description="up to 4 stop strings")
-    seed: StrictInt | None = Field(None, description="the same seed and options give the same answer again")
+    seed: Seed | None = Field(
+        None, description="a 64-bit integer: the same seed and options give the same answer again"
+    )
     rag: StrictBool | None = Field(None, description="true: answer from the indexed documents (like a `:rag` model)")
 
     def generation_params(self, defaults: GenerationParams) -> GenerationParams:

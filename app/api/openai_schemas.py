@@ -25,7 +25,7 @@ from pydantic import (
     field_validator,
 )
 
-from app.api.schemas import AdapterFields, RequestModel, SourceDocument
+from app.api.schemas import AdapterFields, RequestModel, Seed, SourceDocument
 from app.errors import BadRequestError, NotFoundError
 from app.llm.base import AdapterSpec, ChatMessage, GenerationParams
 from app.rag.collections import DEFAULT_COLLECTION
@@ -145,7 +145,9 @@ class ChatCompletionRequest(AdapterFields):
     stream: StrictBool | None = Field(False, description="true: Server-Sent Events chunks ending with `data: [DONE]`")
     stream_options: StreamOptions | None = None
     n: StrictInt | None = Field(None, description="only 1 is supported")
-    seed: StrictInt | None = Field(None, description="the same seed and request give the same sampled answer again")
+    seed: Seed | None = Field(
+        None, description="a 64-bit integer: the same seed and request give the same sampled answer again"
+    )
     rag: StrictBool = Field(
         False, description="true: answer from the indexed documents and return the passages used as `sources`"
     )

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
 from app.api.errors import OURS, Envelope
 from app.errors import ValidationFailedError
-from app.llm.base import AdapterSpec, ModelUsed
+from app.llm.base import SEED_MAX, SEED_MIN, AdapterSpec, ModelUsed
 from app.rag.collections import DEFAULT_COLLECTION
 from app.rag.vector_store import ScoreKind, SearchHit
 
 BASE_ADAPTER = "__base__"
+#: A sampling seed as every protocol here takes it: a 64-bit integer (a larger one is a 422/400 naming the field).
+Seed = Annotated[StrictInt, Field(ge=SEED_MIN, le=SEED_MAX)]
 
 
 def _invalid_text_at(value: object, where: str = "") -> str | None:

@@ -16,6 +16,9 @@ ModelUsed = Literal["lora", "base", "ollama", "remote"]
 FinishReason = Literal["stop", "length", "cancelled"]
 #: A request's adapter choice: () is the base model alone, else (name, weight) pairs; None: server default.
 AdapterSpec = tuple[tuple[str, float], ...]
+#: The seeds a request may give: torch's generators (and vLLM's, Ollama's) take a 64-bit integer, from -2^63
+#: (taken modulo 2^64) to 2^64 - 1; anything outside is the caller's mistake, refused before it reaches the engine.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 #: Receives each new piece of text as it is generated (streaming), on the event loop.
 TextCallback = Callable[[str], None]
 

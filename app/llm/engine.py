@@ -17,6 +17,10 @@ settings, token budget, stop strings and streaming callback, and the set of rows
   runs (LRU eviction passes over it); `arrange` sets the model up for the rows of each forward pass. A control that
   drains an adapter (an unload) waits until the rows on it have finished, and no new row on it is admitted
   meanwhile; other controls run at the next step.
+- **Surviving any request.** A failure of one row (its adapter, its seed, its streaming callback) fails that row
+  alone; an unexpected failure of a whole turn fails the rows it was running, and the engine goes on. Should the
+  thread still end (or a turn run past `stall_seconds`), `problem` says so, /health and readiness report it, queued
+  and new requests fail at once with 503 instead of waiting, and `close` returns within its bound.
 - **Classification.** Predictions (`PredictionJob`) run here too, one forward of at most a request's batch size
   per turn, rows of every queued request on the same classifier sharing it. A turn runs between two steps while
   predictions have taken no more time than generation since the engine was last idle, so a waiting prediction
@@ -36,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
-from app.errors import AppError, NumericalFailureError
+from app.errors import AppError, BackendUnavailableError, EngineFailureError, NumericalFailureError
 from app.llm.jobs import AdapterChoice, GenerationJob, PredictionJob
 from app.llm.prefix_cache import KVKey, PrefixCache
 
@@ -199,6 +203,7 @@ class GenerationEngine:
         max_batch_size: int,
         prefill_chunk_tokens: int,
         prefix_cache_bytes: int,
+        stall_seconds: float,
         classify: Classify | None = None,
     ) -> None:
         self._tokenizer = tokenizer
@@ -215,7 +220,10 @@ class GenerationEngine:
         self._submitted = 0
         self._predictions: deque[PredictionJob] = deque()
         self._controls: deque[_Control] = deque()
-        self._closed = False
+        self._stopped: BackendUnavailableError | None = None  # why the engine no longer runs, once it does not
+        # Written by the engine thread, read by `problem` from any thread.
+        self._stall_seconds = stall_seconds
+        self._turn_started: float | None = None  # time.monotonic() when the running turn began; None between turns
         # The engine thread's own.
         self._batch: _Batch | None = None
         self._prefilling: _Row | None = None
@@ -228,16 +236,14 @@ class GenerationEngine:
 
     def submit(self, job: GenerationJob) -> None:
         with self._wakeup:
-            if self._closed:
-                raise RuntimeError("the generation engine is closed")
+            self._refuse_when_stopped()
             self._jobs.append((self._submitted, job))
             self._submitted += 1
             self._wakeup.notify()
 
     def submit_prediction(self, job: PredictionJob) -> None:
         with self._wakeup:
-            if self._closed:
-                raise RuntimeError("the generation engine is closed")
+            self._refuse_when_stopped()
             if self._classify is None:
                 raise RuntimeError("this engine runs no classification")
             self._predictions.append(job)
@@ -260,38 +266,105 @@ class GenerationEngine:
             return function()
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._wakeup:
-            if self._closed:
-                raise RuntimeError("the generation engine is closed")
+            self._refuse_when_stopped()
             self._controls.append(_Control(function, future, drain, self._submitted))
             self._wakeup.notify()
         return future.result()
 
-    def close(self) -> None:
+    def problem(self) -> str | None:
+        """Why the engine cannot serve now (it stopped, or one turn has run past `stall_seconds`); None when it can."""
         with self._wakeup:
-            self._closed = True
+            if self._stopped is not None:
+                return self._stopped.message
+        started = self._turn_started
+        if started is not None and time.monotonic() - started > self._stall_seconds:
+            return (f"the generation engine has been busy with one step for {time.monotonic() - started:.0f} s, "
+                    f"over its bound of {self._stall_seconds:g} s (REQUEST_TIMEOUT_SECONDS): it looks stuck")
+        return None
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the engine: queued work fails at once, the running step is waited for at most `timeout` seconds,
+        and the rows of a step still running then fail too (the thread is left to end on its own)."""
+        with self._wakeup:
+            self._stop(BackendUnavailableError("the server is shutting down"))
             self._wakeup.notify()
-        self._thread.join(timeout=60)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.error("the generation engine's step did not end within %g s; its rows fail now", timeout)
+            for row in self._rows():
+                row.job.fail(BackendUnavailableError("the server is shutting down"))
+
+    def _refuse_when_stopped(self) -> None:
+        """Under the lock: new work is refused once the engine is closed or its thread has ended."""
+        if self._stopped is not None:
+            raise self._stopped
+
+    def _stop(self, reason: BackendUnavailableError) -> None:
+        """Under the lock: no more work is taken, and the queued work fails with `reason` now."""
+        if self._stopped is None:
+            self._stopped = reason
+        for _, job in self._jobs:
+            job.fail(self._stopped)
+        for prediction in self._predictions:
+            prediction.fail(self._stopped)
+        for control in self._controls:
+            control.future.set_exception(self._stopped)
+        self._jobs.clear()
+        self._predictions.clear()
+        self._controls.clear()
 
     # -- the engine thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while self._wait_for_work():
-            self._run_ready_controls()
-            self._drop_cancelled()
-            if self._prediction_due():
-                started = time.perf_counter()
-                self._run_predictions()
-                self._predict_s += time.perf_counter() - started
-                continue
+        try:
+            while self._wait_for_work():
+                self._turn_started = time.monotonic()
+                try:
+                    self._turn()
+                except Exception as error:  # a defect of ours: the rows of this turn fail, the engine goes on
+                    logger.exception("an engine step failed; the rows it was running fail with it")
+                    self._fail_running(_as_app_error(error))
+                finally:
+                    self._turn_started = None
+        except BaseException as error:  # nothing may end this thread silently: say why, fail what waits
+            logger.critical("the generation engine stopped: %r", error, exc_info=error)
+            stopped = BackendUnavailableError(
+                f"the generation engine stopped ({type(error).__name__}); restart the server to generate again"
+            )
+            with self._wakeup:
+                self._stop(stopped)
+            self._fail_running(stopped)
+            return
+        self._fail_running(BackendUnavailableError("the server is shutting down"))
+
+    def _turn(self) -> None:
+        """Controls that are ready, then either a prediction turn or admission, a prefill chunk and a decode step."""
+        self._run_ready_controls()
+        self._drop_cancelled()
+        if self._prediction_due():
             started = time.perf_counter()
-            self._admit()
-            with torch.inference_mode():
-                if self._prefilling is not None:
-                    self._prefill_chunk(self._prefilling)
-                if self._batch is not None:
-                    self._decode_step(self._batch)
-            self._generate_s += time.perf_counter() - started
-        self._shut_down()
+            self._run_predictions()
+            self._predict_s += time.perf_counter() - started
+            return
+        started = time.perf_counter()
+        self._admit()
+        with torch.inference_mode():
+            if self._prefilling is not None:
+                self._prefill_chunk(self._prefilling)
+            if self._batch is not None:
+                self._decode_step(self._batch)
+        self._generate_s += time.perf_counter() - started
+
+    def _fail_running(self, error: AppError) -> None:
+        """Every row in the batch or prefilling fails with `error` and leaves; the KV they held is dropped."""
+        rows = self._rows()
+        self._batch = self._prefilling = None
+        for row in rows:
+            try:
+                self._leave(row, error)
+            except Exception:  # releasing its adapter failed too: the row still fails
+                logger.exception("releasing a failed row's adapter failed")
+                row.job.fail(error)
 
     def _rows(self) -> list[_Row]:
         rows = list(self._batch.rows) if self._batch is not None else []
@@ -300,10 +373,10 @@ class GenerationEngine:
     def _wait_for_work(self) -> bool:
         """Sleep while there is nothing to do; False once closed."""
         with self._wakeup:
-            while not (self._closed or self._rows() or self._jobs or self._controls or self._predictions):
+            while not (self._stopped or self._rows() or self._jobs or self._controls or self._predictions):
                 self._generate_s = self._predict_s = 0.0
                 self._wakeup.wait()
-            return not self._closed
+            return self._stopped is None
 
     def _run_ready_controls(self) -> None:
         """Controls in order, up to the first one still waiting for its adapter's rows to finish."""
@@ -343,14 +416,14 @@ class GenerationEngine:
                 self._jobs.remove(entry)
                 job = entry[1]
             try:
+                params = job.params
+                generator = (torch.Generator().manual_seed(params.seed)
+                             if params.seed is not None and params.temperature > 0 else None)
                 admission = self._model.admit(job.adapter)
             except Exception as error:
                 _log_unexpected(error, "admitting a generation")
-                job.fail(error)
+                job.fail(_as_app_error(error))
                 continue
-            params = job.params
-            generator = (torch.Generator().manual_seed(params.seed)
-                         if params.seed is not None and params.temperature > 0 else None)
             self._prefilling = _Row(job, admission, generator)
 
     def _may_start(self, sequence: int, job: GenerationJob) -> bool:
@@ -381,12 +454,12 @@ class GenerationEngine:
             if row.prefilled < len(prompt):
                 return
             self._prefixes.add(row.admission.kv_key, prompt, row.cache)
-            self._prefilling = None
             self._take_tokens([row], output.logits[:, -1])
+            self._prefilling = None
         except Exception as error:
             _log_unexpected(error, "prefilling a prompt")
             self._prefilling = None
-            self._leave(row, error)
+            self._leave(row, _as_app_error(error))
             return
         if row.done:
             self._leave(row)
@@ -424,7 +497,7 @@ class GenerationEngine:
             _log_unexpected(error, f"a decode step of {len(rows)} rows")
             self._batch = None
             for row in rows:
-                self._leave(row, error)
+                self._leave(row, _as_app_error(error))
             return
         self._remove_done()
 
@@ -471,16 +544,23 @@ class GenerationEngine:
                 )
                 logger.error("row %d of %d: non-finite logits; that row fails alone", index, len(rows))
                 continue
-            if job.params.temperature > 0:
-                chosen[index] = _sample(logits[index], job.params.temperature, job.params.top_p, row.generator)
-            token = chosen[index]
-            if token in self._eos_ids:
-                job.finish_reason = "stop"
-            else:
-                job.tokens.append(token)
-                if len(job.tokens) >= job.params.max_new_tokens:
-                    job.finish_reason = "length"
-            _emit(job, self._tokenizer)
+            try:
+                self._take_token(row, logits[index], chosen[index])
+            except Exception as error:  # this row's sampling or streaming failed: it fails alone
+                _log_unexpected(error, f"row {index} of {len(rows)}")
+                job.error = _as_app_error(error)
+
+    def _take_token(self, row: _Row, logits: torch.Tensor, greedy: int) -> None:
+        job = row.job
+        token = _sample(logits, job.params.temperature, job.params.top_p, row.generator) \
+            if job.params.temperature > 0 else greedy
+        if token in self._eos_ids:
+            job.finish_reason = "stop"
+        else:
+            job.tokens.append(token)
+            if len(job.tokens) >= job.params.max_new_tokens:
+                job.finish_reason = "length"
+        _emit(job, self._tokenizer)
 
     # -- predictions ------------------------------------------------------------------------------
 
@@ -505,7 +585,7 @@ class GenerationEngine:
             _log_unexpected(error, f"classification of a forward of {len(rows)} rows")
             finished = [job for job, _, _ in turn]
             for job in finished:
-                job.fail(error)
+                job.fail(_as_app_error(error))
         else:
             position = 0
             for job, _, count in turn:
@@ -539,23 +619,21 @@ class GenerationEngine:
                 budget -= count
         return turn
 
-    def _shut_down(self) -> None:
-        stopping = RuntimeError("the server is shutting down")
-        for row in self._rows():
-            self._leave(row, stopping)
-        self._batch = self._prefilling = None
-        with self._wakeup:
-            for _, job in self._jobs:
-                job.fail(stopping)
-            for prediction in self._predictions:
-                prediction.fail(stopping)
-            for control in self._controls:
-                control.future.set_exception(stopping)
 
 
 def _log_unexpected(error: Exception, what: str) -> None:
     if not isinstance(error, AppError):
         logger.exception("%s failed", what)
+
+
+def _as_app_error(error: Exception) -> AppError:
+    """What the caller of a failed row is told: our own error as it is, anything else as an engine failure (its
+    traceback is in the log)."""
+    if isinstance(error, AppError):
+        return error
+    return EngineFailureError(
+        f"generation failed in the engine ({type(error).__name__}); other requests are unaffected"
+    )
 
 
 def _eos_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:

@@ -132,6 +132,8 @@ class HFLoraBackend(GenerationBackend):
             max_batch_size=settings.max_batch_size,
             prefill_chunk_tokens=settings.prefill_chunk_tokens,
             prefix_cache_bytes=settings.prefix_cache_mb * 2**20,
+            # A step longer than a whole request may take means every request waiting on it times out anyway.
+            stall_seconds=settings.request_timeout_seconds,
             classify=manager.classifier_hidden,
         )
         facts = LoadedModelFacts(
@@ -241,7 +243,11 @@ class HFLoraBackend(GenerationBackend):
 
     async def health(self) -> ComponentHealth:
         default = self.adapters.default_name
-        return ComponentHealth(ok=True, detail="loaded", extra={"model_used": "lora" if default else "base"})
+        extra = {"model_used": "lora" if default else "base"}
+        problem = self._engine.problem()
+        if problem is not None:
+            return ComponentHealth(ok=False, detail=problem, extra=extra)
+        return ComponentHealth(ok=True, detail="loaded", extra=extra)
 
     def describe(self) -> dict[str, Any]:
         facts = self.facts

@@ -7,11 +7,12 @@ jobs without loading the model's libraries.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from app.errors import AppError
 from app.llm.base import GenerationParams
@@ -87,12 +88,10 @@ class GenerationJob:
 
     def resolve(self) -> None:
         """Hand the job back; its future may already be cancelled when the caller went away."""
-        if not self.future.done():
-            self.future.set_result(self)
+        _settle(self.future, self)
 
     def fail(self, error: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(error)
+        _settle(self.future, error=error)
 
 
 @dataclass(eq=False)  # compared by identity: the engine removes this very job from its queue
@@ -113,9 +112,19 @@ class PredictionJob:
         return len(self.rows) - len(self.outputs)
 
     def resolve(self) -> None:
-        if not self.future.done():
-            self.future.set_result(self.outputs)
+        _settle(self.future, self.outputs)
 
     def fail(self, error: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(error)
+        _settle(self.future, error=error)
+
+
+def _settle(future: concurrent.futures.Future[Any], result: object = None, error: BaseException | None = None) -> None:
+    """Give `future` its result or error unless it has one: the caller may have cancelled it, and a closing engine
+    whose thread is stuck fails its rows from another thread, which the engine thread may race."""
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
