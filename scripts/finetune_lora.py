@@ -62,7 +62,7 @@ _CLASSIFIER_DEFAULTS = {field.name: field.default for field in dataclasses.field
 _SHARED = (
     "model_name", "output_dir", "num_train_epochs", "max_steps", "learning_rate", "batch_size",
     "gradient_accumulation_steps", "max_length", "lora_r", "lora_alpha", "lora_dropout", "eval_split", "seed",
-    "device",
+    "device", "weights_dtype",
 )  # fmt: skip
 
 
@@ -163,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
         "supports it); or auto (cuda when available, else cpu). On CPU the frozen weights are bfloat16 where "
         "the CPU computes it natively, else float32",
         choices=["cpu", "cuda", "auto"],
+    )
+    option(
+        "weights_dtype",
+        "the frozen weights' dtype on CPU: auto (bfloat16 where the CPU computes it natively, else float32), "
+        "float32 (the same numbers on every CPU, slower where bfloat16 is native) or bfloat16",
+        choices=["auto", "float32", "bfloat16"],
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser

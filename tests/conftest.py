@@ -92,6 +92,14 @@ def embedder() -> Embedder:
 
 
 @pytest.fixture(scope="session")
+def float32_embedder() -> Embedder:
+    """The embedder in float32: the same vectors, so the same rankings, on every CPU kind (the default `auto` is
+    bfloat16 where the CPU computes it natively, whose last bits differ between CPUs). For tests that compare
+    retrieval quality between modes, where one question's rank decides."""
+    return SentenceTransformerEmbedder("embedded:all-MiniLM-L6-v2", dtype="float32")
+
+
+@pytest.fixture(scope="session")
 def corpus_store(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder) -> Path:
     """The fixture corpus ingested once; copy it before changing it."""
     store = tmp_path_factory.mktemp("corpus-store")

@@ -21,7 +21,7 @@ from app.llm.model_source import resolve_base_model
 from tests.conftest import make_settings
 from tests.test_adapters import _edited_copy, _save_lora
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.numerics]
 
 GREEDY = GenerationParams(max_new_tokens=8, temperature=0.0, top_p=1.0)
 MESSAGES: Any = [{"role": "user", "content": "Name three fruits."}]

@@ -33,7 +33,7 @@ from app.llm.model_source import resolve_base_model
 from tests.conftest import make_settings
 from tests.test_adapters import _save_lora
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.numerics]
 
 #: Every wait on the model is bounded, generously (two slow CPU cores).
 TIMEOUT_S = 120.0

@@ -12,7 +12,7 @@ from app.rag.embeddings import Embedder
 from app.rag.ingestion import ingest_folder
 from tests.conftest import REPO_ROOT, faiss_store, make_settings, running_server
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.numerics]
 
 
 def test_demo_adapter_answers_in_its_trained_voice_and_the_base_does_not(tmp_path: Path, embedder: Embedder) -> None:

@@ -18,7 +18,7 @@ from tests.test_adapters import _save_lora
 GREEDY = GenerationParams(max_new_tokens=16, temperature=0.0, top_p=1.0)
 MESSAGES = [{"role": "user", "content": "Name three fruits."}]
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.numerics]
 
 
 @pytest.fixture(scope="module")

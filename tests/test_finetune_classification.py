@@ -177,7 +177,9 @@ def trained(small_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     output_dir.mkdir()
     (output_dir / "training_report.json").write_text("{}", encoding="utf-8")
     (output_dir / "stale.txt").write_text("from an earlier run", encoding="utf-8")
-    config = ClassifierConfig(data=small_data, output_dir=output_dir, max_steps=6, batch_size=6, eval_split=0.25)
+    # float32: the trainer's probabilities are compared with a float32 reload, on every CPU kind.
+    config = ClassifierConfig(data=small_data, output_dir=output_dir, max_steps=6, batch_size=6, eval_split=0.25,
+                              weights_dtype="float32")
     return run_classifier_training(config, show_progress=False), output_dir
 
 
@@ -263,6 +265,7 @@ def load_classifier(folder: Path, stem: str, dtype: str, *, use_load_adapter: bo
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # raised inside peft 0.21
 def test_the_written_classifier_reloads_onto_a_fresh_causal_lm_with_the_trainers_probabilities(
     trained: tuple[ClassifierReport, Path],
@@ -280,12 +283,11 @@ def test_the_written_classifier_reloads_onto_a_fresh_causal_lm_with_the_trainers
         got = classify(model, tokenizer, head, texts[start : start + batch_size], "right")
         assert torch.allclose(got, expected[start : start + batch_size], atol=1e-4), (got, expected)
 
-    # Through transformers' own load_adapter, in float32, padded left or right: the same within rounding
-    # (against the bfloat16 trainer's within bfloat16's precision).
+    # Through transformers' own load_adapter, padded left or right, in one batch: the same within rounding.
     model, tokenizer, head = load_classifier(output_dir, "intent", "float32", use_load_adapter=True)
     right, left = classify(model, tokenizer, head, texts, "right"), classify(model, tokenizer, head, texts, "left")
     assert torch.allclose(right, left, atol=1e-4)
-    assert torch.allclose(right, expected, atol=0.05)
+    assert torch.allclose(right, expected, atol=1e-3)
 
 
 @pytest.mark.slow
@@ -294,7 +296,8 @@ def test_the_legacy_layout_through_the_cli(small_data: Path, tmp_path: Path) -> 
 
     result = run_cli(
         "--task", "classification", "--data", str(small_data), "--output_dir", "out", "--stem", "intent-v1",
-        "--legacy-layout", "--max_steps", "2", "--batch_size", "6", "--quiet", cwd=tmp_path,
+        "--legacy-layout", "--max_steps", "2", "--batch_size", "6", "--weights_dtype", "float32", "--quiet",
+        cwd=tmp_path,
     )  # fmt: skip
 
     assert result.returncode == 0, result.stderr
@@ -311,6 +314,7 @@ def test_the_legacy_layout_through_the_cli(small_data: Path, tmp_path: Path) -> 
     assert pickle.loads(raw) == {label: index for index, label in enumerate(sorted(LABELS))}
     report = json.loads((output_dir / "training_report.json").read_text(encoding="utf-8"))
     assert report["files"]["head"] == "intent-v1.head.pt" and report["eval_accuracy"] is not None
+    assert report["weights_dtype"] == "float32"
 
 
 # --- the shipped demo classifier --------------------------------------------------------------------
@@ -328,6 +332,7 @@ def test_the_demo_data_is_mixed_chinese_and_english_in_every_label() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # raised inside peft 0.21
 def test_the_shipped_demo_classifier_loads_and_beats_the_majority_class() -> None:
     import torch
@@ -342,16 +347,20 @@ def test_the_shipped_demo_classifier_loads_and_beats_the_majority_class() -> Non
     shipped = sum(path.stat().st_size for path in DEMO_CLASSIFIER.rglob("*") if path.is_file())
     assert shipped < 5_000_000, f"{shipped} bytes shipped"
 
-    # Its held-out texts, classified again from the shipped files: the report's probabilities (bfloat16 results
-    # move a little with the thread count) and, where the top two are not close, its predictions.
-    model, tokenizer, head = load_classifier(DEMO_CLASSIFIER, "demo-intent", report["weights_dtype"])
+    # Its held-out texts, classified again from the shipped files in float32, which gives the same numbers on every
+    # CPU kind (the report's bfloat16 ones move with the CPU's bfloat16 kernels: float32 here is 0.031 from them at
+    # most, bfloat16 on an AVX-512-BF16 machine 0.07): the accuracy the report states, its predictions wherever its
+    # top two are not close, and probabilities near its own.
+    model, tokenizer, head = load_classifier(DEMO_CLASSIFIER, "demo-intent", "float32")
     predictions = report["eval_predictions"]
     texts, size = [row["text"] for row in predictions], report["arguments"]["batch_size"]
     got = torch.cat(
         [classify(model, tokenizer, head, texts[i : i + size], "right") for i in range(0, len(texts), size)]
     )
-    assert torch.allclose(got, torch.tensor([row["probabilities"] for row in predictions]), atol=0.03)
+    accuracy = sum(labels[int(torch.argmax(p))] == row["label"] for p, row in zip(got, predictions, strict=True))
+    assert abs(accuracy / len(predictions) - report["eval_accuracy"]) <= 0.05, accuracy
+    assert torch.allclose(got, torch.tensor([row["probabilities"] for row in predictions]), atol=0.1)
     for row, probabilities in zip(predictions, got, strict=True):
         top_two = sorted(row["probabilities"])[-2:]
-        if top_two[1] - top_two[0] > 0.06:
+        if top_two[1] - top_two[0] > 0.1:
             assert labels[int(torch.argmax(probabilities))] == row["predicted"], row

@@ -204,12 +204,12 @@ def test_a_milvus_server_uri_serves_what_the_cli_ingested_and_comes_back_after_a
 
 @pytest.mark.slow
 def test_hybrid_retrieval_on_milvus_finds_chinese_and_english_questions_as_on_faiss(
-    tmp_path: Path, embedder: Embedder
+    tmp_path: Path, float32_embedder: Embedder
 ) -> None:
     settings = make_settings(tmp_path)
     found = {}
     for language in ("en", "zh"):
-        collections = collections_of(QUALITY_CORPUS / language, embedder, tmp_path / language, "milvus")
+        collections = collections_of(QUALITY_CORPUS / language, float32_embedder, tmp_path / language, "milvus")
         found[language] = {mode: quality(RETRIEVERS[mode](settings, collections), questions(language))
                            for mode in ("dense", "hybrid")}
     print({language: {mode: q.recall_at_1 for mode, q in modes.items()} for language, modes in found.items()})

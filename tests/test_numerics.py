@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from app.llm.numerics import CpuCapability, choose_numeric_path
 from tests.conftest import REPO_ROOT
 
@@ -14,6 +16,9 @@ AVX2_ONLY = CpuCapability(kernel_level="AVX2", avx512_bf16=False, amx=False, vnn
 AVX512_NO_BF16 = CpuCapability(kernel_level="AVX512", avx512_bf16=False, amx=False, vnni=True)
 SAPPHIRE_RAPIDS = CpuCapability(kernel_level="AVX512", avx512_bf16=True, amx=True, vnni=True)
 NO_AVX2 = CpuCapability(kernel_level="DEFAULT", avx512_bf16=False, amx=False, vnni=False)
+
+
+pytestmark = pytest.mark.numerics
 
 
 def test_auto_is_bfloat16_only_where_the_cpu_has_it_natively() -> None:

@@ -79,6 +79,7 @@ def test_chat_and_generate_answer_streamed_and_not_with_the_named_adapter(client
     assert client.generate(model="alpha", prompt="").done_reason == "load"  # Ollama's "load the model"
 
 
+@pytest.mark.slow
 def test_a_seed_gives_the_same_sampled_answer_again(client: ollama.Client) -> None:
     def sampled(seed: int) -> str:
         options = {"seed": seed, "temperature": 1.5, "top_p": 1.0, "num_predict": 16}

@@ -17,7 +17,7 @@ from app.llm.model_source import resolve_base_model
 from tests.conftest import make_settings
 from tests.test_adapters import _save_lora
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.numerics]
 
 GREEDY = GenerationParams(max_new_tokens=12, temperature=0.0, top_p=1.0)
 SYSTEM = "You answer questions about the user's documents. Use only the passages below. " * 3

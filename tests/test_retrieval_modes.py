@@ -26,9 +26,10 @@ from tests.conftest import faiss_store, make_settings
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder) -> dict[str, Collections]:
+def stores(tmp_path_factory: pytest.TempPathFactory, float32_embedder: Embedder) -> dict[str, Collections]:
     folder = tmp_path_factory.mktemp("quality")
-    return {language: collections_of(CORPUS / language, embedder, folder / language) for language in ("en", "zh")}
+    return {language: collections_of(CORPUS / language, float32_embedder, folder / language)
+            for language in ("en", "zh")}
 
 
 def test_chinese_questions_phrased_unlike_the_text_find_their_file_first_in_hybrid_and_lexical_mode(

@@ -114,6 +114,7 @@ def bfloat16_embedder() -> Embedder:
     return create_embedder(Settings(_env_file=None, embedding_dtype="bfloat16"))  # type: ignore[call-arg]
 
 
+@pytest.mark.numerics
 def test_bfloat16_embedder_keeps_the_float_vectors(bfloat16_embedder: Embedder, float_embedder: Embedder) -> None:
     texts = ENGLISH + CHINESE
     fast, reference = bfloat16_embedder.embed(texts), float_embedder.embed(texts)
@@ -130,14 +131,19 @@ def test_default_embedder_is_the_configured_one(embedder: Embedder) -> None:
     np.testing.assert_array_equal(embedder.embed(ENGLISH), default.embed(ENGLISH))
 
 
-def _top_chunks(embedder: Embedder, texts: list[str]) -> list[str]:
-    return [texts[i] for i in np.argmax(embedder.embed(QUESTIONS) @ embedder.embed(texts).T, axis=1)]
-
-
-def test_bfloat16_embedder_retrieves_the_same_top_chunk(
+@pytest.mark.numerics
+def test_bfloat16_embedder_retrieves_the_same_top_chunk_wherever_float32_has_a_clear_winner(
     corpus_store: Path, bfloat16_embedder: Embedder, float_embedder: Embedder
 ) -> None:
+    """Where float32's best chunk beats its second by more than bfloat16's rounding can move a cosine (0.02:
+    the vectors keep a cosine of 0.99 or more), bfloat16 ranks the same chunk first, on every CPU kind."""
     texts = [chunk.text for chunk in load_store(corpus_store).chunks]
-    fast_top, float_top = _top_chunks(bfloat16_embedder, texts), _top_chunks(float_embedder, texts)
-    differences = [(q, a[:60], b[:60]) for q, a, b in zip(QUESTIONS, fast_top, float_top, strict=True) if a != b]
-    assert fast_top == float_top, differences
+    float_scores = float_embedder.embed(QUESTIONS) @ float_embedder.embed(texts).T
+    fast_top = np.argmax(bfloat16_embedder.embed(QUESTIONS) @ bfloat16_embedder.embed(texts).T, axis=1)
+    best_two = np.sort(float_scores, axis=1)[:, -2:]
+    clear = best_two[:, 1] - best_two[:, 0] > 0.02
+    assert clear.sum() >= len(QUESTIONS) // 2, "too few clear questions to tell anything"
+    float_top = np.argmax(float_scores, axis=1)
+    differences = [(q, texts[a][:60], texts[b][:60])
+                   for q, a, b, c in zip(QUESTIONS, fast_top, float_top, clear, strict=True) if c and a != b]
+    assert not differences, differences

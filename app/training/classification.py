@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.config import EMBEDDED_BASE_MODEL
 from app.training.data import json_object, read_jsonl, text_field
-from app.training.device import DeviceChoice, TrainingDevice, resolve_training_device
+from app.training.device import DeviceChoice, TrainingDevice, WeightsDtypeChoice, resolve_training_device
 from app.training.errors import FinetuneError, TrainingDataError
 from app.training.finetune import check_hyperparameters, library_versions, load_base_model
 from app.training.lora import attach_lora, default_target_modules
@@ -94,6 +94,7 @@ class ClassifierConfig:
     eval_split: float = 0.2
     seed: int = 42
     device: DeviceChoice = "cpu"
+    weights_dtype: WeightsDtypeChoice = "auto"
 
     @property
     def file_stem(self) -> str:
@@ -307,7 +308,7 @@ def _train_into(
     import torch
     from transformers import get_linear_schedule_with_warmup, set_seed
 
-    device = resolve_training_device(config.device)
+    device = resolve_training_device(config.device, config.weights_dtype)
     set_seed(config.seed)
     tokenizer, model = load_base_model(config.model_name, config.cache_dir, device)
     index = {label: number for number, label in enumerate(labels)}

@@ -19,7 +19,7 @@ from app.config import EMBEDDED_BASE_MODEL
 from app.errors import ModelLoadError
 from app.llm.model_source import resolve_base_model
 from app.training.data import TrainingExample, load_training_file, split_examples
-from app.training.device import DeviceChoice, TrainingDevice, resolve_training_device
+from app.training.device import DeviceChoice, TrainingDevice, WeightsDtypeChoice, resolve_training_device
 from app.training.errors import FinetuneError
 from app.training.formatting import (
     IGNORE_INDEX,
@@ -65,6 +65,7 @@ class FinetuneConfig:
     eval_split: float = 0.1
     seed: int = 42
     device: DeviceChoice = "cpu"
+    weights_dtype: WeightsDtypeChoice = "auto"
 
     def check(self) -> None:
         """Refuse values no run can use, naming the option."""
@@ -185,7 +186,7 @@ def _train_into(
     import torch
     from transformers import set_seed
 
-    device = resolve_training_device(config.device)
+    device = resolve_training_device(config.device, config.weights_dtype)
     set_seed(config.seed)
     tokenizer, model = load_base_model(config.model_name, config.cache_dir, device)
     if ensure_chat_template(tokenizer):
