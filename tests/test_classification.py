@@ -9,10 +9,12 @@ to the head) with the same LoRA loaded by PEFT.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pickle
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,6 +189,7 @@ def _predict(served: Served, name: str, texts: list[Any] = TEXTS, **extra: Any) 
     [("pt", "score.", "list"), ("safetensors", "classifier.", "label2idx"), ("pt", "", "idx2label"),
      ("safetensors", "score.", "json")],
 )
+@pytest.mark.numerics
 def test_classifier_predicts_the_reference_with_each_format(
     served: Served, parts: Parts, head: str, prefix: str, labels: str
 ) -> None:
@@ -369,6 +372,7 @@ async def _asks_during_predictions(served: Served, model_id: str) -> tuple[str, 
     return base, adapted, predicted
 
 
+@pytest.mark.numerics
 def test_generation_is_unchanged_around_classifier_use(served: Served, parts: Parts, base_model: str) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -452,3 +456,56 @@ def test_ollama_only_answers_503(tmp_path: Path, corpus_store: Path) -> None:
         status = httpx.get(f"{url}{BASE}/status", timeout=30)
     assert response.status_code == 503 and "lora backend" in response.json()["message"]
     assert status.status_code == 200 and status.json()["service_status"] == "error"
+
+
+def test_a_large_prediction_shares_the_engine_and_stops_when_its_client_leaves(served: Served, parts: Parts) -> None:
+    """A prediction far larger than one turn (64 texts of 256 tokens at batch_size 64) runs in turns of at most
+    PREDICTION_TURN_TOKENS: an answer asked after it started is done before it. And when its client hangs up, the
+    rest of it is dropped: a small prediction sent then answers long before the whole one could have."""
+    write_classifier(served.root, "bulk", parts)
+    assert _load(served, "bulk", max_length=256).status_code == 200
+    long_text = " ".join([TEXTS[0]] * 40)  # over 256 tokens: cut to 256
+    bulk = {"model_id": "bulk", "texts": [long_text] * MAX_TEXTS, "batch_size": MAX_TEXTS}
+
+    async def until_pending(client: httpx.AsyncClient) -> None:
+        for _ in range(500):
+            if (await client.get(f"{BASE}/status", headers=USER)).json()["pending_requests"]:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("the prediction never showed as pending")
+
+    async def shared() -> tuple[float, float, float, httpx.Response]:
+        async with httpx.AsyncClient(base_url=served.url, timeout=300) as client:
+            started = time.monotonic()
+            predict = asyncio.create_task(client.post(f"{BASE}/predict", headers=USER, json=bulk))
+            await until_pending(client)
+            await asyncio.sleep(0.5)
+            answer = await client.post("/v1/chat/completions", headers=USER, json={
+                "model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Name a fruit."}],
+                "max_tokens": 8})
+            assert answer.status_code == 200, answer.text
+            answered = time.monotonic()
+            predicted = await predict
+            return started, answered, time.monotonic(), predicted
+
+    started, answered, finished, predicted = asyncio.run(shared())
+    labels = predicted.json()["labels"]
+    assert predicted.status_code == 200 and len(labels) == MAX_TEXTS and len(set(labels)) == 1  # one text, 64 times
+    whole = finished - started
+    assert answered - started < whole / 2, whole  # before, the answer waited for the one forward of all 64 rows
+
+    async def abandoned() -> float:
+        async with httpx.AsyncClient(base_url=served.url, timeout=300) as client:
+            predict = asyncio.create_task(client.post(f"{BASE}/predict", headers=USER, json=bulk))
+            await until_pending(client)
+            await asyncio.sleep(0.5)
+            predict.cancel()  # the client hangs up
+            with contextlib.suppress(asyncio.CancelledError):
+                await predict
+            left = time.monotonic()
+            small = await client.post(f"{BASE}/predict", headers=USER, json={"model_id": "bulk", "texts": TEXTS})
+            assert small.status_code == 200 and small.json()["labels"] == ["billing", "animals"]
+            return time.monotonic() - left
+
+    assert asyncio.run(abandoned()) < whole / 2, whole
+    assert _unload(served, "bulk").status_code == 200

@@ -18,6 +18,7 @@ from app.api.classification_schemas import (
     UnloadModelRequest,
 )
 from app.api.deps import get_classification_service
+from app.api.disconnect import Watch
 from app.api.schemas import error_responses
 from app.classification.service import ClassificationService
 
@@ -48,11 +49,12 @@ async def unload_model(request: UnloadModelRequest, service: Service) -> ModelSt
 
 
 @router.post("/predict", response_model=PredictResponse, responses=error_responses(404, 503, body=True))
-async def predict(request: PredictRequest, service: Service) -> dict[str, Any]:
+async def predict(request: PredictRequest, service: Service, watch: Watch) -> dict[str, Any]:
     """Classify `texts` with a loaded classifier: per text the top label, the `top_n` most probable labels with
     their probabilities, and every label's probability (a softmax over all labels). Not loaded: 404
-    `model_not_loaded`; empty `texts`, more than MAX_PREDICT_TEXTS, a non-string or `top_n` < 1: 422."""
-    return await service.predict(request.model_id, request.texts, request.top_n, request.batch_size)
+    `model_not_loaded`; empty `texts`, more than MAX_PREDICT_TEXTS, a non-string or `top_n` < 1: 422. A client
+    that hangs up stops its prediction at the engine's next turn."""
+    return await watch.run(service.predict(request.model_id, request.texts, request.top_n, request.batch_size))
 
 
 @router.get("/models", response_model=ModelListResponse, responses=error_responses(503))

@@ -22,7 +22,8 @@ settings, token budget, stop strings and streaming callback, and the set of rows
   thread still end (or a turn run past `stall_seconds`), `problem` says so, /health and readiness report it, queued
   and new requests fail at once with 503 instead of waiting, and `close` returns within its bound.
 - **Classification.** Predictions (`PredictionJob`) run here too, one forward of at most a request's batch size
-  per turn, rows of every queued request on the same classifier sharing it. A turn runs between two steps while
+  and PREDICTION_TURN_TOKENS per turn, rows of every queued request on the same classifier sharing it; a request
+  whose client left is dropped at the next turn. A turn runs between two steps while
   predictions have taken no more time than generation since the engine was last idle, so a waiting prediction
   starts within a step or two and a running generation keeps at least half of the engine's time.
 """
@@ -68,6 +69,10 @@ Classify = Callable[[str, list[list[int]]], Sequence[object]]
 #: a turn's decode step: with 8 rows on 4 adapters (SmolLM2, 715-token prompts) one chunk a turn gave 0.35
 #: requests/s and a first token p50 of 2.3 s; see docs/performance.md section 12 for a chunk per row.
 _MAX_CHUNKS = 16
+#: A prediction turn's forward holds at most this many tokens (rows x the longest row, as padded): a pause of about
+#: four prefill chunks for the streams decoding beside it, never the whole request (256 texts of 1,400 characters at
+#: batch_size 256 were one 161 s forward, during which no stream got a token).
+PREDICTION_TURN_TOKENS = 512
 #: A prediction turn: slices (job, first row, row count) of queued jobs on one classifier.
 _PredictionTurn = list[tuple[PredictionJob, int, int]]
 
@@ -601,24 +606,32 @@ class GenerationEngine:
 
     def _prediction_turn(self) -> _PredictionTurn:
         """Under the lock: the next forward's rows, FIFO from the queued jobs on the first job's classifier, at
-        most that job's batch size. Cancelled jobs leave the queue."""
+        most that job's batch size and PREDICTION_TURN_TOKENS padded tokens (one row at least). Cancelled jobs
+        leave the queue."""
         for job in [job for job in self._predictions if job.cancelled.is_set()]:
             self._predictions.remove(job)
             job.future.cancel()
         if not self._predictions:
             return []
         first = self._predictions[0]
-        budget = max(1, first.batch_size)
+        most_rows = max(1, first.batch_size)
         turn: _PredictionTurn = []
+        taken = longest = 0
         for job in self._predictions:
-            if job.adapter != first.adapter or budget == 0:
+            if job.adapter != first.adapter:
                 continue
-            count = min(budget, job.remaining)
+            start = len(job.outputs)
+            count = 0
+            for row in job.rows[start:]:
+                wider = max(longest, len(row))
+                if taken == most_rows or (taken and (taken + 1) * wider > PREDICTION_TURN_TOKENS):
+                    break
+                taken, longest, count = taken + 1, wider, count + 1
             if count:
-                turn.append((job, len(job.outputs), count))
-                budget -= count
+                turn.append((job, start, count))
+            if count < job.remaining:
+                break  # the turn is full; later jobs wait their turn
         return turn
-
 
 
 def _log_unexpected(error: Exception, what: str) -> None:
