@@ -154,6 +154,10 @@ class Settings(BaseSettings):
         256, ge=0, le=1_000_000, description="prompt KV kept for reuse by prompts that begin alike; 0 = none"
     )
     max_queued_requests: int = Field(16, ge=0, le=10_000, description="waiting beyond capacity before 503")
+    max_concurrent_embeddings: int = Field(
+        2, ge=1, le=256, description="/v1/embeddings and /api/embed requests embedding at once (MAX_QUEUED_REQUESTS "
+        "more may wait); embedding is compute-bound, so more only share the same cores"
+    )
     api_keys: SecretStr = Field(SecretStr(""), description="user API keys, comma-separated")
     admin_api_keys: SecretStr = Field(SecretStr(""), description="admin API keys, comma-separated")
     allow_unauthenticated: bool = False

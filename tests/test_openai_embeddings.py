@@ -3,6 +3,7 @@ local generation model never loads; the vectors come from the real embedder)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,3 +74,41 @@ def test_unknown_model_token_ids_and_limits_are_openai_errors(client: openai.Ope
     surrogate = httpx.post(f"{client.base_url}embeddings", content=b'{"model": "x", "input": "\\ud800"}',
                            headers={"Content-Type": "application/json"})
     assert surrogate.status_code == 400 and surrogate.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_more_dimensions_than_the_embedder_has_are_refused(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.embeddings.create(model=SHORT_NAME, input="a cat", dimensions=385)
+    assert "dimensions is 385" in refused.value.message and "384" in refused.value.message
+    ollama_embed = httpx.post(f"{str(client.base_url).removesuffix('/v1/')}/api/embed", timeout=60,
+                              json={"model": SHORT_NAME, "input": "a cat", "dimensions": 4096})
+    assert ollama_embed.status_code == 400 and "dimensions is 4096" in ollama_embed.json()["error"]
+
+
+def test_embedding_requests_beyond_their_bound_are_a_fast_503_and_chats_go_on(
+    tmp_path: Path, corpus_store: Path
+) -> None:
+    """One embeds, one waits (MAX_CONCURRENT_EMBEDDINGS=1, MAX_QUEUED_REQUESTS=1), the third is refused at once
+    with Retry-After; a chat meanwhile is admitted apart from them."""
+    with OllamaWireServer(models=["qwen3:4b"]) as ollama:
+        settings = make_settings(tmp_path, vector_store_path=corpus_store, use_lora_default=False,
+                                 ollama_base_url=ollama.base_url, max_concurrent_embeddings=1,
+                                 max_queued_requests=1)
+        with running_server(create_app(settings)) as url:
+            texts = [f"Document {n}: " + "the harvest was stored in blue baskets. " * 40 for n in range(96)]
+
+            async def scenario() -> tuple[list[httpx.Response], httpx.Response]:
+                async with httpx.AsyncClient(base_url=url, timeout=300) as http:
+                    embeddings = [asyncio.create_task(http.post("/v1/embeddings", json={
+                        "model": SHORT_NAME, "input": texts})) for _ in range(3)]
+                    await asyncio.sleep(0.3)
+                    chat = await http.post("/v1/chat/completions", json={
+                        "model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "hi"}],
+                        "max_tokens": 4})
+                    return list(await asyncio.gather(*embeddings)), chat
+
+            embedded, chat = asyncio.run(scenario())
+    assert sorted(response.status_code for response in embedded) == [200, 200, 503]
+    busy = next(response for response in embedded if response.status_code == 503)
+    assert busy.headers["Retry-After"] and busy.json()["error"]["code"] == "busy"
+    assert chat.status_code == 200, chat.text

@@ -17,7 +17,14 @@ import anyio
 import numpy as np
 
 from app.config import OLLAMA_EMBEDDING_PREFIX, Settings
-from app.errors import AppError, BackendTimeoutError, ServiceBusyError, ValidationFailedError, VectorStoreError
+from app.errors import (
+    AppError,
+    BackendTimeoutError,
+    BadRequestError,
+    ServiceBusyError,
+    ValidationFailedError,
+    VectorStoreError,
+)
 from app.llm.adapters import has_adapter_files
 from app.llm.base import (
     AdapterSpec,
@@ -152,6 +159,9 @@ class RAGService:
         self.retriever = retriever  # whichever RETRIEVAL_MODE chose; only its `search` is used here
         self.collections = collections  # the stores it searches, for health and for store administration
         self._limiter = GenerationLimiter(settings.max_concurrent_generations, settings.max_queued_requests)
+        # Embedding requests are admitted apart from generations: 20 concurrent requests of 2,048 texts once took
+        # every worker thread, and a 2-token chat went from 0.2 to 3.8 s.
+        self._embedding_limiter = GenerationLimiter(settings.max_concurrent_embeddings, settings.max_queued_requests)
 
     async def ask(
         self,
@@ -211,14 +221,23 @@ class RAGService:
 
     async def embed(self, texts: list[str], dimensions: int | None = None) -> Embeddings:
         """The embedder's vectors of `texts` (off the event loop); with `dimensions`, the first that many of each,
-        renormalised to unit length. Each text is held to MAX_QUERY_CHARS, as a question is."""
+        renormalised to unit length (more than the embedder has: 400). Each text is held to MAX_QUERY_CHARS, as a
+        question is; at most MAX_CONCURRENT_EMBEDDINGS requests embed at once, MAX_QUEUED_REQUESTS more wait, and
+        beyond that the answer is 503 `busy`."""
         limit = self._settings.max_query_chars
         for number, text in enumerate(texts):
             if len(text) > limit:
                 raise ValidationFailedError(
                     f"input[{number}] is {len(text)} characters; the limit is MAX_QUERY_CHARS={limit}"
                 )
-        vectors = await anyio.to_thread.run_sync(self.embedder.embed, texts) if texts else np.zeros((0, 0))
+        if not texts:
+            return Embeddings(vectors=np.zeros((0, 0)), words=0)
+        async with self._embedding_limiter.place(()):
+            vectors = await anyio.to_thread.run_sync(self.embedder.embed, texts)
+        if dimensions is not None and dimensions > vectors.shape[1]:
+            raise BadRequestError(
+                f"dimensions is {dimensions}, but {self.embedding_name} has {vectors.shape[1]}: ask for at most that"
+            )
         if dimensions is not None:
             vectors = vectors[:, :dimensions]
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
