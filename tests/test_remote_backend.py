@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -154,3 +157,74 @@ def test_without_remote_base_url_there_is_no_remote_backend(tmp_path: Path, corp
     assert "remote_service" not in health["components"]
     assert switched.status_code == 404 and "REMOTE_BASE_URL" in switched.json()["message"]
     assert both.status_code == 422 and "not both" in both.json()["message"]
+
+
+class _RunawayEngine(BaseHTTPRequestHandler):
+    """An OpenAI-compatible engine that never stops: /v1/models as usual, then a chat reply declaring 10 GB, or a
+    stream of one-token pieces without end. It counts what it managed to send before the reader hung up (and stops
+    by itself at 64 MB, so a broken reader cannot make the test run away too)."""
+
+    sent: ClassVar[dict[str, int]] = {}
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+        pass
+
+    def do_GET(self) -> None:
+        body = json.dumps({"object": "list", "data": [{"id": "runaway", "object": "model"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        streamed = bool(request.get("stream"))
+        self.send_response(200)
+        if streamed:
+            self.send_header("Content-Type", "text/event-stream")
+            event = {"id": "c", "object": "chat.completion.chunk", "model": "runaway",
+                     "choices": [{"index": 0, "delta": {"content": "la "}, "finish_reason": None}]}
+            block = f"data: {json.dumps(event)}\n\n".encode() * 64
+        else:
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(10 * 10**9))
+            block = b'{"choices": [{"message": {"content": "' + b"la " * 20_000
+        self.send_header("Connection", "close")
+        self.end_headers()
+        sent = 0
+        try:
+            while sent < 64 * 2**20:
+                self.wfile.write(block)
+                sent += len(block)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        self.sent["stream" if streamed else "reply"] = sent
+
+
+@pytest.mark.slow
+def test_a_runaway_remote_engine_is_cut_off_at_a_bound_with_a_502(tmp_path: Path, corpus_store: Path) -> None:
+    """A reply declaring 10 GB is refused from its headers; a stream is cut after max_tokens pieces and a margin
+    (here 16 + 16), each read no further than a bound that fits max_tokens."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _RunawayEngine)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    remote = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with running_server(_front(tmp_path, corpus_store, remote)) as url, \
+                httpx.Client(base_url=url, timeout=60) as client:
+            chat = {"model": "runaway", "messages": [{"role": "user", "content": "Sing."}], "max_tokens": 16}
+            reply = client.post("/v1/chat/completions", json=chat)
+            streamed = client.post("/v1/chat/completions", json={**chat, "stream": True})
+            alive = client.get("/health/live")
+    finally:
+        server.shutdown()
+    assert reply.status_code == 502 and "over" in reply.json()["error"]["message"], reply.text
+    assert streamed.status_code == 200
+    pieces = [line for line in streamed.text.splitlines() if '"content":"la' in line.replace(" ", "")]
+    assert len(pieces) <= 32 and "more than 32 pieces" in streamed.text, streamed.text[-500:]
+    assert alive.status_code == 200
+    deadline = time.monotonic() + 10
+    while len(_RunawayEngine.sent) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _RunawayEngine.sent["reply"] < 8 * 2**20 and _RunawayEngine.sent["stream"] < 8 * 2**20, _RunawayEngine.sent

@@ -5,7 +5,9 @@ The base model is REMOTE_MODEL (or the first of its /v1/models); every other nam
 adapter, as vLLM lists `--lora-modules` and runtime-loaded adapters. Streams are passed on as they arrive, and a
 cancelled request closes its connection, which makes the engine stop generating it. The engine's errors become
 ours here: unreachable 503, timeout 504, unknown model 404, its 429 with Retry-After, anything else 502 with
-its message.
+its message. What it sends is bounded: a reply is read up to a size that fits its `max_tokens` (a model list up to
+_LISTING_MAX_BYTES), a stream up to `max_tokens` pieces plus a margin; beyond either, 502 and the connection is
+closed (a `Content-Length: 10 GB` reply was once read to 3 GB, and a stream relayed 3.2 GB for 16 tokens).
 
 Written on httpx directly rather than the `openai` client: the client retries on its own terms (5xx and
 timeouts as well) and hides the HTTP status a mapping needs.
@@ -14,6 +16,7 @@ timeouts as well) and hides the HTTP status a mapping needs.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import logging
 import time
@@ -50,6 +53,14 @@ logger = logging.getLogger(__name__)
 _HEALTH_TIMEOUT_SECONDS = 3.0
 _BACKOFF_SECONDS = 0.25  # doubled after each failed connection attempt
 _MAX_ERROR_CHARS = 500
+#: A chat reply may hold this much, plus _REPLY_BYTES_PER_TOKEN for each token asked for: room for any engine's
+#: JSON around the text (ids, usage, logprobs), far from what a runaway engine sends.
+_REPLY_BASE_BYTES = 64 * 1024
+_REPLY_BYTES_PER_TOKEN = 4096
+#: The most a model list, an adapter route's or an error's reply may hold.
+_LISTING_MAX_BYTES = 4 * 2**20
+#: Streamed pieces beyond `max_tokens` tolerated (an engine may send a piece without a token of its own).
+_STREAMED_PIECES_MARGIN = 16
 
 
 class RemoteAdapterNotFoundError(NotFoundError):
@@ -104,8 +115,9 @@ class RemoteBackend(GenerationBackend):
             body["stop"] = list(params.stop)
         if params.seed is not None:
             body["seed"] = params.seed
+        limit = _reply_limit(params.max_new_tokens)
         if on_text is None:
-            reply = await self._request("POST", "chat/completions", json_body=body)
+            reply = await self._request("POST", "chat/completions", json_body=body, max_bytes=limit)
             choice = (reply.get("choices") or [{}])[0]
             text = str((choice.get("message") or {}).get("content") or "")
             return self._result(text, choice.get("finish_reason"), reply.get("usage"), adapter)
@@ -113,12 +125,18 @@ class RemoteBackend(GenerationBackend):
         pieces: list[str] = []
         finish: object = None
         usage: object = None
-        async with self._stream("chat/completions", body) as lines:
+        most_pieces = params.max_new_tokens + _STREAMED_PIECES_MARGIN
+        async with self._stream("chat/completions", body, limit) as lines:
             async for chunk in _events(lines):
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices") or []:
                     piece = str((choice.get("delta") or {}).get("content") or "")
                     if piece:
+                        if len(pieces) == most_pieces:
+                            raise UpstreamError(
+                                f"the remote engine at {self.base_url} streamed more than {most_pieces} pieces "
+                                f"for max_tokens={params.max_new_tokens}; the answer was cut there"
+                            )
                         pieces.append(piece)
                         on_text(piece)
                     finish = choice.get("finish_reason") or finish
@@ -169,8 +187,8 @@ class RemoteBackend(GenerationBackend):
     async def _adapter_route(self, route: str, body: dict[str, str]) -> None:
         try:
             # vLLM answers these in plain text ("Success: LoRA adapter ... added"), not JSON.
-            response = await self._with_retries(lambda: self._client.post(route, json=body))
-            self._raise_for(response, response.text)
+            response, text = await self._send("POST", route, _LISTING_MAX_BYTES, json=body)
+            self._raise_for(response, text)
         except _RouteMissingError:
             raise NotSupportedError(
                 f"the remote engine at {self.base_url} has no /{route} (vLLM has it with "
@@ -218,27 +236,37 @@ class RemoteBackend(GenerationBackend):
     # HTTP, with the engine's failures turned into ours
 
     async def _request(
-        self, method: str, path: str, *, json_body: dict[str, Any] | None = None, timeout: float | None = None
+        self, method: str, path: str, *, json_body: dict[str, Any] | None = None, timeout: float | None = None,
+        max_bytes: int = _LISTING_MAX_BYTES,
     ) -> dict[str, Any]:
         options: dict[str, Any] = {"json": json_body} if json_body is not None else {}
         if timeout is not None:
             options["timeout"] = timeout
-        response = await self._with_retries(lambda: self._client.request(method, path, **options))
-        self._raise_for(response, response.text)
+        response, text = await self._send(method, path, max_bytes, **options)
+        self._raise_for(response, text)
         try:
-            payload = response.json()
+            payload = json.loads(text)
         except ValueError:
             raise UpstreamError(f"the remote engine at {self.base_url} answered {path} with no JSON") from None
         return payload if isinstance(payload, dict) else {}
 
+    async def _send(self, method: str, path: str, max_bytes: int, **options: Any) -> tuple[httpx.Response, str]:
+        """The engine's reply and its text, read up to `max_bytes` (UpstreamError beyond)."""
+        request = self._client.build_request(method, path, **options)
+        response = await self._with_retries(lambda: self._client.send(request, stream=True))
+        try:
+            return response, await _read_capped(response, self.base_url, max_bytes)
+        finally:
+            await response.aclose()
+
     @asynccontextmanager
-    async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[AsyncIterator[str]]:
+    async def _stream(self, path: str, body: dict[str, Any], max_bytes: int) -> AsyncIterator[AsyncIterator[str]]:
         request = self._client.build_request("POST", path, json=body)
         response = await self._with_retries(lambda: self._client.send(request, stream=True))
         try:
             if response.status_code >= 400:
-                self._raise_for(response, (await response.aread()).decode("utf-8", errors="replace"))
-            yield _translated_lines(response, self.base_url)
+                self._raise_for(response, await _read_capped(response, self.base_url, _LISTING_MAX_BYTES))
+            yield _lines(response, self.base_url, max_bytes)
         finally:
             await response.aclose()  # also on cancellation: the engine sees the connection close and stops
 
@@ -303,16 +331,48 @@ def _error_message(text: str) -> str:
     return text.strip()
 
 
-async def _translated_lines(response: httpx.Response, base_url: str) -> AsyncIterator[str]:
+def _reply_limit(max_tokens: int) -> int:
+    """The most bytes a chat reply (or stream) for `max_tokens` tokens may hold."""
+    return _REPLY_BASE_BYTES + max_tokens * _REPLY_BYTES_PER_TOKEN
+
+
+async def _body(response: httpx.Response, base_url: str, max_bytes: int) -> AsyncIterator[bytes]:
+    """The reply's bytes as they arrive, its failures turned into ours; past `max_bytes` (or a Content-Length
+    over it), UpstreamError before more is read."""
+    declared = response.headers.get("content-length", "")
+    too_large = UpstreamError(f"the remote engine at {base_url} sent a reply over {max_bytes} bytes; refused")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    received = 0
     try:
-        async for line in response.aiter_lines():
-            yield line
+        async for piece in response.aiter_bytes():
+            received += len(piece)
+            if received > max_bytes:
+                raise too_large
+            yield piece
     except httpx.TimeoutException:
         raise BackendTimeoutError(f"the remote engine at {base_url} stopped sending its answer") from None
     except httpx.HTTPError as error:
         raise BackendUnavailableError(
             f"the remote engine at {base_url} broke off its answer ({type(error).__name__})"
         ) from None
+
+
+async def _read_capped(response: httpx.Response, base_url: str, max_bytes: int) -> str:
+    return b"".join([piece async for piece in _body(response, base_url, max_bytes)]).decode("utf-8", "replace")
+
+
+async def _lines(response: httpx.Response, base_url: str, max_bytes: int) -> AsyncIterator[str]:
+    """The reply's lines as they arrive (httpx's own line reader would hold a line of any length in memory)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""
+    async for piece in _body(response, base_url, max_bytes):
+        *lines, pending = (pending + decoder.decode(piece)).split("\n")
+        for line in lines:
+            yield line.removesuffix("\r")
+    pending += decoder.decode(b"", final=True)
+    if pending:
+        yield pending.removesuffix("\r")
 
 
 async def _events(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
