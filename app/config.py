@@ -133,6 +133,16 @@ class Settings(BaseSettings):
     reranker_candidates: int = Field(20, ge=1, le=1000, description="candidates the re-ranker scores per question")
 
     max_upload_mb: float = Field(20.0, gt=0, le=1024, description="largest document POST /documents accepts")
+    max_document_chars: int = Field(
+        2_000_000, ge=1_000, le=1_000_000_000, description="most characters of text an uploaded document may hold"
+    )
+    max_document_chunks: int = Field(5_000, ge=1, le=10_000_000, description="most chunks one uploaded document makes")
+    upload_parse_seconds: float = Field(
+        30.0, gt=0, le=3_600, description="longest time reading an upload's text may take (a child process)"
+    )
+    upload_parse_mb: int = Field(
+        1024, ge=128, le=1_000_000, description="most memory reading an upload's text may take (a child process)"
+    )
 
     # Classification (/api/v1/inference)
     classifier_models_path: Path = Field(

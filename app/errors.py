@@ -127,6 +127,21 @@ class ModelLoadError(AppError):
     code = "model_load_failed"
 
 
+class DocumentTooLargeError(AppError):
+    """An upload over one of the document bounds (its bytes, characters, chunks or parsing memory)."""
+
+    status_code = 413
+    code = "payload_too_large"
+
+
+class UnreadableDocumentError(AppError):
+    """A document of a supported kind whose text cannot be read (a damaged PDF, a scan without text, a parse past
+    its time bound)."""
+
+    status_code = 422
+    code = "unreadable_document"
+
+
 class AdapterError(AppError):
     """An adapter folder is invalid, unsafe or does not fit the base model."""
 

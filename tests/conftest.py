@@ -7,6 +7,7 @@ import socket
 import subprocess
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,16 +48,23 @@ def faiss_store(embedder: Embedder, path: Path) -> FaissCollection:
     return FaissCollection(embedder, DEFAULT_COLLECTION, path)
 
 
-def pdf_with_text(text: str) -> bytes:
-    """A minimal one-page PDF whose content stream shows `text` in Helvetica."""
+def pdf_with_text(text: str, pages: int = 1) -> bytes:
+    """A minimal PDF whose pages (one by default) all show `text` in Helvetica from one shared content stream,
+    Flate-compressed when there are several (as a crafted file would: its text far larger than its bytes)."""
     stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
+    compressed = pages > 1
+    if compressed:
+        stream = zlib.compress(stream, 9)
+    page = (b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 3 0 R "
+            b"/Resources << /Font << /F1 4 0 R >> >> >>")
+    kids = " ".join(f"{5 + number} 0 R" for number in range(pages)).encode()
     objects = [
         b"<< /Type /Catalog /Pages 2 0 R >>",
-        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
-        b"/Resources << /Font << /F1 5 0 R >> >> >>",
-        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+        b"<< /Type /Pages /Kids [%s] /Count %d >>" % (kids, pages),
+        b"<< /Length %d%s >>\nstream\n" % (len(stream), b" /Filter /FlateDecode" if compressed else b"")
+        + stream + b"\nendstream",
         b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+        *[page] * pages,
     ]
     out, offsets = bytearray(b"%PDF-1.4\n"), []
     for number, body in enumerate(objects, start=1):

@@ -3,6 +3,8 @@ Ollama backend on the wire-protocol server: what is checked here is which passag
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import subprocess
 import sys
 import threading
@@ -235,3 +237,54 @@ def test_a_delete_removes_only_the_content_it_named(tmp_path: Path, embedder: Em
     with pytest.raises(NotFoundError):
         remove_document(faiss_store(embedder, store), "a.md", first.sha256)
     assert load_store(store).files["a.md"].sha256 == "2" * 64
+
+
+def test_uploads_past_a_document_bound_are_refused_naming_it_and_nothing_is_written(
+    tmp_path: Path, ollama: OllamaWireServer
+) -> None:
+    """A 5 KB PDF whose 20 pages share one compressed 1 MB text (20 million characters), nested HTML whose parse
+    runs past its time or memory bound, and a text of more chunks than allowed: each refused with the bound named,
+    the server answering meanwhile, and the store as it was."""
+    expanding_pdf = pdf_with_text("lalala " * 150_000, pages=20)
+    nested_html = b"<div>" * 1_200_000  # Python's HTML parser takes tens of seconds and gigabytes over this
+    with _client(tmp_path, ollama, upload_parse_seconds=3, max_document_chunks=3) as client:
+        assert _upload(client, "glacier.md", GLACIER).status_code == 201
+        refused = {
+            "pdf": _upload(client, "expanding.pdf", expanding_pdf),
+            "html": _upload(client, "nested.html", nested_html),
+            "chunks": _upload(client, "long.md", "\n\n".join(ORCHARD for _ in range(40))),
+        }
+        listed = [d["source"] for d in client.get("/documents", headers=ADMIN).json()["documents"]]
+        alive = client.get("/health/live")
+    with _client(tmp_path / "memory", ollama, upload_parse_mb=256) as client:
+        over_memory = _upload(client, "nested.html", nested_html)
+    assert len(expanding_pdf) < 10_000
+    assert refused["pdf"].status_code == 413 and "MAX_DOCUMENT_CHARS=2000000" in refused["pdf"].json()["message"]
+    assert refused["html"].status_code == 422 and "UPLOAD_PARSE_SECONDS=3" in refused["html"].json()["message"]
+    assert refused["chunks"].status_code == 413 and "MAX_DOCUMENT_CHUNKS=3" in refused["chunks"].json()["message"]
+    assert over_memory.status_code == 413 and "UPLOAD_PARSE_MB=256" in over_memory.json()["message"]
+    assert listed == ["glacier.md"] and alive.status_code == 200
+
+
+def test_an_upload_whose_client_leaves_is_not_written(tmp_path: Path, ollama: OllamaWireServer) -> None:
+    """The client hangs up while its (long) document is being embedded: it never appears, and the next upload,
+    which waits for the abandoned one to let go of the collection, lands."""
+    long_document = "\n\n".join(f"Section {n}. " + ORCHARD * 3 for n in range(1500))
+    with _client(tmp_path, ollama) as client:
+        url = str(client.base_url)
+
+        async def leave_early() -> None:
+            async with httpx.AsyncClient(base_url=url, timeout=300) as leaving:
+                upload = asyncio.create_task(leaving.post(
+                    "/documents", files={"file": ("long.md", long_document.encode())}, headers=ADMIN))
+                await asyncio.sleep(3)  # read, chunked, embedding
+                assert not upload.done()
+                upload.cancel()  # the client hangs up
+                with contextlib.suppress(asyncio.CancelledError):
+                    await upload
+
+        asyncio.run(leave_early())
+        after = _upload(client, "glacier.md", GLACIER)
+        listed = [d["source"] for d in client.get("/documents", headers=ADMIN).json()["documents"]]
+    assert after.status_code == 201, after.text
+    assert listed == ["glacier.md"]

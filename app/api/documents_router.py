@@ -11,6 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 
 from app.api.deps import get_documents
+from app.api.disconnect import Watch
 from app.api.schemas import (
     CollectionEntry,
     CollectionsResponse,
@@ -31,12 +32,13 @@ Documents = Annotated[DocumentService, Depends(get_documents)]
     status_code=201,
     response_model=DocumentResponse,
     responses={200: {"model": DocumentResponse, "description": "the same content was there already"},
-               **error_responses(409, 415, 503, body=True, admin=True)},
+               **error_responses(409, 413, 415, 422, 503, body=True, admin=True)},
 )
 async def upload_document(
     documents: Documents,
     response: Response,
     file: Annotated[UploadFile, File(description="the document: .md, .txt, .html or .pdf")],
+    watch: Watch,
     collection: Annotated[str, Form(max_length=64, description="the collection to add it to")] = DEFAULT_COLLECTION,
 ) -> DocumentResponse:
     """Index one document in `collection` (created by its first document) and answer once it is searchable.
@@ -45,9 +47,11 @@ async def upload_document(
     replaced. The same content again answers 200 with the document already there, and nothing is added.
     Refused, with nothing written: an empty file (400), a name with path parts (400), a file whose bytes are not
     text, HTML or PDF whatever its name (415), a file over MAX_UPLOAD_MB (413), a PDF without readable text
-    (422). Another ingestion writing the collection meanwhile (`scripts/ingest.py`): 409."""
+    (422), text over MAX_DOCUMENT_CHARS or MAX_DOCUMENT_CHUNKS chunks, or reading it needing more than
+    UPLOAD_PARSE_MB (413), reading it taking longer than UPLOAD_PARSE_SECONDS (422). Another ingestion writing the
+    collection meanwhile (`scripts/ingest.py`): 409. A client that leaves before the answer: nothing is written."""
     data = await file.read()
-    info, created = await documents.add(file.filename or "", data, collection)
+    info, created = await watch.run(documents.add(file.filename or "", data, collection))
     if not created:
         response.status_code = 200
     return DocumentResponse.model_validate(info, from_attributes=True)

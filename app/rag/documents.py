@@ -7,25 +7,37 @@ same collection meanwhile makes them fail with 409 instead of waiting on it.
 
 An upload is checked before anything is written: its name is one plain file name with a supported suffix,
 and its bytes are what the suffix says (a PDF starts with `%PDF-`; a text or HTML file decodes as text and
-holds no binary), so a renamed image or archive is refused rather than indexed as noise.
+holds no binary), so a renamed image or archive is refused rather than indexed as noise. Its text is read in a
+child process within MAX_DOCUMENT_CHARS, UPLOAD_PARSE_SECONDS and UPLOAD_PARSE_MB (app/rag/extraction.py), it
+may make at most MAX_DOCUMENT_CHUNKS chunks, and an upload whose client leaves is abandoned: nothing is written.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import threading
 import unicodedata
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import PurePath
 
 import anyio
 
 from app.config import Settings
-from app.errors import AppError, BadRequestError, ConflictError, NotFoundError
+from app.errors import (
+    AppError,
+    BadRequestError,
+    ConflictError,
+    DocumentTooLargeError,
+    NotFoundError,
+    UnreadableDocumentError,
+)
 from app.rag.collections import CollectionInfo, Collections, check_collection_name
-from app.rag.ingestion import DocumentChange, add_document, remove_document
-from app.rag.loaders import SUPPORTED_SUFFIXES, DocumentReadError, read_document
+from app.rag.extraction import ExtractionLimits, read_bounded
+from app.rag.ingestion import DocumentChange, IngestionAbandonedError, add_document, remove_document
+from app.rag.loaders import SUPPORTED_SUFFIXES
 from app.rag.service import is_blank
 
 logger = logging.getLogger(__name__)
@@ -57,18 +69,6 @@ class UnsupportedDocumentError(AppError):
 
     status_code = 415
     code = "unsupported_media_type"
-
-
-class UnreadableDocumentError(AppError):
-    """A document of a supported kind whose text cannot be read (a damaged PDF, a scan without text)."""
-
-    status_code = 422
-    code = "unreadable_document"
-
-
-class DocumentTooLargeError(AppError):
-    status_code = 413
-    code = "payload_too_large"
 
 
 class DocumentNotFoundError(NotFoundError):
@@ -109,9 +109,19 @@ def checked_file_name(name: str) -> str:
     return name
 
 
-def extract_text(name: str, data: bytes) -> str:
+async def extract_text(name: str, data: bytes, limits: ExtractionLimits) -> str:
     """The text of an upload after checking that its bytes are what its name says; refused with the error
-    that says what is wrong (empty, another kind of file, unreadable)."""
+    that says what is wrong (empty, another kind of file, unreadable, over a bound)."""
+    _check_kind(name, data)
+    text = await read_bounded(name, data, limits)  # a plain name: only its suffix is read
+    if is_blank(text):
+        scan = " (a scanned PDF has images, not text)" if PurePath(name).suffix.lower() == ".pdf" else ""
+        raise UnreadableDocumentError(f"{name} holds no text to index{scan}")
+    return text
+
+
+def _check_kind(name: str, data: bytes) -> None:
+    """UnsupportedDocumentError (or EmptyDocumentError) unless the bytes are what the name says."""
     if not data:
         raise EmptyDocumentError(f"{name} is empty")
     head = data[:_SNIFF_BYTES]
@@ -130,14 +140,6 @@ def extract_text(name: str, data: bytes) -> str:
             raise UnsupportedDocumentError(f"{name} is {detail}, not text or HTML")
         if not _decodes_as_text(data):
             raise UnsupportedDocumentError(f"{name} is not text in UTF-8 or GB18030")
-    try:
-        text = read_document(Path(name), data)  # a plain name: only its suffix is read
-    except DocumentReadError as error:
-        raise UnreadableDocumentError(f"{name}: {error}") from None
-    if is_blank(text):
-        scan = " (a scanned PDF has images, not text)" if is_pdf_name else ""
-        raise UnreadableDocumentError(f"{name} holds no text to index{scan}")
-    return text
 
 
 def _binary_kind(head: bytes) -> str | None:
@@ -178,11 +180,12 @@ class DocumentService:
         if len(data) > limit * 1024 * 1024:
             size = len(data) / 1024 / 1024
             raise DocumentTooLargeError(f"{name} is {size:.1f} MB; the limit is MAX_UPLOAD_MB={limit:g}")
-        # Parsing a PDF or a large HTML page takes seconds: off the event loop, like the indexing.
-        text = await anyio.to_thread.run_sync(extract_text, name, data)
+        settings = self._settings
+        limits = ExtractionLimits(settings.max_document_chars, settings.upload_parse_seconds, settings.upload_parse_mb)
+        text = await extract_text(name, data, limits)
         sha256 = await anyio.to_thread.run_sync(lambda: hashlib.sha256(data).hexdigest())
         async with self._writing:
-            change = await anyio.to_thread.run_sync(self._add, collection, name, text, sha256)
+            change = await self._add_unless_abandoned(collection, name, text, sha256)
         if change.written:
             logger.info("document %s added to collection %s (%d chunks, version %s)",
                         name, collection, change.chunks, change.version or "-")
@@ -226,11 +229,29 @@ class DocumentService:
                     return collection, source, entry.sha256, store.created_at if store is not None else ""
         return None
 
-    def _add(self, collection: str, name: str, text: str, sha256: str) -> DocumentChange:
+    async def _add_unless_abandoned(self, collection: str, name: str, text: str, sha256: str) -> DocumentChange:
+        """`_add` in a worker thread. Cancelled (its client left), the thread is told to write nothing and waited
+        for, so the next upload finds the collection's writing lock free."""
+        abandoned = threading.Event()
+        work = asyncio.ensure_future(
+            anyio.to_thread.run_sync(self._add, collection, name, text, sha256, abandoned)
+        )
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            abandoned.set()
+            with contextlib.suppress(IngestionAbandonedError, AppError):
+                change = await work
+                if change.written:  # the version was written before the client left: it stays, as any other
+                    logger.info("document %s was added to %s as its client left", name, collection)
+            raise
+
+    def _add(self, collection: str, name: str, text: str, sha256: str, abandoned: threading.Event) -> DocumentChange:
         settings = self._settings
         change = add_document(
             self._collections.store(collection), name, text, sha256,
             chunk_size=settings.chunk_size, chunk_overlap=settings.chunk_overlap,
+            max_chunks=settings.max_document_chunks, abandoned=abandoned,
         )
         if change.written:
             self._serve(collection)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from app.config import Settings
-from app.errors import BadRequestError, ConflictError, NotFoundError, VectorStoreError
+from app.errors import BadRequestError, ConflictError, DocumentTooLargeError, NotFoundError, VectorStoreError
 from app.rag.chunking import chunk_text
 from app.rag.embeddings import EMBED_BATCH_SIZE, DeferredEmbedder, Embedder, create_embedder
 from app.rag.loaders import SUPPORTED_SUFFIXES, DocumentReadError, read_document
@@ -203,11 +204,18 @@ class DocumentChange:
     written: bool  # False: nothing was written (a document with the same content was there already)
 
 
+class IngestionAbandonedError(Exception):
+    """The caller gave the document up (its client left) before it was written; nothing was."""
+
+
 def add_document(
-    store: CollectionStore, source: str, text: str, sha256: str, *, chunk_size: int, chunk_overlap: int
+    store: CollectionStore, source: str, text: str, sha256: str, *, chunk_size: int, chunk_overlap: int,
+    max_chunks: int | None = None, abandoned: threading.Event | None = None,
 ) -> DocumentChange:
     """Add one document's text as `source` (a document of that name is replaced). The same content already in
-    the collection, under any name, is not added twice: that document is returned unchanged."""
+    the collection, under any name, is not added twice: that document is returned unchanged. More than
+    `max_chunks` chunks: DocumentTooLargeError; `abandoned` set before the new version is written:
+    IngestionAbandonedError, and nothing is written."""
     with store.writing():
         previous = store.read()  # unlike a folder's ingestion, one document cannot rebuild the others: no fallback
         files = previous.files if previous is not None else {}
@@ -222,7 +230,13 @@ def add_document(
         chunks = _chunks_of(source, text, chunk_size, chunk_overlap)
         if not chunks:
             raise BadRequestError(f"{source} holds no text to index")
+        if max_chunks is not None and len(chunks) > max_chunks:
+            raise DocumentTooLargeError(
+                f"{source} makes {len(chunks)} chunks; the limit is MAX_DOCUMENT_CHUNKS={max_chunks}"
+            )
         [document] = _embedded(store.embedder, [_Pending(source, sha256, chunks)], False)
+        if abandoned is not None and abandoned.is_set():
+            raise IngestionAbandonedError(f"{source}: its upload was given up before it was written")
         version = store.apply(previous, [document], ())
         return DocumentChange(source, sha256, len(chunks), document.ingested_at, version, written=True)
 

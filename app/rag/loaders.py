@@ -13,6 +13,10 @@ class DocumentReadError(Exception):
     """A document that cannot be read; ingestion reports it and goes on with the others."""
 
 
+class TextTooLongError(Exception):
+    """A document whose text runs past the character bound it was read with."""
+
+
 def decode_text(data: bytes) -> str:
     for encoding in _TEXT_ENCODINGS:
         try:
@@ -22,8 +26,9 @@ def decode_text(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def read_document(path: Path, data: bytes) -> str:
-    """Text of a document whose bytes were already read (they are hashed by the caller)."""
+def read_document(path: Path, data: bytes, max_chars: int | None = None) -> str:
+    """Text of a document whose bytes were already read (they are hashed by the caller); with `max_chars`,
+    TextTooLongError once the text is longer (a PDF stops at the first page past it)."""
     suffix = path.suffix.lower()
     if suffix in (".html", ".htm"):
         from bs4 import BeautifulSoup
@@ -31,19 +36,33 @@ def read_document(path: Path, data: bytes) -> str:
         soup = BeautifulSoup(decode_text(data), "html.parser")
         for hidden in soup(["script", "style", "noscript"]):
             hidden.decompose()
-        return soup.get_text("\n")
-    if suffix == ".pdf":
-        return _read_pdf(path, data)
-    return decode_text(data)
+        text = soup.get_text("\n")
+    elif suffix == ".pdf":
+        text = _read_pdf(data, max_chars)
+    else:
+        text = decode_text(data)
+    _check_length(len(text), max_chars)
+    return text
 
 
-def _read_pdf(path: Path, data: bytes) -> str:
+def _check_length(length: int, max_chars: int | None) -> None:
+    if max_chars is not None and length > max_chars:
+        raise TextTooLongError(f"its text is over {max_chars} characters")
+
+
+def _read_pdf(data: bytes, max_chars: int | None) -> str:
     import io
 
     from pypdf import PdfReader
 
+    pages: list[str] = []
     try:
         reader = PdfReader(io.BytesIO(data))
-        return "\n\n".join(page.extract_text() or "" for page in reader.pages)
+        for page in reader.pages:
+            pages.append(page.extract_text() or "")
+            _check_length(sum(map(len, pages)) + 2 * (len(pages) - 1), max_chars)
+    except TextTooLongError:
+        raise
     except Exception as error:  # pypdf raises many types for damaged, encrypted or hostile files
         raise DocumentReadError(f"not a readable PDF ({type(error).__name__}: {error})") from None
+    return "\n\n".join(pages)
