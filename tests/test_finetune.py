@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from app.config import EMBEDDED_BASE_MODEL
-from app.llm.model_source import resolve_base_model
+from app.llm.model_source import default_cache_dir, resolve_base_model
 from app.rag.prompts import SYSTEM_PROMPT
 from app.training import FinetuneConfig, FinetuneError, FinetuneReport, TrainingDataError, run_finetune
 from app.training.data import load_training_file, parse_record, split_examples
@@ -383,3 +383,28 @@ def test_the_adapter_loads_with_peft_and_changes_the_model(
     assert adapted_loss < base_loss - 0.3, (base_loss, adapted_loss)
     with adapted.disable_adapter():
         assert torch.allclose(logits_and_loss(adapted)[0][0], base_logits[0], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_design_documents_commands_run_as_written(tmp_path: Path) -> None:
+    """`python finetune_lora.py --model_name ... --cache_dir ... --output_dir ./lora_adapters --num_train_epochs 3`
+    from the design card (held to one small step here): no --data, so the shipped demo data, said so; and
+    scripts/finetune_with_custom_cache.py, its troubleshooting fix, insists on --cache_dir."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # The cache the embedded model was converted into once (a fresh one would convert it again, for a minute).
+    cache_dir = default_cache_dir()
+    design = [
+        sys.executable, str(REPO_ROOT / "finetune_lora.py"), "--model_name", EMBEDDED_BASE_MODEL,
+        "--cache_dir", str(cache_dir), "--output_dir", "./lora_adapters", "--num_train_epochs", "3",
+        "--max_steps", "1", "--batch_size", "2", "--eval_split", "0", "--quiet",  # bounds for a test
+    ]  # fmt: skip
+    trained = subprocess.run(design, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "no --data given: training on the shipped demo data" in trained.stdout
+    report = json.loads((tmp_path / "lora_adapters" / "training_report.json").read_text(encoding="utf-8"))
+    assert report["arguments"]["data"].endswith("data/demo_qa.jsonl") and report["arguments"]["num_train_epochs"] == 3
+    assert (tmp_path / "lora_adapters" / "adapter_model.safetensors").is_file()
+
+    custom = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "finetune_with_custom_cache.py")],
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert custom.returncode == 2 and "--cache_dir" in custom.stderr and "Traceback" not in custom.stderr

@@ -63,7 +63,13 @@ _SHARED = (
 )  # fmt: skip
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: What the design's `python finetune_lora.py --output_dir ./lora_adapters` trains on when no --data is given.
+DEMO_DATA = Path(__file__).resolve().parents[2] / "data" / "demo_qa.jsonl"
+
+
+def build_parser(*, data_required: bool = True, cache_dir_required: bool = False) -> argparse.ArgumentParser:
+    """The options; `data_required=False`: no --data trains on the shipped demo data (the design's root
+    finetune_lora.py); `cache_dir_required`: --cache_dir must be given (scripts/finetune_with_custom_cache.py)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def option(name: str, help_text: str, **kwargs: Any) -> None:
@@ -80,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="generation: an adapter that answers questions; classification: an adapter + head that labels "
         "texts (default: generation)",
     )
-    parser.add_argument("--data", type=Path, required=True, help="the training data, a JSONL file (see above)")
+    data_help = "the training data, a JSONL file (see above)"
+    if not data_required:
+        data_help += f"; not given: the shipped demo data {DEMO_DATA.relative_to(DEMO_DATA.parents[1])}"
+    parser.add_argument("--data", type=Path, required=data_required, help=data_help)
     option(
         "model_name",
         f"base model: an HF hub id, a local model folder, or {EMBEDDED_BASE_MODEL} (SmolLM2-135M-Instruct "
@@ -90,9 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     option(
         "cache_dir",
-        "where the base model is downloaded or converted to (default: CACHE_DIR, as the service uses, else "
-        "the HF cache)",
+        "where the base model is downloaded or converted to" + (
+            " (required here)" if cache_dir_required else
+            " (default: CACHE_DIR, as the service uses, else the HF cache)"
+        ),
         type=Path,
+        required=cache_dir_required,
     )
     option(
         "output_dir",
@@ -171,8 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, data_required: bool = True, cache_dir_required: bool = False) -> int:
+    args = build_parser(data_required=data_required, cache_dir_required=cache_dir_required).parse_args(argv)
+    if args.data is None:
+        if args.task == "classification":
+            fail("--task classification needs --data: a JSONL file of {\"text\", \"label\"} lines")
+        args.data = DEMO_DATA
+        print(f"no --data given: training on the shipped demo data {DEMO_DATA}")
     if args.task == "generation" and (args.stem is not None or args.legacy_layout):
         fail("--stem and --legacy-layout are options of --task classification")
     # A plain `kill` then unwinds like Ctrl-C, so the temporary output folder is removed on the way out.
