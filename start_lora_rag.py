@@ -10,13 +10,11 @@ import argparse
 import logging
 from pathlib import Path
 
-from app.checks import check_base_model, check_default_backend, check_device, check_retrieval, run_config_checks
-from app.cli import fail, settings_or_exit
-from app.errors import AppError
+from app.checks import run_config_checks
+from app.cli import prepare_to_serve, serve, settings_or_exit
 from app.llm.adapter_manager import ADAPTER_NAME_PATTERN
 from app.llm.jobs import BASE_KEY
 from app.logging_config import configure_logging
-from app.rag.ingestion import build_first_store
 
 logger = logging.getLogger("lora_rag")
 
@@ -92,29 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"active backend ({settings.start_backend}): {'can serve' if active_ok else 'cannot serve'}")
         return 0 if active_ok else 1
 
-    # Fail before the server starts, in one line, rather than in the middle of uvicorn's start-up.
-    checks = [check_default_backend(settings), check_retrieval(settings, load_reranker=False)]
-    if settings.start_backend == "lora":
-        checks += [check_base_model(settings), check_device(settings)]
-    for check in checks:
-        if not check.ok:
-            fail(f"{check.name}: {check.detail} ({check.hint})")
-
-    try:
-        build_first_store(settings)
-    except AppError as error:
-        fail(error.message)
-
-    import uvicorn
-
+    prepare_to_serve(settings)
     from app.main import create_app
 
-    uvicorn.run(
-        create_app(settings),
-        host=settings.api_host,
-        port=settings.api_port,
-        log_level="debug" if settings.verbose else settings.log_level.lower(),
-    )
+    serve(create_app(settings), settings)
     return 0
 
 

@@ -1,11 +1,15 @@
-"""Helpers shared by the command-line scripts: settings errors and domain errors as one clear line."""
+"""Helpers shared by the command-line scripts and the ASGI entries (start_lora_rag.py, app/lora_main.py,
+`uvicorn app.main:app`): settings errors and domain errors as one clear line, and what is done before serving."""
 
 from __future__ import annotations
 
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from app.config import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 
 def fail(message: str, status: int = 2) -> NoReturn:
@@ -19,3 +23,43 @@ def settings_or_exit(**overrides: object) -> Settings:
         return load_settings(**{k: v for k, v in overrides.items() if v is not None})
     except SettingsError as error:
         fail(f"invalid configuration:\n{error}")
+
+
+def prepare_to_serve(settings: Settings) -> None:
+    """Check what the active backend and retrieval need, and build the vector store from the sample corpus when
+    there is none; exit with one line on the first failure, before the server starts rather than in the middle of
+    uvicorn's start-up."""
+    from app.checks import check_base_model, check_default_backend, check_device, check_retrieval
+    from app.errors import AppError
+    from app.rag.ingestion import build_first_store
+
+    checks = [check_default_backend(settings), check_retrieval(settings, load_reranker=False)]
+    if settings.start_backend == "lora":
+        checks += [check_base_model(settings), check_device(settings)]
+    for check in checks:
+        if not check.ok:
+            fail(f"{check.name}: {check.detail} ({check.hint})")
+    try:
+        build_first_store(settings)
+    except AppError as error:
+        fail(error.message)
+
+
+def prepared_settings(**overrides: object) -> Settings:
+    """Settings for an ASGI entry: read (or exit with one line), logging configured, `prepare_to_serve` done."""
+    from app.logging_config import configure_logging
+
+    settings = settings_or_exit(**overrides)
+    configure_logging(settings)
+    prepare_to_serve(settings)
+    return settings
+
+
+def serve(app: FastAPI, settings: Settings) -> None:
+    """Serve `app` on API_HOST:API_PORT until stopped."""
+    import uvicorn
+
+    uvicorn.run(
+        app, host=settings.api_host, port=settings.api_port,
+        log_level="debug" if settings.verbose else settings.log_level.lower(),
+    )

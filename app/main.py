@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from functools import cache
 
 import anyio
 from fastapi import FastAPI
@@ -27,6 +28,7 @@ from app.api.metrics import Metrics, RequestMetrics, RouteNote
 from app.api.metrics import router as metrics_router
 from app.api.security import RequestGuard
 from app.classification.service import ClassificationService
+from app.cli import prepared_settings, settings_or_exit
 from app.config import Settings
 from app.llm.manager import BACKENDS, BackendEntry, ModelManager
 from app.rag.collections import Collections
@@ -89,3 +91,18 @@ def create_app(settings: Settings, backends: Mapping[str, BackendEntry] = BACKEN
                    ollama_router, web_router, classification_router):
         app.include_router(module.router)
     return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    """`uvicorn app.main:app`: the design's "original RAG API" (design card 003, "method 3", beside
+    `app.lora_main` on another port): the same service, starting on the Ollama backend unless DEFAULT_BACKEND or
+    USE_LORA_DEFAULT is set. Made when first asked for, so importing this module reads no settings."""
+    if name == "app":
+        return _original_rag_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@cache
+def _original_rag_app() -> FastAPI:
+    configured = {"default_backend", "use_lora_default"} & settings_or_exit().model_fields_set
+    return create_app(prepared_settings() if configured else prepared_settings(default_backend="ollama"))

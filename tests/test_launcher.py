@@ -96,9 +96,16 @@ def test_a_bad_adapters_item_is_a_usage_error(tmp_path: Path, item: str, message
 def _launched(env: dict[str, str], *args: str) -> Iterator[str]:
     """`start_lora_rag.py --port <free> *args` running until ready; yields its URL, stops it with Ctrl-C after."""
     port = closed_port()
+    with _serving([sys.executable, "start_lora_rag.py", "--port", str(port), *args], port, env) as url:
+        yield url
+
+
+@contextmanager
+def _serving(command: list[str], port: int, env: dict[str, str]) -> Iterator[str]:
+    """`command`, run from the repository root, serving on `port` until ready; yields its URL, stops it with
+    Ctrl-C after (and expects a clean exit)."""
     process = subprocess.Popen(
-        [sys.executable, "start_lora_rag.py", "--port", str(port), *args],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -139,3 +146,31 @@ def test_adapters_flag_serves_a_bare_folder_by_its_name_beside_lora_adapters(tmp
     with _launched(env, "--adapters", str(adapter), f"renamed={adapter}") as url:
         models = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
     assert {"my-style", "renamed", "from-env"} <= {model["id"] for model in models}
+
+
+@pytest.mark.slow
+def test_the_design_cards_start_up_commands_serve_as_the_launcher_does(tmp_path: Path) -> None:
+    """Design card 003, methods 2 and 3, as written (host and port aside): `uvicorn app.lora_main:app` builds the
+    store and answers on the LoRA model; `python -m app.lora_main` serves on API_PORT; `uvicorn app.main:app`
+    (the "original RAG API") starts on the Ollama backend."""
+    with OllamaWireServer(models=["qwen3:4b"]) as ollama:
+        env = _env(tmp_path, OLLAMA_BASE_URL=ollama.base_url)
+        port = closed_port()
+        design = [sys.executable, "-m", "uvicorn", "app.lora_main:app", "--host", "127.0.0.1", "--port", str(port)]
+        with _serving(design, port, env) as url:
+            answer = httpx.post(f"{url}/ask", json={"query": "Which cables are used for brakes?"}, timeout=120)
+            info = httpx.get(f"{url}/model_info", timeout=30).json()
+        assert answer.status_code == 200 and answer.json()["model_used"] == "base"  # no adapter: the base model
+        assert answer.json()["source_documents"][0]["metadata"]["source"] == "corpus/bicycles.txt"
+        assert info["using_lora"] is True and (tmp_path / "store" / "CURRENT").is_file()
+
+        port = closed_port()
+        module = {**env, "API_PORT": str(port), "USE_LORA_DEFAULT": "false"}
+        with _serving([sys.executable, "-m", "app.lora_main"], port, module) as url:
+            assert httpx.get(f"{url}/model_info", timeout=30).json()["using_lora"] is False
+
+        port = closed_port()
+        original = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
+        with _serving(original, port, env) as url:
+            answer = httpx.post(f"{url}/ask", json={"query": "Which cables are used for brakes?"}, timeout=120)
+        assert answer.status_code == 200 and answer.json()["model_used"] == "ollama"
