@@ -164,3 +164,37 @@ def test_lru_unloads_and_reloads_on_demand(tmp_path: Path, corpus_store: Path, a
     assert ["ALPHA" in a for a in answers] == [True, False, True, False]
     assert ["BRAVO" in a for a in answers] == [False, True, False, True]
     assert sorted(statuses.values()).count("loaded") == 1
+
+
+def test_switch_model_switches_the_lora_model_at_run_time(
+    tmp_path: Path, corpus_store: Path, adapters_dir: Path
+) -> None:
+    """The design card's FAQ: "runtime switch: use the /switch_model API". Two adapters and no default (the base
+    model answers); `{"adapter": "bravo"}`, then `{"lora_model_path": <another folder>}`; /model_info agrees; a
+    name or folder that cannot serve changes nothing."""
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(adapters_dir / "alpha", elsewhere / "alpha-v2")
+    with _server(tmp_path / "srv", corpus_store, adapters_dir, adapter_allowed_roots=str(elsewhere)) as url, \
+            httpx.Client(base_url=url, timeout=120) as client:
+        before = _ask(client).json()
+        to_bravo = client.post("/switch_model", json={"adapter": "bravo"})
+        on_bravo, info_bravo = _ask(client).json(), client.get("/model_info").json()
+        unknown = client.post("/switch_model", json={"adapter": "nope"})
+        outside = client.post("/switch_model", json={"lora_model_path": str(tmp_path / "srv")})
+        both = client.post("/switch_model", json={"adapter": "bravo", "backend": "ollama"})
+        still_bravo = _ask(client).json()
+        to_folder = client.post("/switch_model", json={"lora_model_path": str(elsewhere / "alpha-v2")})
+        on_folder, info_folder = _ask(client).json(), client.get("/model_info").json()
+        named = _ask(client, adapter="bravo").json()
+    assert before["model_used"] == "base" and "BRAVO" not in before["answer"]
+    assert to_bravo.status_code == 200 and to_bravo.json()["default_adapter"] == "bravo", to_bravo.text
+    assert "BRAVO" in on_bravo["answer"] and on_bravo["model_used"] == "lora"
+    assert info_bravo["default_adapter"] == "bravo" and info_bravo["using_lora"] is True
+    assert info_bravo["lora_model_path"].endswith("bravo") and info_bravo["lora_exists"] is True
+    assert unknown.status_code == 404 and "nope" in unknown.json()["message"]
+    assert outside.status_code == 400 and both.status_code == 422
+    assert "BRAVO" in still_bravo["answer"]
+    assert to_folder.status_code == 200 and to_folder.json()["default_adapter"] == "alpha-v2", to_folder.text
+    assert "ALPHA" in on_folder["answer"] and info_folder["default_adapter"] == "alpha-v2"
+    assert info_folder["lora_model_path"] == str((elsewhere / "alpha-v2").resolve())
+    assert "BRAVO" in named["answer"]  # a request naming its adapter still gets it

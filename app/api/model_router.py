@@ -27,13 +27,25 @@ async def switch_model(
     `false` for ollama). An unknown backend is 404; one that cannot serve now is refused with 503 and the
     active one stays.
 
-    Requests already generating finish on the backend they started with.
+    Or switch the LoRA model, as the design card's FAQ does: `{"adapter": "<name>"}` makes a loaded adapter the
+    default on the lora backend (unknown: 404), `{"lora_model_path": "<folder>"}` loads that folder first (named
+    after it; the admin load's path rules: a bad path is 400); either makes lora the active backend. Nothing
+    changes when any step fails.
+
+    Requests already generating finish on the backend and adapter they started with.
     """
+    if request.adapter is not None or request.lora_model_path is not None:
+        default = await service.models.switch_adapter(request.adapter, request.lora_model_path)
+        return SwitchModelResponse(
+            using_lora=True, active_backend="lora", default_adapter=default,
+            message=f"later requests use the lora backend with adapter {default!r} unless they name another",
+        )
     name = request.backend_name()
-    assert name is not None  # the request model requires one way or the other
+    assert name is not None  # the request model requires one way or another
     active = await service.models.switch(name)
     return SwitchModelResponse(
-        using_lora=active == "lora", active_backend=active, message=f"later requests use the {active} backend"
+        using_lora=active == "lora", active_backend=active, default_adapter=await service.models.default_adapter(),
+        message=f"later requests use the {active} backend",
     )
 
 

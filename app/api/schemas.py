@@ -164,16 +164,32 @@ class AskResponse(BaseModel):
 
 
 class SwitchModelRequest(BackendChoice):
+    adapter: StrictStr | None = Field(
+        None, min_length=1, max_length=64, description="a loaded adapter to make the default (on the lora backend)"
+    )
+    lora_model_path: StrictStr | None = Field(
+        None, min_length=1, max_length=4096,
+        description="an adapter folder to load (named after the folder, the admin load's path rules) and make the "
+        "default (on the lora backend)",
+    )
+
     @model_validator(mode="after")
     def _one_is_given(self) -> SwitchModelRequest:
-        if self.backend is None and self.use_lora is None:
-            raise ValueError('give backend (e.g. {"backend": "remote"}) or use_lora')
+        if self.backend is None and self.use_lora is None and self.adapter is None and self.lora_model_path is None:
+            raise ValueError('give backend (e.g. {"backend": "remote"}), use_lora, adapter or lora_model_path')
+        if self.adapter is not None and self.lora_model_path is not None:
+            raise ValueError("give adapter or lora_model_path, not both")
+        if (self.adapter is not None or self.lora_model_path is not None) and self.backend_name() not in (None, "lora"):
+            raise ValueError("an adapter is served by the lora backend: leave backend out, or name lora")
         return self
 
 
 class SwitchModelResponse(BaseModel):
     using_lora: bool
     active_backend: str = Field(..., description="the backend later requests use: lora, ollama or remote")
+    default_adapter: str | None = Field(
+        None, description="the adapter later requests on the lora backend use when they name none (null: the base)"
+    )
     message: str
 
 

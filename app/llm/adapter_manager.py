@@ -84,6 +84,13 @@ class AdapterManager:
                 return DEFAULT_NAME
             return next(iter(self._records)) if len(self._records) == 1 else None
 
+    def set_default(self, name: str) -> None:
+        """Make loaded adapter `name` the default of later requests naming none (AdapterNotFoundError otherwise)."""
+        with self._lock:
+            if name not in self._records:
+                raise AdapterNotFoundError(f"adapter '{name}' is not loaded: load it first, or give lora_model_path")
+            self._default_setting = name
+
     def resolve(self, spec: AdapterSpec | None) -> AdapterChoice:
         """The request's choice made concrete (None: the server default), every name checked."""
         if spec is None:

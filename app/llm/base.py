@@ -78,6 +78,15 @@ class AdapterHost(Protocol):
 
     def mix_catalogue(self) -> list[str]: ...
 
+    def check_adapter(self, name: str) -> None:
+        """NotFoundError (404) unless an adapter of that name is loaded."""
+
+    def set_default_adapter(self, name: str) -> None:
+        """Later requests naming no adapter use `name` (NotFoundError unless it is loaded)."""
+
+    def default_adapter(self) -> str | None:
+        """The adapter requests naming none use (None: the base model)."""
+
 
 class GenerationBackend(ABC):
     """A chat model that turns messages into text."""

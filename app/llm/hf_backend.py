@@ -210,6 +210,15 @@ class HFLoraBackend(GenerationBackend):
     def adapter_catalogue(self) -> list[dict[str, Any]]:
         return self.adapters.describe()
 
+    def check_adapter(self, name: str) -> None:
+        self.adapters.resolve(((name, 1.0),))
+
+    def set_default_adapter(self, name: str) -> None:
+        self.adapters.set_default(name)
+
+    def default_adapter(self) -> str | None:
+        return self.adapters.default_name
+
     def mix_catalogue(self) -> list[str]:
         return self.adapters.mix_keys()
 
@@ -257,11 +266,19 @@ class HFLoraBackend(GenerationBackend):
             "quantization": facts.numerics.quantization,
             "numeric_path": {"reason": facts.numerics.reason, "cpu": facts.numerics.cpu},
             "default_adapter": self.adapters.default_name,
+            **self._default_adapter_folder(),
             "merged_adapter": self.adapters.merged_adapter,
             "adapters": self.adapters.names(),
             "adapter_errors": dict(self.adapter_errors),
             "prefix_cache": self._engine.prefix_cache_stats(),
         }
+
+    def _default_adapter_folder(self) -> dict[str, Any]:
+        """/model_info's `lora_model_path` and `lora_exists` for the default adapter in use, wherever it was
+        loaded from (LORA_MODEL_PATH, the adapters folder, /switch_model); nothing when the base model answers."""
+        default = self.adapters.default_name
+        record = self.adapters.record(default) if default else None
+        return {"lora_model_path": str(record.path), "lora_exists": True} if record is not None else {}
 
     async def close(self) -> None:
         await anyio.to_thread.run_sync(self._engine.close)

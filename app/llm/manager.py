@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -160,6 +161,26 @@ class ModelManager:
     def loaded(self, name: str) -> GenerationBackend | None:
         return self._backends.get(name)
 
+    async def switch_adapter(self, adapter: str | None, lora_model_path: str | None) -> str:
+        """Make `adapter`, or the adapter folder at `lora_model_path` (loaded first, named after its folder), the
+        default of the local model, and the lora backend the active one. A step that fails leaves the default
+        and the active backend as they were (a folder loaded before the failure stays loaded, by its name)."""
+        host = await self.adapter_host()
+        if lora_model_path is not None:
+            path = self._adapter_path(lora_model_path)
+            adapter = path.name
+            await host.load_adapter(adapter, path)
+        assert adapter is not None  # the request gives one or the other
+        host.check_adapter(adapter)
+        await self.switch(LORA)
+        host.set_default_adapter(adapter)
+        return adapter
+
+    async def default_adapter(self) -> str | None:
+        """The local model's default adapter, when it is loaded (None: not loaded, or the base model)."""
+        backend = self._backends.get(LORA)
+        return backend.default_adapter() if isinstance(backend, AdapterHost) else None
+
     async def adapter_host(self) -> AdapterHost:
         backend = await self.backend(LORA)
         if not isinstance(backend, AdapterHost):
@@ -183,11 +204,15 @@ class ModelManager:
         if remote is not None:
             await remote.load_adapter(name, requested_path)
             return {"name": name, "path": requested_path, "status": "loaded", "backend": REMOTE}
-        settings = self._settings
-        path = resolve_adapter_path(requested_path, settings.lora_adapters_dir, settings.adapter_allowed_root_paths)
+        path = self._adapter_path(requested_path)
         host = await self.adapter_host()
         await host.load_adapter(name, path)
         return next(entry for entry in host.adapter_catalogue() if entry["name"] == name)
+
+    def _adapter_path(self, requested_path: str) -> Path:
+        """A request's adapter folder, checked (containment, allow-list) before anything is read."""
+        settings = self._settings
+        return resolve_adapter_path(requested_path, settings.lora_adapters_dir, settings.adapter_allowed_root_paths)
 
     async def unload_adapter(self, name: str) -> None:
         remote = await self._remote_adapters()
