@@ -63,7 +63,10 @@ def test_model_info_and_health_report_the_base_model_without_adapter(service_url
     assert info["dtype"] in {"bfloat16", "float32"} and info["numeric_path"]["reason"].startswith("auto")
     health = httpx.get(f"{service_url}/health", timeout=30)
     assert health.status_code == 200 and health.json()["status"] == "healthy"
-    assert set(health.json()["components"]) == {"rag_handler", "vector_store", "lora_model", "ollama_service"}
+    # The design card's shape: each component a boolean; in words in component_status.
+    components = ("rag_handler", "vector_store", "lora_model", "ollama_service")
+    assert health.json()["components"] == dict.fromkeys(components, True)
+    assert health.json()["component_status"] == dict.fromkeys(components, "healthy")
 
 
 def test_use_lora_false_overrides_for_one_request_only(service_url: str) -> None:

@@ -100,6 +100,11 @@ def test_metrics_after_traffic_show_every_family_and_no_secret(
     retrieval = "lora_rag_retrieval_duration_seconds"
     assert _value(families, retrieval, f"{retrieval}_count") == 3
     assert _value(families, retrieval, f"{retrieval}_sum") > 0
+    # The design card's names: three RAG questions answered, timed from retrieval to the end of the answer.
+    assert _value(families, "rag_requests", "rag_requests_total") == 3
+    rag_seconds = "rag_response_time_seconds"
+    assert _value(families, rag_seconds, f"{rag_seconds}_count") == 3
+    assert _value(families, retrieval, f"{retrieval}_sum") < _value(families, rag_seconds, f"{rag_seconds}_sum")
 
     usage = plain.json()["usage"]
     assert done["usage"] == usage and usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0

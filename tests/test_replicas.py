@@ -80,8 +80,8 @@ def test_two_replicas_on_one_milvus_and_one_remote_engine_serve_what_either_one_
         health = httpx.get(f"{third}/health", headers=ADMIN).json()
 
     # An empty shared store is ready to take documents (the replica is degraded only for Ollama, not running here).
-    assert empty["status"] == "degraded" and empty["components"]["ollama_service"] == "unhealthy", empty
-    assert empty["components"]["vector_store"] == empty["components"]["remote_service"] == "healthy"
+    assert empty["status"] == "degraded" and empty["components"]["ollama_service"] is False, empty
+    assert empty["components"]["vector_store"] is True and empty["components"]["remote_service"] is True
     assert empty["details"]["components"]["vector_store"].startswith(f"0 chunks; milvus at {milvus}")
     for body in answered:
         assert body["model_used"] == "remote" and body["answer"].strip()
@@ -97,7 +97,7 @@ def test_two_replicas_on_one_milvus_and_one_remote_engine_serve_what_either_one_
         f"corpus/{name}" for name in ("bicycles.txt", "ferries.html", "orchards.md", "zh/茶园.md")
     ) + ["灯塔.md"]
     assert manual_on_third == ["灯塔.md"]
-    assert health["components"]["vector_store"] == health["components"]["remote_service"] == "healthy"
+    assert health["components"]["vector_store"] is True and health["components"]["remote_service"] is True
     assert health["details"]["components"]["vector_store"] == (
         f"4 chunks; 1 more collection; milvus at {milvus} (collection lora_rag_default)"
     )

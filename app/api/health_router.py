@@ -23,7 +23,8 @@ async def health(request: Request, service: Annotated[RAGService, Depends(get_ra
     report = await service.health()
     body = HealthResponse(
         status=report.status,
-        components={name: "healthy" if c.ok else "unhealthy" for name, c in report.components.items()},
+        components={name: c.ok for name, c in report.components.items()},
+        component_status={name: "healthy" if c.ok else "unhealthy" for name, c in report.components.items()},
         details=shown_to(request, {
             "components": {name: c.detail for name, c in report.components.items()},
             "model_info": service.model_info(),

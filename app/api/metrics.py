@@ -77,10 +77,22 @@ class Metrics:
             "lora_rag_adapter_changes", "Adapters loaded and unloaded through the admin and vLLM routes",
             ["change"], registry=self.registry,
         )
+        # The design card's names (its FAQ on monitoring), for dashboards written from it.
+        self.rag_requests = Counter(
+            "rag_requests", "Valid RAG questions, answered or failed (/ask, and chats with rag)", registry=self.registry
+        )
+        self.rag_response_seconds = Histogram(
+            "rag_response_time_seconds", "Time to answer a RAG question, retrieval and generation",
+            buckets=_REQUEST_BUCKETS, registry=self.registry,
+        )
         self.registry.register(_ServiceCollector(settings, state))
 
     def retrieved(self, seconds: float) -> None:
         self.retrieval_seconds.observe(seconds)
+
+    def answered_from_documents(self, seconds: float) -> None:
+        self.rag_requests.inc()
+        self.rag_response_seconds.observe(seconds)
 
     def generated(self, result: GenerationResult) -> None:
         self.prompt_tokens.labels(result.model_used).inc(result.prompt_tokens)

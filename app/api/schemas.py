@@ -214,7 +214,11 @@ class ModelInfo(BaseModel):
 
 class HealthResponse(BaseModel):
     status: Literal["healthy", "degraded", "unhealthy"]
-    components: dict[str, Literal["healthy", "unhealthy"]]
+    components: dict[str, bool] = Field(
+        ..., description="whether each component can serve, as the design card writes it: rag_handler, vector_store, "
+        "lora_model, ollama_service, and remote_service when REMOTE_BASE_URL is set"
+    )
+    component_status: dict[str, Literal["healthy", "unhealthy"]] = Field(..., description="the same, in words")
     details: dict[str, Any]
 
 

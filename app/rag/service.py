@@ -8,8 +8,8 @@ import logging
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -85,9 +85,12 @@ def _spec_text(spec: AdapterSpec | None) -> str | list[dict[str, str | float]]:
 
 
 class ServiceObserver(Protocol):
-    """Told of each retrieval and each finished generation (app/api/metrics.py counts them for /metrics)."""
+    """Told of each retrieval, each finished generation and each valid RAG question, answered or failed
+    (app/api/metrics.py counts them for /metrics)."""
 
     def retrieved(self, seconds: float) -> None: ...
+
+    def answered_from_documents(self, seconds: float) -> None: ...
 
     def generated(self, result: GenerationResult) -> None: ...
 
@@ -173,8 +176,10 @@ class RAGService:
     ) -> AskResult:
         started = time.perf_counter()
         query = self._checked_query(query)
-        hits = await self._retrieve(query, collection)
-        result = await self.generate(build_messages(query, hits), self.default_params(), backend, adapters, on_text)
+        with self._timed_rag_question(started):
+            hits = await self._retrieve(query, collection)
+            messages = build_messages(query, hits)
+            result = await self.generate(messages, self.default_params(), backend, adapters, on_text)
         return AskResult(
             answer=result.text,
             sources=hits,
@@ -199,14 +204,26 @@ class RAGService:
         """A chat completion on the local model; with `use_rag`, answered from the vector store."""
         self._check_messages(messages)
         hits: list[SearchHit] = []
+        started = time.perf_counter()
         if use_rag:
-            question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-            hits = await self._retrieve(self._checked_query(question), collection)
-            messages = with_context(messages, hits)
-        # The OpenAI routes serve the base model and its adapters: the active backend when it serves adapters
-        # (lora, remote), else the local model.
-        result = await self.generate(messages, params, None, adapters, on_text, serves_adapters=True)
+            question = self._checked_query(next((m["content"] for m in reversed(messages) if m["role"] == "user"), ""))
+        with self._timed_rag_question(started) if use_rag else nullcontext():
+            if use_rag:
+                hits = await self._retrieve(question, collection)
+                messages = with_context(messages, hits)
+            # The OpenAI routes serve the base model and its adapters: the active backend when it serves adapters
+            # (lora, remote), else the local model.
+            result = await self.generate(messages, params, None, adapters, on_text, serves_adapters=True)
         return ChatResult(result=result, sources=hits)
+
+    @contextmanager
+    def _timed_rag_question(self, started: float) -> Iterator[None]:
+        """Tell the observer of a valid RAG question when it ends, answered or not."""
+        try:
+            yield
+        finally:
+            if self._observer is not None:
+                self._observer.answered_from_documents(time.perf_counter() - started)
 
     @property
     def embedder(self) -> Embedder:

@@ -558,7 +558,8 @@
     try {
       // 503 still carries the report (the active backend or the store cannot serve).
       const body = await getJson("/health", [503]);
-      state.health = { kind: "status", status: body.status, components: body.components || {} };
+      // component_status: each component's "healthy" / "unhealthy" (components holds the design card's booleans)
+      state.health = { kind: "status", status: body.status, components: body.component_status || {} };
     } catch (error) {
       state.health = { kind: error instanceof ApiError && error.status === 401 ? "key"
         : error instanceof ApiError && error.status === 0 ? "offline" : "status", status: "unhealthy",
