@@ -237,7 +237,8 @@ def test_list_query_status_idempotent_load_unload(served: Served, parts: Parts) 
     assert status["service_status"] == "running" and status["total_workers"] == 1
     assert status["loaded_models_count"] == 1 and status["pending_requests"] == 0
     worker = status["workers"][0]
-    assert worker["device"] == "cpu" and worker["total_memory_mb"] > worker["free_memory_mb"] > 0
+    assert worker["worker_id"] == "cpu-0" and worker["device"] == "cpu"
+    assert worker["total_memory_mb"] > worker["free_memory_mb"] > 0
     assert worker["used_memory_mb"] == pytest.approx(worker["total_memory_mb"] - worker["free_memory_mb"], abs=0.2)
     assert 0 < worker["memory_usage_percent"] < 100 and worker["process_rss_mb"] > 100  # the model is in it
     assert _unload(served, "alpha").status_code == 200

@@ -60,7 +60,9 @@ class QueryModelsRequest(RequestModel):
 
 
 class WorkerStatus(BaseModel):
-    worker_id: int
+    worker_id: str = Field(
+        ..., description='the device and the worker on it, as seed 004 writes it: "cpu-0", "cuda0-0"'
+    )
     device: str = Field(..., description="cpu, cuda or cuda:N: where the model and its engine thread run")
     total_memory_mb: float = Field(..., description="CUDA: the device's memory; CPU: the machine's")
     used_memory_mb: float

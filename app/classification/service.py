@@ -361,20 +361,23 @@ class ClassificationService:
             state: ServiceStatus = "starting" if self._models.active == LORA else "error"
             return {"service_status": state, "workers": [], "total_workers": 0, "loaded_models_count": 0,
                     "pending_requests": 0}
-        workers = [_worker(0, backend.facts.device)]
+        workers = [_worker(backend.facts.device)]
         return {"service_status": "running", "workers": workers, "total_workers": len(workers),
                 "loaded_models_count": len(self._loaded), "pending_requests": backend.pending_predictions}
 
 
-def _worker(worker_id: int, device: str) -> dict[str, Any]:
-    """Memory of the engine's device: CUDA's own figures on a GPU; on the CPU the machine's (total, available)
-    with the server process's resident size beside them."""
+def _worker(device: str) -> dict[str, Any]:
+    """The engine as seed 004 lists a worker (`worker_id` "cpu-0", "cuda0-0": the device, then the worker on
+    it; one engine per process here) with its device's memory: CUDA's own figures on a GPU; on the CPU the
+    machine's (total, available) with the server process's resident size beside them."""
     mib = 2**20
     extra: dict[str, Any] = {}
+    worker_id = "cpu-0"
     if device.startswith("cuda"):
         import torch
 
         index = _gpu_id(device) or 0
+        worker_id = f"cuda{index}-0"
         free, total = torch.cuda.mem_get_info(index)
         used = total - free
         extra["process_allocated_mb"] = round(torch.cuda.memory_allocated(index) / mib, 1)
