@@ -74,11 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         # The flag says which backend to start on, over DEFAULT_BACKEND from the environment.
         "default_backend": None if args.use_lora is None else ("lora" if args.use_lora else "ollama"),
     }
-    settings = settings_or_exit(**overrides)
+    # --config-check's failures exit 1, invalid values included; a server that cannot start exits 2.
+    exit_status = 1 if args.config_check else 2
+    settings = settings_or_exit(exit_status=exit_status, **overrides)
     if args.adapters:  # read again: the flag's entries join LORA_ADAPTERS, known once the settings are read
         adapters = {**settings.named_adapters, **dict(args.adapters)}
         listed = ",".join(f"{name}={path}" for name, path in adapters.items())
-        settings = settings_or_exit(**overrides, lora_adapters=listed)
+        settings = settings_or_exit(exit_status=exit_status, **overrides, lora_adapters=listed)
     configure_logging(settings)
 
     if args.config_check:

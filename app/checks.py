@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from app.config import EMBEDDED_BASE_MODEL, Settings
+from app.config import EMBEDDED_BASE_MODEL, Settings, unknown_setting_names
 from app.errors import AppError
 from app.llm.adapters import has_adapter_files, inspect_adapter
 from app.llm.model_source import embedded_gguf_path, resolve_embedding_model
@@ -50,14 +50,19 @@ def check_base_model(settings: Settings) -> CheckResult:
 
 def check_device(settings: Settings) -> CheckResult:
     if settings.device == "cpu":
-        return CheckResult("device", True, "cpu")
-    from app.llm.hf_backend import resolve_device
+        device = "cpu"
+    else:
+        from app.llm.hf_backend import resolve_device
 
-    try:
-        device = resolve_device(settings.device)
-    except AppError as error:
-        return CheckResult("device", False, error.message, "set DEVICE=cpu or auto")
-    return CheckResult("device", True, f"{settings.device}: {device}")
+        try:
+            device = resolve_device(settings.device)
+        except AppError as error:
+            return CheckResult("device", False, error.message, "set DEVICE=cpu or auto")
+    fraction = settings.cuda_memory_fraction
+    if fraction is not None:
+        applies = "" if device == "cuda" else ": it applies on CUDA only, not used here"
+        return CheckResult("device", True, f"{settings.device}: {device}, CUDA_MEMORY_FRACTION={fraction:g}{applies}")
+    return CheckResult("device", True, device if settings.device == "cpu" else f"{settings.device}: {device}")
 
 
 def check_numerics(settings: Settings) -> CheckResult:
@@ -69,7 +74,8 @@ def check_numerics(settings: Settings) -> CheckResult:
         device = resolve_device(settings.device)
     except AppError as error:
         return CheckResult("numeric path", False, error.message, "set DEVICE=cpu or auto")
-    path = choose_numeric_path(settings.torch_dtype, device, settings.enable_quantization)
+    path = choose_numeric_path(settings.torch_dtype, device, settings.enable_quantization,
+                               enable_fp16=settings.enable_fp16)
     cpu = f"; cpu: {path.cpu}" if path.cpu else ""
     return CheckResult("numeric path", True, f"{path.dtype}, quantization {path.quantization} ({path.reason}{cpu})")
 
@@ -112,6 +118,30 @@ def check_adapter(settings: Settings) -> CheckResult:
     except AppError as error:
         return CheckResult("LoRA adapter", False, error.message, "re-train or re-save the adapter (safetensors)")
     return CheckResult("LoRA adapter", True, f"{path} (r={info.rank}, alpha={info.alpha:g}, {info.size_bytes} bytes)")
+
+
+def check_default_adapter(settings: Settings) -> CheckResult:
+    """DEFAULT_ADAPTER names an adapter found at start (a typo would make every default question a 503)."""
+    from app.llm.adapter_manager import discover_adapters
+
+    name = settings.default_adapter
+    if not name:
+        return CheckResult("default adapter", True, "DEFAULT_ADAPTER not set: LORA_MODEL_PATH's adapter, else the "
+                                                    "only one found, else the base model")
+    found = discover_adapters(settings.lora_model_path, settings.lora_adapters_dir, settings.named_adapters)
+    if name in found:
+        return CheckResult("default adapter", True, f"DEFAULT_ADAPTER={name}: {found[name]}")
+    return CheckResult("default adapter", False,
+                       f"DEFAULT_ADAPTER={name} names no adapter found at start (found: {', '.join(found) or 'none'})",
+                       "set DEFAULT_ADAPTER to one of them, or leave it empty")
+
+
+def check_setting_names() -> CheckResult:
+    """No `.env` entry lora-rag does not know, and no near miss of one of its names in the environment."""
+    unknown = unknown_setting_names()
+    if unknown:
+        return CheckResult("settings", False, "; ".join(unknown), "fix the names (.env.lora lists every setting)")
+    return CheckResult("settings", True, "every .env entry is a lora-rag setting")
 
 
 def check_vector_store(settings: Settings) -> CheckResult:
@@ -189,16 +219,20 @@ def check_default_backend(settings: Settings) -> CheckResult:
 
 
 def run_config_checks(settings: Settings) -> tuple[list[CheckResult], bool]:
-    """All checks, and whether the active backend (DEFAULT_BACKEND, else USE_LORA_DEFAULT) can serve."""
+    """All checks, and whether the active backend (DEFAULT_BACKEND, else USE_LORA_DEFAULT) can serve with these
+    settings (every name known, DEFAULT_ADAPTER found)."""
     backend = check_default_backend(settings)
     local = [check_base_model(settings), check_device(settings)]
     ollama = check_ollama(settings)
     remote = [check_remote(settings)] if settings.remote_base_url else []
+    names, default_adapter = check_setting_names(), check_default_adapter(settings)
     results = [
+        names,
         backend,
         *local,
         check_numerics(settings),
         check_adapter(settings),
+        default_adapter,
         check_vector_store(settings),
         check_retrieval(settings),
         check_embedding_model(settings),
@@ -206,5 +240,5 @@ def run_config_checks(settings: Settings) -> tuple[list[CheckResult], bool]:
         *remote,
     ]
     serving = {"lora": local, "ollama": [ollama], "remote": remote}.get(settings.start_backend, [])
-    active_ok = backend.ok and all(check.ok for check in serving)
+    active_ok = backend.ok and names.ok and default_adapter.ok and all(check.ok for check in serving)
     return results, active_ok

@@ -17,12 +17,13 @@ def fail(message: str, status: int = 2) -> NoReturn:
     raise SystemExit(status)
 
 
-def settings_or_exit(**overrides: object) -> Settings:
-    """Settings from the environment and `.env`, or exit with one line per invalid variable."""
+def settings_or_exit(*, exit_status: int = 2, **overrides: object) -> Settings:
+    """Settings from the environment and `.env`, or exit (with `exit_status`) with one line per invalid
+    variable."""
     try:
         return load_settings(**{k: v for k, v in overrides.items() if v is not None})
     except SettingsError as error:
-        fail(f"invalid configuration:\n{error}")
+        fail(f"invalid configuration:\n{error}", status=exit_status)
 
 
 def prepare_to_serve(settings: Settings) -> None:
@@ -45,11 +46,12 @@ def prepare_to_serve(settings: Settings) -> None:
         fail(error.message)
 
 
-def prepared_settings(**overrides: object) -> Settings:
-    """Settings for an ASGI entry: read (or exit with one line), logging configured, `prepare_to_serve` done."""
+def prepared_settings(default_backend: str | None = None) -> Settings:
+    """Settings for an ASGI entry (with `default_backend` over DEFAULT_BACKEND when given): read (or exit with one
+    line), logging configured, `prepare_to_serve` done."""
     from app.logging_config import configure_logging
 
-    settings = settings_or_exit(**overrides)
+    settings = settings_or_exit(default_backend=default_backend)
     configure_logging(settings)
     prepare_to_serve(settings)
     return settings

@@ -6,7 +6,9 @@ and validated at start-up. Nothing else in the code base reads `os.environ`.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import os
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -63,6 +65,16 @@ class Settings(BaseSettings):
     enable_quantization: bool = False
     quantization_type: Literal["int8"] = "int8"
     num_threads: int = Field(0, ge=0, le=256, description="torch CPU threads; 0 = torch's default")
+    # The design card's performance settings (003), honoured as documented rather than ignored.
+    enable_fp16: bool = Field(
+        False, description="CUDA: float16 weights (with TORCH_DTYPE auto or float16); on a CPU it does not apply "
+        "(float16 is emulated there) and --config-check and /model_info say so"
+    )
+    cuda_memory_fraction: float | None = Field(
+        None, gt=0, le=1, description="CUDA: the share of the GPU's memory this process may take (torch's "
+        "per-process memory fraction); on a CPU it does not apply"
+    )
+    preload_models: bool = Field(True, description="false: the active backend loads on its first request")
 
     # Generation
     max_new_tokens: int = Field(512, ge=1, le=8192)
@@ -157,6 +169,7 @@ class Settings(BaseSettings):
     max_messages: int = Field(64, ge=1, le=10_000, description="messages in one chat completion request")
     max_concurrent_generations: int = Field(8, ge=1, le=256)
     max_batch_size: int = Field(8, ge=1, le=64, description="requests decoded together (the one prefilling counted)")
+    batch_size: int | None = Field(None, ge=1, le=64, description="the design card's name for MAX_BATCH_SIZE")
     prefill_chunk_tokens: int = Field(
         128, ge=16, le=32_768, description="prompt tokens per prefill forward; one per running row between decode steps"
     )
@@ -284,6 +297,24 @@ class Settings(BaseSettings):
         return self.default_backend or ("lora" if self.use_lora_default else "ollama")
 
     @model_validator(mode="after")
+    def _design_names_agree(self) -> Settings:
+        """BATCH_SIZE is MAX_BATCH_SIZE by another name; ENABLE_FP16 asks for float16, which another TORCH_DTYPE
+        contradicts."""
+        if self.batch_size is not None:
+            if "max_batch_size" in self.model_fields_set and self.max_batch_size != self.batch_size:
+                raise ValueError(
+                    f"BATCH_SIZE={self.batch_size} and MAX_BATCH_SIZE={self.max_batch_size} disagree: BATCH_SIZE is "
+                    "the design card's name for MAX_BATCH_SIZE; set one of them"
+                )
+            self.max_batch_size = self.batch_size
+        if self.enable_fp16 and self.torch_dtype not in ("auto", "float16"):
+            raise ValueError(
+                f"ENABLE_FP16=true asks for float16 but TORCH_DTYPE={self.torch_dtype}: set TORCH_DTYPE=auto (or "
+                "float16), or ENABLE_FP16=false"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _ollama_is_not_ourselves(self) -> Settings:
         """This server answers Ollama's API too: an OLLAMA_BASE_URL naming it would send every Ollama-backend
         generation back to itself, each waiting on the next, until the deadline."""
@@ -338,6 +369,35 @@ def describe_validation_error(error: ValidationError) -> str:
         detail = f"allowed: {allowed}" if allowed else item["msg"]
         lines.append(f"{variable}={item.get('input')!r} is invalid: {detail}")
     return "\n".join(lines)
+
+
+def unknown_setting_names() -> list[str]:
+    """A line for each name lora-rag does not know where it looks for settings: every entry of `.env` that is no
+    setting of ours (a typo there is otherwise silently ignored), and each name of the process environment that
+    looks like a typo of one (the environment holds much else, so only near misses are named)."""
+    from dotenv import dotenv_values
+
+    known = {name.upper() for name in Settings.model_fields}
+    lines = []
+    env_file = Path(str(Settings.model_config.get("env_file") or ".env"))
+    if env_file.is_file():
+        for name in dotenv_values(env_file):
+            if name.upper() not in known:
+                lines.append(f"{env_file}: {name} is not a lora-rag setting{_did_you_mean(name, known)}")
+    for name in os.environ:
+        near = difflib.get_close_matches(name.upper(), known, n=1, cutoff=_TYPO_SIMILARITY)
+        if near and name.upper() not in known:
+            lines.append(f"environment: {name} is not a lora-rag setting; did you mean {near[0]}?")
+    return lines
+
+
+#: How alike a name of the environment must be to one of ours to be named as a likely typo.
+_TYPO_SIMILARITY = 0.88
+
+
+def _did_you_mean(name: str, known: set[str]) -> str:
+    near = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.6)
+    return f"; did you mean {near[0]}?" if near else ""
 
 
 def load_settings(**overrides: object) -> Settings:

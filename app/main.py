@@ -51,7 +51,8 @@ async def build_rag_service(
     await anyio.to_thread.run_sync(collections.reload_all)
     retriever = await anyio.to_thread.run_sync(create_retriever, settings, collections)
     models = ModelManager(settings, backends)
-    await models.start()
+    if settings.preload_models:  # PRELOAD_MODELS=false: the active backend loads on its first request
+        await models.start()
     return RAGService(settings, models, retriever, collections, observer)
 
 

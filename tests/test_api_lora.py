@@ -111,3 +111,31 @@ def test_health_degraded_when_ollama_is_down_and_a_switch_to_it_refused(tmp_path
     assert switched.status_code == 503 and switched.json()["error"] == "backend_unavailable"
     assert after.status_code == 200 and after.json()["status"] == "degraded"  # nothing changed
     assert still_local.status_code == 200 and still_local.json()["model_used"] == "base"
+
+
+def test_preload_models_false_loads_on_first_use_and_a_missing_default_adapter_is_not_ready(
+    tmp_path: Path, corpus_store: Path, ollama: OllamaWireServer
+) -> None:
+    """PRELOAD_MODELS=false: ready without the model, which loads with the first question. DEFAULT_ADAPTER naming
+    no adapter: not ready (every default question would be a 503), said in /health, loaded or not."""
+    common = {"vector_store_path": corpus_store, "ollama_base_url": ollama.base_url, "preload_models": False}
+    app = create_app(make_settings(tmp_path / "lazy", **common))
+    with running_server(app) as url:
+        models = app.state.rag_service.models
+        unloaded = models.loaded("lora")
+        ready = httpx.get(f"{url}/health/ready", timeout=30)
+        health = httpx.get(f"{url}/health", timeout=30).json()
+        answer = httpx.post(f"{url}/ask", json={"query": "How many kilograms does a blue basket hold?"}, timeout=120)
+        loaded = models.loaded("lora")
+    assert unloaded is None and ready.status_code == 200
+    assert health["details"]["components"]["lora_model"] == "not loaded yet (loads on first use)"
+    assert answer.status_code == 200 and answer.json()["model_used"] == "base" and loaded is not None
+
+    for preload in (False, True):
+        typo = make_settings(tmp_path / f"typo-{preload}", **{**common, "preload_models": preload},
+                             default_adapter="nope")
+        with running_server(create_app(typo)) as url:
+            ready = httpx.get(f"{url}/health/ready", timeout=30)
+            health = httpx.get(f"{url}/health", timeout=30).json()
+        assert ready.status_code == 503 and health["components"]["lora_model"] is False, preload
+        assert "DEFAULT_ADAPTER" in health["details"]["components"]["lora_model"], health

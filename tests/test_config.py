@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from app.config import SettingsError, load_settings
+from app.config import Settings, SettingsError, load_settings
 from tests.conftest import REPO_ROOT
 
 
@@ -53,7 +53,7 @@ def test_launcher_refuses_bad_values_with_one_line_per_variable() -> None:
         [sys.executable, "start_lora_rag.py", "--config-check"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
-    assert result.returncode == 2
+    assert result.returncode == 1  # --config-check's failures exit 1
     assert "Traceback" not in result.stderr
     for variable in ("DEVICE", "API_PORT", "TEMPERATURE"):
         assert sum(line.startswith(f"{variable}=") for line in result.stderr.splitlines()) == 1
@@ -73,3 +73,25 @@ def test_remote_base_url_may_not_carry_credentials() -> None:
     with pytest.raises(SettingsError, match="REMOTE_BASE_URL.*REMOTE_API_KEY"):
         load_settings(_env_file=None, remote_base_url="http://user:sk-secret@gpu-host:8000/v1")
     assert load_settings(_env_file=None, remote_base_url="http://gpu-host:8000/v1/").remote_base_url.endswith("/v1")
+
+
+def test_the_design_cards_settings_are_honoured_or_refused_never_ignored() -> None:
+    def settings(**values: object) -> Settings:
+        return load_settings(_env_file=None, **values)
+
+    assert settings(batch_size=4).max_batch_size == 4  # BATCH_SIZE is MAX_BATCH_SIZE
+    assert settings(batch_size=4, max_batch_size=4).max_batch_size == 4
+    refusals = {
+        "BATCH_SIZE=4 and MAX_BATCH_SIZE=8 disagree": {"batch_size": 4, "max_batch_size": 8},
+        "BATCH_SIZE='many' is invalid": {"batch_size": "many"},
+        "ENABLE_FP16='maybe' is invalid": {"enable_fp16": "maybe"},
+        "CUDA_MEMORY_FRACTION=1.5 is invalid": {"cuda_memory_fraction": 1.5},
+        "CUDA_MEMORY_FRACTION=0 is invalid": {"cuda_memory_fraction": 0},
+        "PRELOAD_MODELS='sometimes' is invalid": {"preload_models": "sometimes"},
+        "ENABLE_FP16=true asks for float16 but TORCH_DTYPE=bfloat16": {"enable_fp16": True,
+                                                                        "torch_dtype": "bfloat16"},
+    }
+    for message, values in refusals.items():
+        with pytest.raises(SettingsError) as refused:
+            settings(**values)
+        assert message in str(refused.value), (message, str(refused.value))

@@ -174,3 +174,29 @@ def test_the_design_cards_start_up_commands_serve_as_the_launcher_does(tmp_path:
         with _serving(original, port, env) as url:
             answer = httpx.post(f"{url}/ask", json={"query": "Which cables are used for brakes?"}, timeout=120)
         assert answer.status_code == 200 and answer.json()["model_used"] == "ollama"
+
+
+def test_config_check_fails_naming_unknown_names_a_missing_default_adapter_and_bad_values(tmp_path: Path) -> None:
+    """A typo is never silently ignored: a `.env` entry lora-rag does not know, a near miss of one of its names in
+    the environment, DEFAULT_ADAPTER naming no adapter, an out-of-range value: exit 1, each named. ENABLE_FP16 on
+    a CPU passes, saying it does not apply there."""
+
+    def config_check(folder: Path, dotenv: str, **variables: str) -> subprocess.CompletedProcess[str]:
+        folder.mkdir()
+        (folder / ".env").write_text(dotenv, encoding="utf-8")
+        return subprocess.run([sys.executable, str(REPO_ROOT / "start_lora_rag.py"), "--config-check"],
+                              cwd=folder, env=_env(tmp_path, **variables), capture_output=True, text=True, timeout=300)
+
+    fine = config_check(tmp_path / "fine", "MAX_NEW_TOKENS=16\n", ENABLE_FP16="true")
+    assert fine.returncode == 0, fine.stdout + fine.stderr
+    assert "[OK  ] settings" in fine.stdout and "ENABLE_FP16 applies on CUDA only" in fine.stdout
+
+    typos = config_check(tmp_path / "typos", "BATCH_SIZ=4\n", DEFUALT_ADAPTER="sql", DEFAULT_ADAPTER="sqll")
+    assert typos.returncode == 1, typos.stdout + typos.stderr
+    assert "BATCH_SIZ is not a lora-rag setting; did you mean BATCH_SIZE?" in typos.stdout
+    assert "DEFUALT_ADAPTER is not a lora-rag setting; did you mean DEFAULT_ADAPTER?" in typos.stdout
+    assert "[FAIL] default adapter: DEFAULT_ADAPTER=sqll names no adapter found at start" in typos.stdout
+
+    out_of_range = config_check(tmp_path / "range", "", CUDA_MEMORY_FRACTION="2")
+    assert out_of_range.returncode == 1 and "CUDA_MEMORY_FRACTION=" in out_of_range.stderr
+    assert "Traceback" not in out_of_range.stderr

@@ -84,6 +84,14 @@ class AdapterManager:
                 return DEFAULT_NAME
             return next(iter(self._records)) if len(self._records) == 1 else None
 
+    @property
+    def missing_default(self) -> str | None:
+        """The default adapter set (DEFAULT_ADAPTER, /switch_model) when it is not loaded: default questions
+        cannot be answered until it is."""
+        with self._lock:
+            setting = self._default_setting
+            return setting if setting and setting not in self._records else None
+
     def set_default(self, name: str) -> None:
         """Make loaded adapter `name` the default of later requests naming none (AdapterNotFoundError otherwise)."""
         with self._lock:

@@ -89,8 +89,11 @@ class HFLoraBackend(GenerationBackend):
         from app.llm.engine import GenerationEngine
 
         device = resolve_device(settings.device)
-        numerics = choose_numeric_path(settings.torch_dtype, device, settings.enable_quantization)
+        numerics = choose_numeric_path(settings.torch_dtype, device, settings.enable_quantization,
+                                       enable_fp16=settings.enable_fp16)
         dtype = numerics.torch_dtype()
+        if device == "cuda" and settings.cuda_memory_fraction is not None:
+            torch.cuda.set_per_process_memory_fraction(settings.cuda_memory_fraction)
         if settings.num_threads:
             torch.set_num_threads(settings.num_threads)
         source = resolve_base_model(settings.base_model_name, settings.cache_dir)
@@ -256,6 +259,11 @@ class HFLoraBackend(GenerationBackend):
         problem = self._engine.problem()
         if problem is not None:
             return ComponentHealth(ok=False, detail=problem, extra=extra)
+        missing = self.adapters.missing_default
+        if missing is not None:
+            return ComponentHealth(ok=False, extra=extra, detail=(
+                f"the default adapter '{missing}' (DEFAULT_ADAPTER) is not loaded: questions naming no adapter get "
+                "503; load it, or set DEFAULT_ADAPTER to a loaded adapter"))
         return ComponentHealth(ok=True, detail="loaded", extra=extra)
 
     def describe(self) -> dict[str, Any]:

@@ -252,11 +252,11 @@ class ModelManager:
         if name != LORA:
             # A client is cheap to make (Ollama's, the remote's); asking the server is the only meaningful check.
             return await (await self.backend(name)).health()
-        from app.checks import check_base_model
+        from app.checks import check_base_model, check_default_adapter
 
-        check = check_base_model(self._settings)
-        if not check.ok:
-            return ComponentHealth(ok=False, detail=f"{check.detail}: {check.hint}")
+        for check in (check_base_model(self._settings), check_default_adapter(self._settings)):
+            if not check.ok:
+                return ComponentHealth(ok=False, detail=f"{check.detail}: {check.hint}")
         return ComponentHealth(ok=True, detail="not loaded yet (loads on first use)")
 
     def describe(self) -> dict[str, Any]:

@@ -14,7 +14,7 @@ caps what counts as available, so a process told to use AVX2 kernels only also c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -78,12 +78,23 @@ class NumericPath:
 
 
 def choose_numeric_path(
-    requested_dtype: str, device: str, quantize: bool, capability: CpuCapability | None = None
+    requested_dtype: str, device: str, quantize: bool, capability: CpuCapability | None = None,
+    enable_fp16: bool = False,
 ) -> NumericPath:
-    """TORCH_DTYPE (auto|float32|bfloat16|float16) and ENABLE_QUANTIZATION on `device`, made concrete."""
+    """TORCH_DTYPE (auto|float32|bfloat16|float16), ENABLE_QUANTIZATION and ENABLE_FP16 on `device`, made
+    concrete. ENABLE_FP16 is float16 on CUDA; on a CPU, where float16 is emulated, it does not apply and the
+    reason says so."""
     if device == "cuda":
-        return _cuda_path(requested_dtype, quantize)
-    cpu = capability or CpuCapability.detect()
+        path = _cuda_path("float16" if enable_fp16 else requested_dtype, quantize)
+        return replace(path, reason=f"ENABLE_FP16: {path.reason}") if enable_fp16 else path
+    path = _cpu_path(requested_dtype, quantize, capability or CpuCapability.detect())
+    if enable_fp16:
+        path = replace(path, reason=f"{path.reason}; ENABLE_FP16 applies on CUDA only (a CPU emulates float16): "
+                                    "not used")
+    return path
+
+
+def _cpu_path(requested_dtype: str, quantize: bool, cpu: CpuCapability) -> NumericPath:
     summary = cpu.summary()
     if quantize:
         if cpu.int8_kernels:
