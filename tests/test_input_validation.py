@@ -144,3 +144,29 @@ def _models_in(annotation: object) -> Iterator[type[BaseModel]]:
         yield annotation
     for argument in typing.get_args(annotation):
         yield from _models_in(argument)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "fields"),
+    [
+        ("/ask", {"query": "apples?", "precision": "float16"}, ["precision"]),
+        ("/switch_model", {"backend": "ollama", "device": "cuda"}, ["device"]),
+        # seed 002's admin load, whose per-adapter precision and device were silently dropped
+        ("/admin/load-lora-adapter", {"lora_name": "sql", "lora_path": "sql", "precision": "bfloat16",
+                                      "device": "cuda:0"}, ["precision", "device"]),
+        ("/admin/unload-lora-adapter", {"lora_name": "sql", "force": True}, ["force"]),
+    ],
+)
+def test_an_unknown_field_of_our_own_routes_is_a_422_naming_it(
+    url: str, path: str, body: dict[str, object], fields: list[str]
+) -> None:
+    response = httpx.post(f"{url}{path}", json=body, timeout=60)
+    assert response.status_code == 422, response.text
+    for field in fields:
+        assert f"{field}: not a field of this request" in response.json()["message"]
+
+
+def test_vllms_routes_keep_vllms_rule_and_ignore_fields_they_do_not_use(url: str) -> None:
+    response = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "absent", "load_inplace": True},
+                          timeout=60)
+    assert response.status_code == 404  # the adapter, not the field

@@ -15,7 +15,13 @@ from fastapi.responses import PlainTextResponse
 from app.api.deps import get_rag_service
 from app.api.errors import OPENAI
 from app.api.metrics import AdapterChange, adapter_change_counter
-from app.api.schemas import LoadAdapterRequest, UnloadAdapterRequest, error_responses
+from app.api.schemas import (
+    LoadAdapterRequest,
+    UnloadAdapterRequest,
+    VllmLoadAdapterRequest,
+    VllmUnloadAdapterRequest,
+    error_responses,
+)
 from app.rag.service import RAGService
 
 router = APIRouter(tags=["admin"])
@@ -56,7 +62,7 @@ async def list_adapters(service: Service) -> dict[str, Any]:
 
 
 @router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=_VLLM_ERRORS)
-async def vllm_load_adapter(request: LoadAdapterRequest, service: Service, count: CountChange) -> str:
+async def vllm_load_adapter(request: VllmLoadAdapterRequest, service: Service, count: CountChange) -> str:
     """vLLM-compatible load."""
     await service.models.load_adapter(request.lora_name, request.lora_path)
     count("load")
@@ -64,7 +70,7 @@ async def vllm_load_adapter(request: LoadAdapterRequest, service: Service, count
 
 
 @router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=_VLLM_ERRORS)
-async def vllm_unload_adapter(request: UnloadAdapterRequest, service: Service, count: CountChange) -> str:
+async def vllm_unload_adapter(request: VllmUnloadAdapterRequest, service: Service, count: CountChange) -> str:
     """vLLM-compatible unload."""
     await service.models.unload_adapter(request.lora_name)
     count("unload")

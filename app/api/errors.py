@@ -159,6 +159,10 @@ def describe_error(error: BaseException) -> ErrorInfo:
     return _INTERNAL
 
 
+#: What an unknown field of one of our own request bodies is told (pydantic's "Extra inputs are not permitted").
+_UNKNOWN_FIELD = "not a field of this request (the OpenAPI page at /docs lists them)"
+
+
 def _describe_validation(error: RequestValidationError, path: str) -> ErrorInfo:
     problems = error.errors()
     if any(problem.get("type") == "json_invalid" for problem in problems):
@@ -167,7 +171,8 @@ def _describe_validation(error: RequestValidationError, path: str) -> ErrorInfo:
     for problem in problems:
         location = ".".join(str(part) for part in problem.get("loc", ()) if part != "body") or "body"
         fields.append(location)
-        parts.append(f"{location}: {problem.get('msg', 'invalid')}")
+        message = _UNKNOWN_FIELD if problem.get("type") == "extra_forbidden" else problem.get("msg", "invalid")
+        parts.append(f"{location}: {message}")
     code = "invalid_request" if _under(path.lower(), INFERENCE_PREFIX) else "validation_error"
     return ErrorInfo(422, code, "; ".join(parts), param=fields[0] if fields else None)
 

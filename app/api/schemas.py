@@ -50,6 +50,14 @@ class RequestModel(BaseModel):
         return value
 
 
+class OwnRequestModel(RequestModel):
+    """The body of one of our own routes (/ask, /switch_model, the admin routes): a field it does not know is a
+    422 naming it, so what another system's request carries (seed 002's "precision" and "device") is never
+    silently ignored. The /v1 and /api bodies keep their protocols' rules instead."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class AdapterWeight(RequestModel):
     name: StrictStr = Field(..., min_length=1, max_length=64)
     weight: float = Field(1.0, ge=-10, le=10, allow_inf_nan=False)
@@ -119,7 +127,7 @@ class BackendChoice(RequestModel):
         return self.backend
 
 
-class AskRequest(AdapterFields, BackendChoice):
+class AskRequest(AdapterFields, BackendChoice, OwnRequestModel):
     query: StrictStr = Field(..., description="the question, in any language", examples=["How do I switch models?"])
     stream: StrictBool = Field(
         False, description="true: Server-Sent Events, `delta` events with the answer's pieces, then the full response"
@@ -163,7 +171,7 @@ class AskResponse(BaseModel):
     notice: str | None = Field(None, description="set when the answer is blank, saying so; null otherwise")
 
 
-class SwitchModelRequest(BackendChoice):
+class SwitchModelRequest(BackendChoice, OwnRequestModel):
     adapter: StrictStr | None = Field(
         None, min_length=1, max_length=64, description="a loaded adapter to make the default (on the lora backend)"
     )
@@ -241,18 +249,28 @@ def error_responses(
     return {status: {"model": envelope.model} for status in sorted({envelope.status(s) for s in guard | set(statuses)})}
 
 
-class LoadAdapterRequest(RequestModel):
+class LoadAdapterRequest(OwnRequestModel):
     lora_name: StrictStr = Field(..., min_length=1, max_length=64, description="name requests will use")
     lora_path: StrictStr = Field(
         ..., min_length=1, max_length=1024, description="folder name or path inside the allowed adapter folders"
     )
 
 
-class UnloadAdapterRequest(RequestModel):
+class UnloadAdapterRequest(OwnRequestModel):
     lora_name: StrictStr = Field(..., min_length=1, max_length=64)
 
 
-class RebuildRequest(RequestModel):
+class VllmLoadAdapterRequest(LoadAdapterRequest):
+    """vLLM's /v1/load_lora_adapter body: as vLLM, fields it does not use (`load_inplace`) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class VllmUnloadAdapterRequest(UnloadAdapterRequest):
+    model_config = ConfigDict(extra="ignore")
+
+
+class RebuildRequest(OwnRequestModel):
     rebuild: StrictBool = Field(
         False, description="true: re-embed every document; false: only new and changed ones (unchanged are reused)"
     )
@@ -285,7 +303,7 @@ class StoreVersionsResponse(BaseModel):
     versions: list[StoreVersion] = Field(..., description="kept versions, oldest first")
 
 
-class RollbackRequest(RequestModel):
+class RollbackRequest(OwnRequestModel):
     version: StrictStr = Field(..., pattern=r"^v[0-9]{1,12}$", examples=["v000002"])
 
 
