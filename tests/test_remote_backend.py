@@ -3,6 +3,7 @@ SmolLM2 with the shipped demo adapter (it speaks /v1/chat/completions and /v1/mo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import threading
@@ -228,3 +229,88 @@ def test_a_runaway_remote_engine_is_cut_off_at_a_bound_with_a_502(tmp_path: Path
     while len(_RunawayEngine.sent) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _RunawayEngine.sent["reply"] < 8 * 2**20 and _RunawayEngine.sent["stream"] < 8 * 2**20, _RunawayEngine.sent
+
+
+class _MisshapenEngine(BaseHTTPRequestHandler):
+    """An engine whose answers are valid HTTP and JSON but not what the OpenAI protocol says; `mode` picks which."""
+
+    mode: ClassVar[str] = ""
+    protocol_version = "HTTP/1.1"
+    REPLIES: ClassVar[dict[str, object]] = {
+        "choices a string": {"choices": "x"},
+        "choices of numbers": {"choices": [5]},
+        "message a list": {"choices": [{"message": []}]},
+        "usage not numbers": {"choices": [{"message": {"content": "hi"}}], "usage": {"prompt_tokens": "many"}},
+        "a list": [1, 2],
+    }
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+        pass
+
+    def _send(self, status: int, body: bytes, content_type: str = "application/json", **headers: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        if self.mode == "models data a number":
+            return self._send(200, b'{"data": 5}')
+        if self.mode == "models a byte a second":
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                for _ in range(20):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(1)
+            return None
+        return self._send(200, json.dumps({"data": [{"id": "shapeless"}]}).encode())
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if self.mode in self.REPLIES:
+            return self._send(200, json.dumps(self.REPLIES[self.mode]).encode())
+        if self.mode == "a redirect with an answer":
+            return self._send(307, b'{"choices": [{"message": {"content": "not the answer"}}]}',
+                              Location="http://elsewhere.invalid/v1/chat/completions")
+        if self.mode == "Retry-After not a number":
+            return self._send(429, b'{"error": {"message": "slow down"}}', Retry_After="\u00b2")
+        return self._send(200, b"hello, no events here", "text/plain")  # "not events", asked to stream
+
+
+@pytest.mark.slow
+def test_a_remote_engine_answering_in_the_wrong_shape_is_a_502_never_a_500(tmp_path: Path, corpus_store: Path) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _MisshapenEngine)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    chat = {"model": "shapeless", "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 8}
+    try:
+        front = _front(tmp_path, corpus_store, f"http://127.0.0.1:{server.server_address[1]}",
+                       remote_models_ttl_seconds=0)
+        with running_server(front) as url, httpx.Client(base_url=url, timeout=60) as client:
+            answers = {}
+            for mode in [*_MisshapenEngine.REPLIES, "a redirect with an answer", "Retry-After not a number"]:
+                _MisshapenEngine.mode = mode
+                answers[mode] = client.post("/v1/chat/completions", json=chat)
+            _MisshapenEngine.mode = "not events"
+            streamed = client.post("/v1/chat/completions", json={**chat, "stream": True})
+            _MisshapenEngine.mode = "models data a number"
+            listed = client.get("/health/ready")
+            _MisshapenEngine.mode = "models a byte a second"
+            started = time.monotonic()
+            slow = client.get("/health/ready")
+            slow_seconds = time.monotonic() - started
+    finally:
+        server.shutdown()
+    for mode, answer in answers.items():
+        expected = 429 if mode == "Retry-After not a number" else 502
+        assert answer.status_code == expected, (mode, answer.text)
+        assert "not the answer" not in answer.text
+    assert answers["Retry-After not a number"].headers["Retry-After"] == "1"
+    assert "no events" in streamed.text and '"content":"hello' not in streamed.text.replace(" ", "")
+    assert listed.status_code == 503 and slow.status_code == 503 and slow_seconds < 10

@@ -22,9 +22,10 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+from pydantic import BaseModel, ValidationError
 
 from app.config import Settings
 from app.errors import (
@@ -61,6 +62,39 @@ _REPLY_BYTES_PER_TOKEN = 4096
 _LISTING_MAX_BYTES = 4 * 2**20
 #: Streamed pieces beyond `max_tokens` tolerated (an engine may send a piece without a token of its own).
 _STREAMED_PIECES_MARGIN = 16
+
+
+class _Message(BaseModel):
+    content: str | None = None
+
+
+class _Choice(BaseModel):
+    message: _Message | None = None  # a reply's
+    delta: _Message | None = None  # a streamed chunk's
+    finish_reason: str | None = None
+
+
+class _Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _Completion(BaseModel):
+    """What is read of a chat completion or one of its streamed chunks; any other shape is the engine's fault."""
+
+    choices: list[_Choice]
+    usage: _Usage | None = None
+
+
+class _ModelEntry(BaseModel):
+    id: str
+
+
+class _ModelList(BaseModel):
+    data: list[_ModelEntry] = []
+
+
+_Reply = TypeVar("_Reply", bound=BaseModel)
 
 
 class RemoteAdapterNotFoundError(NotFoundError):
@@ -117,20 +151,24 @@ class RemoteBackend(GenerationBackend):
             body["seed"] = params.seed
         limit = _reply_limit(params.max_new_tokens)
         if on_text is None:
-            reply = await self._request("POST", "chat/completions", json_body=body, max_bytes=limit)
-            choice = (reply.get("choices") or [{}])[0]
-            text = str((choice.get("message") or {}).get("content") or "")
-            return self._result(text, choice.get("finish_reason"), reply.get("usage"), adapter)
+            reply = self._parsed(_Completion, await self._request("POST", "chat/completions", json_body=body,
+                                                                   max_bytes=limit))
+            choice = reply.choices[0] if reply.choices else _Choice()
+            text = choice.message.content if choice.message is not None and choice.message.content else ""
+            return self._result(text, choice.finish_reason, reply.usage, adapter)
         body.update(stream=True, stream_options={"include_usage": True})
         pieces: list[str] = []
-        finish: object = None
-        usage: object = None
+        finish: str | None = None
+        usage: _Usage | None = None
+        events = 0
         most_pieces = params.max_new_tokens + _STREAMED_PIECES_MARGIN
         async with self._stream("chat/completions", body, limit) as lines:
-            async for chunk in _events(lines):
-                usage = chunk.get("usage") or usage
-                for choice in chunk.get("choices") or []:
-                    piece = str((choice.get("delta") or {}).get("content") or "")
+            async for event in _events(lines):
+                events += 1
+                chunk = self._parsed(_Completion, event)
+                usage = chunk.usage or usage
+                for choice in chunk.choices:
+                    piece = choice.delta.content if choice.delta is not None and choice.delta.content else ""
                     if piece:
                         if len(pieces) == most_pieces:
                             raise UpstreamError(
@@ -139,13 +177,21 @@ class RemoteBackend(GenerationBackend):
                             )
                         pieces.append(piece)
                         on_text(piece)
-                    finish = choice.get("finish_reason") or finish
+                    finish = choice.finish_reason or finish
+        if not events:
+            raise UpstreamError(f"the remote engine at {self.base_url} answered the stream with no events")
         return self._result("".join(pieces), finish, usage, adapter)
 
     async def health(self) -> ComponentHealth:
         """Reachable, and its model list holds the base model."""
         try:
-            models = await self.model_names(refresh=True, timeout=_HEALTH_TIMEOUT_SECONDS)
+            # httpx's timeout bounds each read, not the whole reply: an engine sending a byte a second would hold
+            # the probe (and /health/ready) for as long as it likes.
+            models = await asyncio.wait_for(self.model_names(refresh=True, timeout=_HEALTH_TIMEOUT_SECONDS),
+                                            _HEALTH_TIMEOUT_SECONDS)
+        except TimeoutError:
+            return ComponentHealth(ok=False, detail=f"the remote engine at {self.base_url} did not answer "
+                                                    f"/v1/models within {_HEALTH_TIMEOUT_SECONDS:g} s")
         except AppError as error:
             return ComponentHealth(ok=False, detail=error.message)
         base = self._configured_model or models[0]
@@ -164,8 +210,8 @@ class RemoteBackend(GenerationBackend):
     async def model_names(self, *, refresh: bool = False, timeout: float | None = None) -> list[str]:
         """The engine's /v1/models ids (cached REMOTE_MODELS_TTL_SECONDS), base model first when it is listed."""
         if refresh or time.monotonic() - self._models_read_at > self._models_ttl or not self._models:
-            reply = await self._request("GET", "models", timeout=timeout)
-            ids = [str(entry.get("id")) for entry in reply.get("data") or [] if isinstance(entry, dict)]
+            reply = self._parsed(_ModelList, await self._request("GET", "models", timeout=timeout))
+            ids = [entry.id for entry in reply.data]
             if not ids:
                 raise UpstreamError(f"the remote engine at {self.base_url} lists no models")
             base = self._configured_model or ids[0]
@@ -225,13 +271,24 @@ class RemoteBackend(GenerationBackend):
     def _base_model(self, models: list[str]) -> str:
         return self._configured_model or models[0]
 
-    def _result(self, text: str, finish: object, usage: object, adapter: str) -> GenerationResult:
-        counts = usage if isinstance(usage, dict) else {}
+    def _result(self, text: str, finish: str | None, usage: _Usage | None, adapter: str) -> GenerationResult:
+        counts = usage or _Usage()
         reason: FinishReason = "length" if finish == "length" else "stop"
         return GenerationResult(
-            text=text, model_used="remote", prompt_tokens=int(counts.get("prompt_tokens") or 0),
-            completion_tokens=int(counts.get("completion_tokens") or 0), finish_reason=reason, adapters=adapter,
+            text=text, model_used="remote", prompt_tokens=counts.prompt_tokens,
+            completion_tokens=counts.completion_tokens, finish_reason=reason, adapters=adapter,
         )
+
+    def _parsed(self, shape: type[_Reply], payload: dict[str, Any]) -> _Reply:
+        """`payload` read as `shape`; any other shape is the engine's fault (502), never ours (500)."""
+        try:
+            return shape.model_validate(payload)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "its body"
+            raise UpstreamError(
+                f"the remote engine at {self.base_url} answered in an unexpected shape ({where}: {first['msg']})"
+            ) from None
 
     # HTTP, with the engine's failures turned into ours
 
@@ -248,7 +305,9 @@ class RemoteBackend(GenerationBackend):
             payload = json.loads(text)
         except ValueError:
             raise UpstreamError(f"the remote engine at {self.base_url} answered {path} with no JSON") from None
-        return payload if isinstance(payload, dict) else {}
+        if not isinstance(payload, dict):
+            raise UpstreamError(f"the remote engine at {self.base_url} answered {path} with JSON that is no object")
+        return payload
 
     async def _send(self, method: str, path: str, max_bytes: int, **options: Any) -> tuple[httpx.Response, str]:
         """The engine's reply and its text, read up to `max_bytes` (UpstreamError beyond)."""
@@ -293,8 +352,13 @@ class RemoteBackend(GenerationBackend):
 
     def _raise_for(self, response: httpx.Response, text: str) -> None:
         status = response.status_code
-        if status < 400:
+        if status < 300:
             return
+        if status < 400:
+            raise UpstreamError(
+                f"the remote engine at {self.base_url} answered {status}, a redirect (to "
+                f"{response.headers.get('location', 'nowhere said')[:200]}): set REMOTE_BASE_URL to where it serves"
+            )
         message = _error_message(text)[:_MAX_ERROR_CHARS]
         if self._secret:
             message = message.replace(self._secret, "***")
@@ -305,8 +369,8 @@ class RemoteBackend(GenerationBackend):
             raise NotFoundError(f"{where}: {message}")
         if status == 429:
             retry = response.headers.get("retry-after", "")
-            raise UpstreamRateLimitedError(f"{where} is rate limiting: {message}",
-                                           retry_after=int(retry) if retry.isdigit() else 1)
+            seconds = int(retry) if retry.isascii() and retry.isdigit() and len(retry) <= 6 else 1
+            raise UpstreamRateLimitedError(f"{where} is rate limiting: {message}", retry_after=seconds)
         if status in (408, 504):
             raise BackendTimeoutError(f"{where} timed out: {message}")
         if status == 503:
