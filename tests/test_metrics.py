@@ -144,7 +144,7 @@ def test_adapter_families_name_the_adapters_on_the_real_model(
                              lora_adapters_dir=tmp_path / "empty", adapter_allowed_roots=str(adapters_dir),
                              max_loaded_adapters=3)
     with running_server(create_app(settings)) as url, httpx.Client(base_url=url, timeout=300) as client, \
-            ThreadPoolExecutor(2) as pool:
+            ThreadPoolExecutor(3) as pool:
         loaded = client.post("/v1/load_lora_adapter",
                              json={"lora_name": "alpha", "lora_path": str(adapters_dir / "alpha")})
         assert loaded.status_code == 200, loaded.text
@@ -153,10 +153,13 @@ def test_adapter_families_name_the_adapters_on_the_real_model(
             assert not on_base.done(), on_base.result().text
             time.sleep(0.02)
         on_alpha = pool.submit(client.post, "/ask", json={"query": QUERY, "adapter": "alpha"})
-        while not (busy := _scrape(client))["vllm:lora_requests_info"].samples[0].labels["waiting_lora_adapters"]:
+        # A name typed by a user that no adapter has: never a label value (it could be anything, a secret too).
+        typed = pool.submit(client.post, "/ask", json={"query": QUERY, "adapter": "my-password-is-SENTINEL"})
+        while _value(busy := _scrape(client), "vllm:num_requests_waiting") < 2:
             assert not on_alpha.done(), "the request on alpha never showed as waiting"
             time.sleep(0.02)
         assert on_base.result().status_code == 200 and on_alpha.result().status_code == 200
+        assert typed.result().status_code == 404
         with client.stream("POST", "/v1/chat/completions", json={
             "model": "alpha", "stream": True, "messages": [{"role": "user", "content": QUERY}],
         }) as streamed:
@@ -165,7 +168,7 @@ def test_adapter_families_name_the_adapters_on_the_real_model(
 
     [info] = busy["vllm:lora_requests_info"].samples
     assert info.labels == {"running_lora_adapters": "", "waiting_lora_adapters": "alpha", "max_lora": "3"}
-    assert _value(busy, "vllm:num_requests_running") == 1 and _value(busy, "vllm:num_requests_waiting") == 1
+    assert _value(busy, "vllm:num_requests_running") == 1 and _value(busy, "vllm:num_requests_waiting") == 2
     assert _value(families, "lora_rag_adapter_requests", "lora_rag_adapter_requests_total", adapter="alpha") == 2
     assert _value(families, "lora_rag_adapter_loaded", adapter="alpha") == 1
     assert _value(families, "lora_rag_adapter_evictions", "lora_rag_adapter_evictions_total", adapter="alpha") == 0

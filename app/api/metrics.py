@@ -133,8 +133,12 @@ class _ServiceCollector:
             "vllm:lora_requests_info", "Running stats on LoRA requests (vLLM's name).",
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
         )
-        info.add_metric([",".join(queue.running_adapters), ",".join(queue.waiting_adapters), self._max_lora],
-                        time.time())
+        # Only names of adapters served here: a request names whatever its user typed (a secret, or an endless
+        # variety of labels) before it is checked.
+        known = service.models.served_adapter_names()
+        running, waiting = ([name for name in names if name in known]
+                            for names in (queue.running_adapters, queue.waiting_adapters))
+        info.add_metric([",".join(running), ",".join(waiting), self._max_lora], time.time())
         yield info
         yield from _adapter_families(service)
 

@@ -229,6 +229,20 @@ class ModelManager:
         host = await self.adapter_host()
         return {"adapters": host.adapter_catalogue(), "mixes": host.mix_catalogue()}
 
+    def served_adapter_names(self) -> set[str]:
+        """The adapters served now, as far as known without asking anyone: the local model's, and the remote
+        engine's from its model list as last read."""
+        names: set[str] = set()
+        local, remote = self._backends.get(LORA), self._backends.get(REMOTE)
+        if isinstance(local, AdapterHost):
+            names |= {str(entry["name"]) for entry in local.adapter_catalogue()}
+        if remote is not None:
+            from app.llm.remote_backend import RemoteBackend
+
+            assert isinstance(remote, RemoteBackend)
+            names |= set(remote.cached_adapter_names)
+        return names
+
     async def served_model_names(self) -> tuple[str, list[str]]:
         """The base model's public name and the adapters served now (for /v1/models and /api/tags): the remote
         engine's when it is the active backend (its model list, cached), else the local model's."""

@@ -219,6 +219,11 @@ class RemoteBackend(GenerationBackend):
             self._models_read_at = time.monotonic()
         return self._models
 
+    @property
+    def cached_adapter_names(self) -> list[str]:
+        """The adapters of the model list as last read (none before the first read)."""
+        return self._models[1:]
+
     async def adapter_names(self) -> list[str]:
         """The engine's models other than the base (the first listed: REMOTE_MODEL when the engine serves it)."""
         return (await self.model_names())[1:]
