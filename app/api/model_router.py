@@ -44,7 +44,7 @@ async def switch_model(
     assert name is not None  # the request model requires one way or another
     active = await service.models.switch(name)
     return SwitchModelResponse(
-        using_lora=active == "lora", active_backend=active, default_adapter=await service.models.default_adapter(),
+        using_lora=active == "lora", active_backend=active, default_adapter=service.models.default_adapter(),
         message=f"later requests use the {active} backend",
     )
 

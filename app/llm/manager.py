@@ -176,7 +176,7 @@ class ModelManager:
         host.set_default_adapter(adapter)
         return adapter
 
-    async def default_adapter(self) -> str | None:
+    def default_adapter(self) -> str | None:
         """The local model's default adapter, when it is loaded (None: not loaded, or the base model)."""
         backend = self._backends.get(LORA)
         return backend.default_adapter() if isinstance(backend, AdapterHost) else None
