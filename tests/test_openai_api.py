@@ -273,6 +273,11 @@ def test_unknown_model_is_404_listing_the_served_names(client: OpenAI) -> None:
     body = error.value.response.json()["error"]
     assert body["code"] == "model_not_found"
     assert "gpt-4o" in body["message"] and BASE in body["message"] and ADAPTER in body["message"]
+    # A base model served nowhere here, with an adapter of ours named beside it: still 404, never our base model
+    # answering a request meant for another one.
+    with pytest.raises(openai.NotFoundError) as error:
+        _create(client, model="Qwen2.5-72B", messages=QUESTION, max_tokens=2, extra_body={"adapter": ADAPTER})
+    assert error.value.response.json()["error"]["code"] == "model_not_found"
 
 
 def test_unknown_adapter_field_is_404_adapter_not_found(client: OpenAI) -> None:

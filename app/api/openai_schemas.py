@@ -124,7 +124,7 @@ class ChatCompletionRequest(AdapterFields):
 
     `model` is the base model's name (the base model alone) or an adapter's name (see `GET /v1/models`).
     `adapter` / `adapter_id` / `lora_adapter_ids` / `adapters`, when given, choose the adapters instead
-    and `model` is then only echoed back.
+    and `model` must still be a model served here (the base model or an adapter).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -240,16 +240,18 @@ class ChatCompletionRequest(AdapterFields):
         )
 
     def adapter_choice(self, base_name: str, adapter_names: list[str]) -> AdapterSpec:
-        """The adapter fields when given, else what `model` names: the base model alone or one adapter."""
+        """The adapter fields when given, else what `model` names: the base model alone or one adapter. A `model`
+        served nowhere here is 404 either way: a request meant for another base model is never answered by this
+        one under the adapter fields."""
+        if self.model != base_name and self.model not in adapter_names:
+            available = ", ".join([base_name, *adapter_names])
+            raise ModelNotFoundError(
+                f"model {self.model!r} is not served here; available: {available} (GET /v1/models)"
+            )
         spec = self.adapter_spec()
         if spec is not None:
             return spec
-        if self.model == base_name:
-            return ()
-        if self.model in adapter_names:
-            return ((self.model, 1.0),)
-        available = ", ".join([base_name, *adapter_names])
-        raise ModelNotFoundError(f"model {self.model!r} is not served here; available: {available} (GET /v1/models)")
+        return () if self.model == base_name else ((self.model, 1.0),)
 
     @property
     def include_usage(self) -> bool:
