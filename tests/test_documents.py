@@ -288,3 +288,18 @@ def test_an_upload_whose_client_leaves_is_not_written(tmp_path: Path, ollama: Ol
         listed = [d["source"] for d in client.get("/documents", headers=ADMIN).json()["documents"]]
     assert after.status_code == 201, after.text
     assert listed == ["glacier.md"]
+
+
+def test_a_collection_name_over_255_bytes_is_refused_and_leaves_no_collection(
+    tmp_path: Path, ollama: OllamaWireServer
+) -> None:
+    long_name = "\U00020000" * 64  # 64 letters (CJK Extension B), 256 bytes in UTF-8: no folder can be named so
+    with _client(tmp_path, ollama) as client:
+        upload = _upload(client, "glacier.md", GLACIER, collection=long_name)
+        asked = client.post("/ask", json={"query": "glacier tours?", "collection": long_name}, headers=USER)
+        collections = client.get("/collections", headers=ADMIN).json()["collections"]
+        fine = _upload(client, "glacier.md", GLACIER, collection="\U00020000" * 63)
+    assert upload.status_code == 422 and "256 bytes" in upload.json()["message"], upload.text
+    assert asked.status_code == 422, asked.text
+    assert long_name not in [entry["name"] for entry in collections]
+    assert fine.status_code == 201, fine.text

@@ -34,11 +34,21 @@ DEFAULT_COLLECTION = "default"
 COLLECTION_NAME = re.compile(r"[^\W_][\w-]{0,63}")
 
 
+#: A collection is a folder (FAISS): its name must fit a file name, 255 bytes on common file systems (64 characters
+#: of four UTF-8 bytes each would not).
+COLLECTION_NAME_BYTES = 255
+
+
 def check_collection_name(name: str) -> str:
     if not COLLECTION_NAME.fullmatch(name):
         raise ValidationFailedError(
             f"collection {name[:80]!r} is not a valid name: 1 to 64 letters, digits, '_' or '-', "
             "starting with a letter or digit"
+        )
+    if len(name.encode("utf-8")) > COLLECTION_NAME_BYTES:
+        raise ValidationFailedError(
+            f"collection {name[:20]!r}... is {len(name.encode('utf-8'))} bytes in UTF-8; a name may hold at most "
+            f"{COLLECTION_NAME_BYTES} (it names a folder)"
         )
     return name
 
