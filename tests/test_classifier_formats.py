@@ -51,6 +51,24 @@ def test_bad_label_mappings_are_refused_naming_the_file(value: object, message: 
     assert "m.head.pt.pkl" in caught.value.message
 
 
+@pytest.mark.parametrize(
+    ("file", "content", "message"),
+    [("m.labels.json", '{"a": ' + "9" * 6000 + "}", "not valid JSON"),  # past Python's integer digit limit
+     ("m.labels.json", "[" * 200_000 + "]" * 200_000, "not valid JSON"),  # nested past the stack
+     ("m.labels.json", '["\\ud800", "b"]', "not valid Unicode"),  # a lone surrogate, as JSON may escape it
+     ("m.head.pt.pkl", pickle.dumps({"a": 10**6000, "b": 1}), "label: index"),
+     ("m.head.pt.pkl", pickle.dumps({10**6000: "a"}), "label: index")],
+)
+def test_crafted_label_files_are_refused_naming_the_file(
+    tmp_path: Path, file: str, content: str | bytes, message: str
+) -> None:
+    path = tmp_path / file
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    with pytest.raises(ClassifierError, match=message) as caught:
+        read_labels(path)
+    assert file in caught.value.message
+
+
 def test_plain_pickle_of_labels_is_read(tmp_path: Path) -> None:
     path = tmp_path / "m.head.pt.pkl"
     path.write_bytes(pickle.dumps({"neg": 0, "pos": 1}))
@@ -113,6 +131,7 @@ def test_head_without_bias_gets_zeros(tmp_path: Path) -> None:
      ({"weight": torch.ones(2, 4, dtype=torch.int64)}, "floating-point"),
      ({"weight": torch.ones(2, 4), "bias": torch.ones(3)}, "3 entries"),
      ({"weight": torch.full((2, 4), float("nan"))}, "NaN"),
+     ({"weight": torch.full((2, 4), 1e37)}, "overflow float32"),  # finite, but no input would give a probability
      ([torch.ones(2, 4)], "state_dict")],
 )
 def test_bad_heads_are_refused_naming_the_file(tmp_path: Path, state: object, message: str) -> None:

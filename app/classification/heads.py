@@ -32,6 +32,9 @@ LABELS_JSON_SUFFIX = ".labels.json"
 _MAX_LABEL_FILE_BYTES = 10_000_000
 _MAX_HEAD_FILE_BYTES = 2_000_000_000
 _MAX_LABELS = 100_000
+#: A generous bound on the size of a final hidden state's entries (after the model's last norm they are tens at
+#: most), for the overflow check of a head's weights.
+_HIDDEN_VALUE_BOUND = 1e4
 _LABEL_WRAPPERS = ("id2label", "label2id", "labels", "classes")
 
 
@@ -117,6 +120,11 @@ def _linear_from_state(state: Any, name: str) -> Head:
     weight, bias = weight.detach().float().contiguous(), bias.detach().float().contiguous()
     if not (bool(torch.isfinite(weight).all()) and bool(torch.isfinite(bias).all())):
         raise ClassifierError(f"{name} holds NaN or infinite values")
+    # The largest logit a final hidden state of modest size could give must stay a float32 number, else the
+    # probabilities of real inputs come out NaN.
+    worst = weight.double().abs().sum(dim=1) * _HIDDEN_VALUE_BOUND + bias.double().abs()
+    if not bool((worst < torch.finfo(torch.float32).max).all()):
+        raise ClassifierError(f"{name}: its weights are so large that the logits would overflow float32")
     return Head(weight=weight, bias=bias, file=name)
 
 
@@ -130,8 +138,10 @@ def read_labels(path: Path) -> list[str]:
     if name.endswith(LABELS_JSON_SUFFIX):
         try:
             value: Any = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ClassifierError(f"{name} is not valid JSON: {error}") from None
+        # ValueError: also an integer past Python's digit limit; RecursionError: arrays nested past the stack
+        except (UnicodeDecodeError, ValueError, RecursionError) as error:
+            reason = " ".join(str(error).split())[:300] or type(error).__name__
+            raise ClassifierError(f"{name} is not valid JSON: {reason}") from None
     else:
         try:
             value = safe_unpickle(data)
@@ -170,15 +180,19 @@ def labels_from(value: Any, name: str) -> list[str]:
 
 
 def _is_index(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_LABELS
 
 
 def _is_digits(value: Any) -> bool:
-    return isinstance(value, str) and value.isdigit() and value.isascii()
+    return isinstance(value, str) and value.isdigit() and value.isascii() and len(value) <= 6
 
 
 def _label(value: Any, name: str) -> str:
     if isinstance(value, str) and value:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ClassifierError(f"{name}: a label is not valid Unicode text (a lone surrogate)") from None
         return value
     if _is_index(value):
         return str(value)

@@ -45,6 +45,7 @@ from app.errors import (
     ClassifierNotFoundError,
     InvalidRequestError,
     ModelNotLoadedError,
+    NumericalFailureError,
 )
 from app.llm.adapter_paths import resolve_adapter_path
 from app.llm.adapters import ADAPTER_CONFIG_FILE, AdapterInfo, inspect_adapter
@@ -196,8 +197,12 @@ def _probabilities(hidden: list[object], head: Head) -> list[list[float]]:
 
     with torch.inference_mode():
         features = torch.stack(hidden)  # type: ignore[arg-type]
-        logits = features @ head.weight.T + head.bias
-        return logits.softmax(dim=-1).tolist()  # type: ignore[no-any-return]
+        probabilities = (features @ head.weight.T + head.bias).softmax(dim=-1)
+        if not bool(torch.isfinite(probabilities).all()):
+            raise NumericalFailureError(
+                f"{head.file} gave no finite probabilities for these texts (its logits overflowed)"
+            )
+        return probabilities.tolist()  # type: ignore[no-any-return]
 
 
 def _gpu_id(device: str) -> int | None:
