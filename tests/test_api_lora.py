@@ -95,7 +95,8 @@ def test_switch_while_requests_are_in_flight(service_url: str) -> None:
     assert [r.json()["model_used"] for r in before] == ["base"] * 3
     assert [r.json()["model_used"] for r in after] == ["ollama"] * 3
     assert switches[0].json() == {
-        "using_lora": False, "active_backend": "ollama", "message": switches[0].json()["message"]
+        "using_lora": False, "active_backend": "ollama", "default_adapter": None,  # no adapter here
+        "message": switches[0].json()["message"],
     }
     assert switches[-1].json()["using_lora"] is True
 
