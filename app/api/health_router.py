@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from app.api.deps import get_rag_service
 from app.api.schemas import HealthResponse, LivenessResponse, ReadinessResponse, error_responses
-from app.api.security import shown_to
+from app.api.visibility import shown_to
 from app.rag.service import RAGService
 
 router = APIRouter(tags=["health"])

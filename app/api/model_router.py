@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request
 
 from app.api.deps import get_rag_service
 from app.api.schemas import ModelInfo, SwitchModelRequest, SwitchModelResponse, error_responses
-from app.api.security import shown_to
+from app.api.visibility import shown_to
 from app.rag.service import RAGService
 
 router = APIRouter(tags=["models"])

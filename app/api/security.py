@@ -5,7 +5,7 @@ It is ASGI middleware rather than per-route dependencies so that nothing can be 
 every path needs a user key except liveness/readiness, and admin paths need an admin key. Paths are
 normalised first (percent-decoding, case, repeated and trailing slashes) so a variant of an admin path
 cannot slip past as a user path. The caller's role is left in the request's state for routes that show
-admins more (`shown_to`).
+admins more (`app/api/visibility.py`).
 """
 
 from __future__ import annotations
@@ -14,17 +14,14 @@ import hashlib
 import hmac
 import logging
 import math
-import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
-from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote
 
-from starlette.requests import Request
-
 from app.api.errors import ErrorInfo, error_response
+from app.api.visibility import ROLE_STATE_KEY
 from app.config import Settings
 
 logger = logging.getLogger(__name__)
@@ -52,7 +49,6 @@ ADMIN_PATHS = frozenset({
 ADMIN_PREFIXES = ("/admin", "/documents")
 UPLOAD_PATH = "/documents"
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-ROLE_STATE_KEY = "role"
 CallerRole = Literal["admin", "user", "anonymous"]
 
 
@@ -225,39 +221,6 @@ class RequestGuard:
                 scope = _as_json(scope)
             receive = _replay(body, receive)
         await self._app(scope, receive, send)
-
-
-_ABSOLUTE_PATH = re.compile(
-    # Starts a word (not inside a URL, a relative path or a ratio like 1/2) and stops before spaces, quotes,
-    # separators and a sentence's closing dot.
-    r"(?<![\w.:/~-])~?/[^\s'\"`,;:()\[\]{}<>]*[^\s'\"`,;:()\[\]{}<>.]"
-)
-
-
-def _shorten_path(match: re.Match[str]) -> str:
-    path = Path(match.group())
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return path.name
-
-
-def _hide_paths(value: Any) -> Any:
-    if isinstance(value, str):
-        return _ABSOLUTE_PATH.sub(_shorten_path, value)
-    if isinstance(value, dict):
-        return {key: _hide_paths(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_hide_paths(item) for item in value]
-    return value
-
-
-def shown_to(request: Request, report: dict[str, Any]) -> dict[str, Any]:
-    """`report` as this caller may see it. Admins (and everyone when no keys are configured) see it whole;
-    other callers see each absolute file path cut to its part below the working directory, or else to its
-    last name: where the server keeps its files is the operator's business, and error texts name paths too."""
-    admin = request.scope.get("state", {}).get(ROLE_STATE_KEY) == "admin"
-    return report if admin else {key: _hide_paths(value) for key, value in report.items()}
 
 
 def _without_body(send: Send) -> Send:
