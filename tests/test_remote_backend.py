@@ -279,6 +279,8 @@ class _MisshapenEngine(BaseHTTPRequestHandler):
         if self.mode == "a redirect with an answer":
             return self._send(307, b'{"choices": [{"message": {"content": "not the answer"}}]}',
                               Location="http://elsewhere.invalid/v1/chat/completions")
+        if self.mode == "an error naming a path":
+            return self._send(500, b'{"error": {"message": "cannot open /srv/models/finance-team/sql/weights.bin"}}')
         if self.mode == "Retry-After not a number":
             return self._send(429, b'{"error": {"message": "slow down"}}', Retry_After="\u00b2")
         return self._send(200, b"hello, no events here", "text/plain")  # "not events", asked to stream
@@ -314,3 +316,26 @@ def test_a_remote_engine_answering_in_the_wrong_shape_is_a_502_never_a_500(tmp_p
     assert answers["Retry-After not a number"].headers["Retry-After"] == "1"
     assert "no events" in streamed.text and '"content":"hello' not in streamed.text.replace(" ", "")
     assert listed.status_code == 503 and slow.status_code == 503 and slow_seconds < 10
+
+
+@pytest.mark.slow
+def test_a_remote_engines_error_text_is_shown_to_user_keys_without_its_paths(
+    tmp_path: Path, corpus_store: Path
+) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _MisshapenEngine)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _MisshapenEngine.mode = "an error naming a path"
+    chat = {"model": "shapeless", "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 8}
+    try:
+        front = _front(tmp_path, corpus_store, f"http://127.0.0.1:{server.server_address[1]}",
+                       api_keys="user-key-remote", admin_api_keys="admin-key-remote")
+        with running_server(front) as url, httpx.Client(base_url=url, timeout=60) as client:
+            as_user = client.post("/v1/chat/completions", json=chat,
+                                  headers={"Authorization": "Bearer user-key-remote"})
+            as_admin = client.post("/v1/chat/completions", json=chat,
+                                   headers={"Authorization": "Bearer admin-key-remote"})
+    finally:
+        server.shutdown()
+    assert as_user.status_code == as_admin.status_code == 502
+    assert "/srv/models/finance-team" not in as_user.text and "weights.bin" in as_user.json()["error"]["message"]
+    assert "/srv/models/finance-team/sql/weights.bin" in as_admin.json()["error"]["message"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from fastapi import FastAPI, Request
@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from app.api.visibility import shown_to
 from app.errors import AppError
 
 logger = logging.getLogger(__name__)
@@ -194,7 +195,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def _app_error(request: Request, error: AppError) -> JSONResponse:
         retry = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
-        return error_response(request.url.path, describe_error(error), retry)
+        info = describe_error(error)
+        if error.status_code >= 500:
+            # A server-side failure's text may carry another system's words (a remote engine's error, a loader's
+            # path): paths are cut for callers who are not admins, as /health cuts them.
+            info = replace(info, message=shown_to(request, {"message": info.message})["message"])
+        return error_response(request.url.path, info, retry)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
