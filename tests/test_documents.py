@@ -303,3 +303,29 @@ def test_a_collection_name_over_255_bytes_is_refused_and_leaves_no_collection(
     assert asked.status_code == 422, asked.text
     assert long_name not in [entry["name"] for entry in collections]
     assert fine.status_code == 201, fine.text
+
+
+def test_a_new_collection_is_not_there_until_its_first_document_is(tmp_path: Path, ollama: OllamaWireServer) -> None:
+    """While a new collection's first (long) document is being embedded, questions in it are a 404 and listings
+    leave it out, as before the upload; once written, it answers."""
+    long_document = "\n\n".join(f"Section {n}. " + GLACIER * 3 for n in range(800))
+    with _client(tmp_path, ollama) as client:
+        url = str(client.base_url)
+
+        async def ask_while_written() -> tuple[httpx.Response, httpx.Response, list[str], httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=300) as other:
+                upload = asyncio.create_task(other.post(
+                    "/documents", files={"file": ("glaciers.md", long_document.encode())}, data={"collection": "new"},
+                    headers=ADMIN))
+                await asyncio.sleep(2)  # read, chunked, embedding
+                assert not upload.done()
+                asked = await other.post("/ask", json={"query": "glacier tours?", "collection": "new"}, headers=USER)
+                listed = (await other.get("/collections", headers=ADMIN)).json()["collections"]
+                uploaded = await upload
+                return asked, uploaded, [entry["name"] for entry in listed], await other.post(
+                    "/ask", json={"query": "glacier tours?", "collection": "new"}, headers=USER)
+
+        during, uploaded, listed, after = asyncio.run(ask_while_written())
+    assert during.status_code == 404 and during.json()["error"] == "collection_not_found", during.text
+    assert "new" not in listed
+    assert uploaded.status_code == 201 and after.status_code == 200, after.text

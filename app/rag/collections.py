@@ -65,7 +65,7 @@ class Collections:
         in the store, written by another process). StoreUnavailableError when the store cannot be reached."""
         found = self.backend.collection_names()  # StoreUnavailableError: what exists is not known now
         with self._lock:
-            known = set(self._live) | set(found)
+            known = {name for name, live in self._live.items() if not _being_created(live)} | set(found)
         return [DEFAULT_COLLECTION, *sorted(name for name in known if name != DEFAULT_COLLECTION)]
 
     def describe(self) -> list[CollectionInfo]:
@@ -88,12 +88,17 @@ class Collections:
         its characters: `Docs`, `DOCS`, `Ｄｏｃｓ`), None when there is none or `name` is that collection.
         On a case-insensitive disk two such names would also share one folder."""
         folded = _folded(name)
-        return next((known for known in self.names() if known != name and _folded(known) == folded), None)
+        with self._lock:
+            being_created = set(self._live)  # a clash with a first upload still being written counts too
+        names = dict.fromkeys([*self.names(), *sorted(being_created)])
+        return next((known for known in names if known != name and _folded(known) == folded), None)
 
     def live(self, name: str) -> CollectionStore:
         """An existing collection; CollectionNotFoundError lists the known ones."""
         with self._lock:
             live = self._live.get(name)
+        if live is not None and name != DEFAULT_COLLECTION and _being_created(live):
+            live = None  # its first content is being written: not there yet (404, not 503), unless it is by now
         if live is None and COLLECTION_NAME.fullmatch(name):
             candidate = self.backend.collection(name)
             if name == DEFAULT_COLLECTION or candidate.exists():  # made meanwhile by another process
@@ -136,6 +141,12 @@ class Collections:
                 live = self.backend.collection(name)
                 self._live[name] = live
             return live
+
+
+def _being_created(live: CollectionStore) -> bool:
+    """Taken to write into (`Collections.store`) and never loaded since: a new collection whose first content is
+    being written, which neither listings nor questions see until it is served."""
+    return live.store is None and live.load_error is None
 
 
 def _counts(store: StoreView | None) -> tuple[int, int]:
