@@ -3,6 +3,7 @@ uvicorn server on loopback in a thread."""
 
 from __future__ import annotations
 
+import gc
 import socket
 import subprocess
 import threading
@@ -92,6 +93,22 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _engines_closed_after_each_module() -> Iterator[None]:
+    """The generation engines a test module started (a backend loaded directly, not served by an app whose lifespan
+    closes it) are closed when the module ends: each holds a model in memory on its own thread for as long as it
+    runs, and the whole suite in one process would otherwise hold twenty of them (24 GiB here)."""
+    yield
+    import sys
+
+    engine_module = sys.modules.get("app.llm.engine")
+    if engine_module is None:  # no model was loaded in this process yet
+        return
+    for engine in [item for item in gc.get_objects() if isinstance(item, engine_module.GenerationEngine)]:
+        engine.close(timeout=30)
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
