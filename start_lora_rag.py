@@ -12,8 +12,8 @@ from pathlib import Path
 
 from app.checks import run_config_checks
 from app.cli import prepare_to_serve, serve, settings_or_exit
-from app.llm.adapter_manager import ADAPTER_NAME_PATTERN
-from app.llm.jobs import BASE_KEY
+from app.llm.adapters.manager import ADAPTER_NAME_PATTERN
+from app.llm.engine.jobs import BASE_KEY
 from app.logging_config import configure_logging
 
 logger = logging.getLogger("lora_rag")

@@ -9,9 +9,9 @@ import httpx
 
 from app.config import EMBEDDED_BASE_MODEL, Settings, unknown_setting_names
 from app.errors import AppError
-from app.llm.adapters import has_adapter_files, inspect_adapter
+from app.llm.adapters.inspect import has_adapter_files, inspect_adapter
+from app.llm.backends.ollama import pulled_model_names
 from app.llm.model_source import embedded_gguf_path, resolve_embedding_model
-from app.llm.ollama_backend import pulled_model_names
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def check_device(settings: Settings) -> CheckResult:
     if settings.device == "cpu":
         device = "cpu"
     else:
-        from app.llm.hf_backend import resolve_device
+        from app.llm.backends.hf import resolve_device
 
         try:
             device = resolve_device(settings.device)
@@ -67,8 +67,8 @@ def check_device(settings: Settings) -> CheckResult:
 
 def check_numerics(settings: Settings) -> CheckResult:
     """The dtype and int8 choice the model would load with here, and why."""
-    from app.llm.hf_backend import resolve_device
-    from app.llm.numerics import choose_numeric_path
+    from app.llm.backends.hf import resolve_device
+    from app.llm.numerics.choice import choose_numeric_path
 
     try:
         device = resolve_device(settings.device)
@@ -122,7 +122,7 @@ def check_adapter(settings: Settings) -> CheckResult:
 
 def check_default_adapter(settings: Settings) -> CheckResult:
     """DEFAULT_ADAPTER names an adapter found at start (a typo would make every default question a 503)."""
-    from app.llm.adapter_manager import discover_adapters
+    from app.llm.adapters.manager import discover_adapters
 
     name = settings.default_adapter
     if not name:

@@ -20,7 +20,7 @@ CHANGE_RESOLUTION_S = 0.001  # an adapter change measured below 1 ms counts as 1
 
 
 def _load(settings: Any) -> Any:
-    from app.llm.hf_backend import HFLoraBackend
+    from app.llm.backends.hf import HFLoraBackend
 
     return HFLoraBackend.load(settings)
 

@@ -163,7 +163,7 @@ def machine() -> dict[str, Any]:
     """What the figures were measured on; the load average says how busy the machine was."""
     import torch
 
-    from app.llm.numerics import CpuCapability, choose_numeric_path
+    from app.llm.numerics.choice import CpuCapability, choose_numeric_path
 
     capability = CpuCapability.detect()
     cpu = next((line.split(":", 1)[1].strip() for line in _lines("/proc/cpuinfo") if line.startswith("model name")),

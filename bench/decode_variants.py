@@ -28,7 +28,7 @@ def _variants(source: str, with_compile: bool) -> dict[str, tuple[Any, dict[str,
     from transformers import AutoModelForCausalLM
     from transformers.generation import CompileConfig
 
-    from app.llm.quantization import quantize_linears_int8
+    from app.llm.numerics.int8 import quantize_linears_int8
 
     def load(dtype: torch.dtype) -> Any:
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()

@@ -125,7 +125,7 @@ def rag_messages(backend: Any, question: str, start: int, tokens: int) -> list[A
 
 
 def _load(ctx: Context, **settings: Any) -> Any:
-    from app.llm.hf_backend import HFLoraBackend
+    from app.llm.backends.hf import HFLoraBackend
 
     return HFLoraBackend.load(ctx.backend_settings(**settings))
 

@@ -58,8 +58,8 @@ def _child(prompt: int, tokens: int) -> dict[str, Any]:
 
     from app.config import EMBEDDED_BASE_MODEL
     from app.llm.model_source import resolve_base_model
-    from app.llm.numerics import CpuCapability, choose_numeric_path
-    from app.llm.quantization import quantize_linears_int8
+    from app.llm.numerics.choice import CpuCapability, choose_numeric_path
+    from app.llm.numerics.int8 import quantize_linears_int8
 
     source = resolve_base_model(EMBEDDED_BASE_MODEL, None)
     ids = torch.randint(100, 10_000, (1, prompt), generator=torch.Generator().manual_seed(0))

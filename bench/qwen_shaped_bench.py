@@ -54,7 +54,7 @@ def _bare_model(folder: str, dtype: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from app.llm.quantization import quantize_linears_int8
+    from app.llm.numerics.int8 import quantize_linears_int8
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
     model.eval()
@@ -84,8 +84,8 @@ def _served_decode(backend: Any, tokens: int) -> tuple[float, int]:
 
 def _one_model(folder: str, ctx: Context, tokens: int, repeats: int) -> dict[str, Any]:
     """Served and bare decode at batch 1, taking turns in each of `repeats` rounds; the bare prefills."""
+    from app.llm.backends.hf import HFLoraBackend
     from app.llm.base import GenerationParams
-    from app.llm.hf_backend import HFLoraBackend
     from bench.numerics_bench import prefill_and_decode
 
     # No prompt KV kept: each request prefills its whole prompt, so subtracting the 1-token request removes it.

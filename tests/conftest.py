@@ -103,7 +103,7 @@ def _engines_closed_after_each_module() -> Iterator[None]:
     yield
     import sys
 
-    engine_module = sys.modules.get("app.llm.engine")
+    engine_module = sys.modules.get("app.llm.engine.loop")
     if engine_module is None:  # no model was loaded in this process yet
         return
     for engine in [item for item in gc.get_objects() if isinstance(item, engine_module.GenerationEngine)]:

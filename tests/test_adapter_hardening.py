@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from app.errors import AdapterError, BackendUnavailableError, NumericalFailureError
-from app.llm.adapter_paths import resolve_adapter_path
+from app.llm.adapters.paths import resolve_adapter_path
+from app.llm.backends.hf import HFLoraBackend
 from app.llm.base import AdapterSpec, GenerationParams
-from app.llm.hf_backend import HFLoraBackend
 from app.llm.model_source import resolve_base_model
 from tests.conftest import make_settings
 from tests.test_adapters import _edited_copy, _save_lora

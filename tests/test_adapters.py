@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 import pytest
 
 from app.errors import AdapterError
-from app.llm.adapters import inspect_adapter
+from app.llm.adapters.inspect import inspect_adapter
+from app.llm.backends.hf import HFLoraBackend
 from app.llm.base import AdapterSpec, GenerationParams, GenerationResult
-from app.llm.hf_backend import HFLoraBackend
 from app.llm.model_source import resolve_base_model
 from tests.conftest import make_settings
 
@@ -125,7 +125,7 @@ def test_adapter_for_another_base_model_is_reported_not_crashed(foreign_adapter:
 def test_int8_keeps_adapters_attachable_and_live(random_adapter: Path, tmp_path: Path) -> None:
     import torch
 
-    from app.llm.quantization import Int8Linear
+    from app.llm.numerics.int8 import Int8Linear
 
     backend = HFLoraBackend.load(make_settings(tmp_path, lora_model_path=random_adapter, enable_quantization=True))
     assert backend.describe()["quantization"] == "int8-dynamic"

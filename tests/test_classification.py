@@ -24,8 +24,8 @@ import httpx
 import pytest
 import torch
 
-from app.llm.adapter_manager import CLASSIFIER_PREFIX
-from app.llm.hf_backend import HFLoraBackend
+from app.llm.adapters.manager import CLASSIFIER_PREFIX
+from app.llm.backends.hf import HFLoraBackend
 from app.llm.manager import LORA
 from app.llm.model_source import resolve_base_model
 from app.main import create_app

@@ -13,7 +13,7 @@ import torch
 from app.classification.heads import check_fits, labels_from, read_head, read_labels, safe_unpickle
 from app.classification.service import check_classifier_config, find_classifier_files, is_loadable
 from app.errors import ClassifierError, ClassifierMismatchError, ClassifierNotFoundError
-from app.llm.adapters import AdapterInfo
+from app.llm.adapters.inspect import AdapterInfo
 
 
 class _CreatesFile:

@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 
-from app.llm.adapter_manager import AdapterNotFoundError
+from app.llm.adapters.manager import AdapterNotFoundError
+from app.llm.backends.hf import HFLoraBackend
 from app.llm.base import AdapterSpec, ChatMessage, GenerationParams, GenerationResult
-from app.llm.hf_backend import HFLoraBackend
 from app.llm.model_source import resolve_base_model
 from tests.conftest import make_settings
 from tests.test_adapters import _save_lora

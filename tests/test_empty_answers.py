@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
+from app.llm.backends.hf import HFLoraBackend
 from app.llm.base import EMPTY_ANSWER_NOTICE, GenerationParams
-from app.llm.hf_backend import HFLoraBackend
 from app.llm.model_source import resolve_base_model
 from app.main import create_app
 from tests.adapter_training import QUESTIONS, train_word_adapter

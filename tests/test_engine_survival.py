@@ -28,10 +28,10 @@ import pytest
 from fastapi import FastAPI
 
 from app.errors import BackendUnavailableError, EngineFailureError
+from app.llm.backends.hf import HFLoraBackend
 from app.llm.base import GenerationParams
-from app.llm.engine import GenerationEngine
-from app.llm.hf_backend import HFLoraBackend
-from app.llm.jobs import BASE_MODEL, GenerationJob
+from app.llm.engine.jobs import BASE_MODEL, GenerationJob
+from app.llm.engine.loop import GenerationEngine
 from app.main import create_app
 from tests.conftest import make_settings, running_server
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from app.llm.backends.hf import HFLoraBackend
 from app.llm.base import AdapterSpec, GenerationParams
-from app.llm.hf_backend import HFLoraBackend
 from app.llm.model_source import resolve_base_model
 from tests.conftest import make_settings
 from tests.test_adapters import _save_lora

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from app.config import EMBEDDED_BASE_MODEL
-from app.llm.adapters import check_adapter_fits, inspect_adapter
+from app.llm.adapters.inspect import check_adapter_fits, inspect_adapter
 from app.llm.model_source import resolve_base_model
 from app.training import ClassifierConfig, ClassifierReport, FinetuneError, TrainingDataError, run_classifier_training
 from app.training.classification import load_labelled_file, parse_labelled_record, stratified_split

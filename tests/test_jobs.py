@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from app.llm.jobs import BASE_MODEL, AdapterChoice
+from app.llm.engine.jobs import BASE_MODEL, AdapterChoice
 from tests.conftest import REPO_ROOT
 
 
@@ -21,6 +21,6 @@ def test_a_choice_says_what_it_is_without_being_parsed_back() -> None:
 
 
 def test_the_job_module_imports_no_torch() -> None:
-    script = "import sys, app.llm.jobs; print('torch' in sys.modules)"
+    script = "import sys, app.llm.engine.jobs; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from app.llm.numerics import CpuCapability, choose_numeric_path
+from app.llm.numerics.choice import CpuCapability, choose_numeric_path
 from tests.conftest import REPO_ROOT
 
 AVX2_ONLY = CpuCapability(kernel_level="AVX2", avx512_bf16=False, amx=False, vnni=False)
@@ -46,7 +46,8 @@ def test_int8_runs_where_its_kernels_exist_and_falls_back_saying_why() -> None:
 def test_detection_follows_torchs_own_kernel_level() -> None:
     """A process whose torch is held to AVX2 kernels (ATEN_CPU_CAPABILITY) chooses as an AVX2 machine would."""
     script = (
-        "import json; from app.llm.numerics import CpuCapability, choose_numeric_path; c = CpuCapability.detect(); "
+        "import json; from app.llm.numerics.choice import CpuCapability, choose_numeric_path; "
+        "c = CpuCapability.detect(); "
         "print(json.dumps([c.kernel_level, c.native_bf16, choose_numeric_path('auto', 'cpu', False, c).dtype]))"
     )
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}

@@ -5,7 +5,7 @@ A classifier folder under CLASSIFIER_MODELS_PATH holds the training output `<ste
 labels); `<stem>` is the one `*.lora` folder's name. Its model id is the folder's name.
 
 Everything is checked before anything is attached: the folder and every file in it resolve inside the root; the
-adapter passes the generation adapters' allow-list and shape checks (`app.llm.adapters`), plus the classifier's
+adapter passes the generation adapters' allow-list and shape checks (`app.llm.adapters.inspect`), plus the classifier's
 own (task type CAUSAL_LM or SEQ_CLS; `modules_to_save` at most the head); the head and labels read safely
 (`heads.py`) and fit the base model. The adapter then goes onto the served model under a reserved PEFT name
 (`AdapterManager.attach_classifier`, on the engine thread); predictions run on the engine thread with exactly
@@ -47,14 +47,14 @@ from app.errors import (
     ModelNotLoadedError,
     NumericalFailureError,
 )
-from app.llm.adapter_paths import resolve_adapter_path
-from app.llm.adapters import ADAPTER_CONFIG_FILE, AdapterInfo, inspect_adapter
-from app.llm.jobs import CLASSIFIER_PREFIX
+from app.llm.adapters.inspect import ADAPTER_CONFIG_FILE, AdapterInfo, inspect_adapter
+from app.llm.adapters.paths import resolve_adapter_path
+from app.llm.engine.jobs import CLASSIFIER_PREFIX
 from app.llm.manager import LORA, ModelManager
 
 if TYPE_CHECKING:
     from app.config import Settings
-    from app.llm.hf_backend import HFLoraBackend
+    from app.llm.backends.hf import HFLoraBackend
 
 logger = logging.getLogger(__name__)
 
@@ -422,6 +422,6 @@ def _local_backend(models: ModelManager) -> HFLoraBackend | None:
     backend = models.loaded(LORA)
     if backend is None:
         return None
-    from app.llm.hf_backend import HFLoraBackend
+    from app.llm.backends.hf import HFLoraBackend
 
     return backend if isinstance(backend, HFLoraBackend) else None

@@ -20,11 +20,11 @@ import anyio
 
 from app.config import Settings, SettingsError
 from app.errors import AppError, BackendUnavailableError, BadRequestError, ModelLoadError, NotFoundError
-from app.llm.adapter_paths import resolve_adapter_path
+from app.llm.adapters.paths import resolve_adapter_path
 from app.llm.base import AdapterHost, ComponentHealth, GenerationBackend
 
 if TYPE_CHECKING:
-    from app.llm.remote_backend import RemoteBackend
+    from app.llm.backends.remote import RemoteBackend
 
 logger = logging.getLogger(__name__)
 
@@ -33,19 +33,19 @@ LORA, OLLAMA, REMOTE = "lora", "ollama", "remote"
 
 
 def _load_hf_backend(settings: Settings) -> GenerationBackend:
-    from app.llm.hf_backend import HFLoraBackend
+    from app.llm.backends.hf import HFLoraBackend
 
     return HFLoraBackend.load(settings)
 
 
 def _load_ollama_backend(settings: Settings) -> GenerationBackend:
-    from app.llm.ollama_backend import OllamaBackend
+    from app.llm.backends.ollama import OllamaBackend
 
     return OllamaBackend(settings)
 
 
 def _load_remote_backend(settings: Settings) -> GenerationBackend:
-    from app.llm.remote_backend import RemoteBackend
+    from app.llm.backends.remote import RemoteBackend
 
     return RemoteBackend(settings)
 
@@ -191,7 +191,7 @@ class ModelManager:
         """The remote backend when it serves the adapters (it is the active backend), else None."""
         if self.choose(None, serves_adapters=True) != REMOTE:
             return None
-        from app.llm.remote_backend import RemoteBackend
+        from app.llm.backends.remote import RemoteBackend
 
         remote = await self.backend(REMOTE)
         assert isinstance(remote, RemoteBackend)
@@ -237,7 +237,7 @@ class ModelManager:
         if isinstance(local, AdapterHost):
             names |= {str(entry["name"]) for entry in local.adapter_catalogue()}
         if remote is not None:
-            from app.llm.remote_backend import RemoteBackend
+            from app.llm.backends.remote import RemoteBackend
 
             assert isinstance(remote, RemoteBackend)
             names |= set(remote.cached_adapter_names)

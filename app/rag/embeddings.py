@@ -16,7 +16,7 @@ import numpy as np
 from app.config import Settings
 from app.errors import BackendUnavailableError, ModelLoadError
 from app.llm.model_source import resolve_embedding_model
-from app.llm.numerics import CpuCapability
+from app.llm.numerics.choice import CpuCapability
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from app.errors import (
     ValidationFailedError,
     VectorStoreError,
 )
-from app.llm.adapters import has_adapter_files
+from app.llm.adapters.inspect import has_adapter_files
 from app.llm.base import (
     AdapterSpec,
     ChatMessage,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from app.llm.numerics import CpuCapability
+from app.llm.numerics.choice import CpuCapability
 from app.training.errors import FinetuneError
 
 if TYPE_CHECKING:

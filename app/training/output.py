@@ -11,7 +11,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from app.llm.adapters import ADAPTER_CONFIG_FILE
+from app.llm.adapters.inspect import ADAPTER_CONFIG_FILE
 from app.training.errors import FinetuneError
 
 REPORT_FILE = "training_report.json"

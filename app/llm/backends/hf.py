@@ -16,8 +16,8 @@ import anyio
 
 from app.config import Settings
 from app.errors import AppError, BadRequestError, ModelLoadError
-from app.llm.adapter_manager import AdapterManager, AdapterRecord, discover_adapters
-from app.llm.adapters import AdapterInfo
+from app.llm.adapters.inspect import AdapterInfo
+from app.llm.adapters.manager import AdapterManager, AdapterRecord, discover_adapters
 from app.llm.base import (
     AdapterSpec,
     ChatMessage,
@@ -27,14 +27,14 @@ from app.llm.base import (
     GenerationResult,
     TextCallback,
 )
-from app.llm.jobs import GenerationJob, PredictionJob
+from app.llm.engine.jobs import GenerationJob, PredictionJob
 from app.llm.model_source import resolve_base_model
-from app.llm.numerics import NumericPath, choose_numeric_path
+from app.llm.numerics.choice import NumericPath, choose_numeric_path
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from app.llm.engine import GenerationEngine
+    from app.llm.engine.loop import GenerationEngine
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class HFLoraBackend(GenerationBackend):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from app.llm.engine import GenerationEngine
+        from app.llm.engine.loop import GenerationEngine
 
         device = resolve_device(settings.device)
         numerics = choose_numeric_path(settings.torch_dtype, device, settings.enable_quantization,
@@ -118,7 +118,7 @@ class HFLoraBackend(GenerationBackend):
             tokenizer.pad_token = tokenizer.eos_token
         _make_lm_head_input_contiguous(model)
         if numerics.quantization == "int8-dynamic":
-            from app.llm.quantization import quantize_linears_int8
+            from app.llm.numerics.int8 import quantize_linears_int8
 
             quantize_linears_int8(model)
 

@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import torch
 
 from app.errors import AppError, BackendUnavailableError, EngineFailureError, NumericalFailureError
-from app.llm.jobs import AdapterChoice, GenerationJob, PredictionJob
-from app.llm.prefix_cache import KVKey, PrefixCache
+from app.llm.engine.jobs import AdapterChoice, GenerationJob, PredictionJob
+from app.llm.engine.prefix_cache import KVKey, PrefixCache
 
 if TYPE_CHECKING:
     from peft import PeftModel

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from app.errors import AdapterError
-from app.llm.adapters import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+from app.llm.adapters.inspect import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
 

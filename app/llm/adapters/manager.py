@@ -21,17 +21,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.errors import AdapterError, BackendUnavailableError, NotFoundError
-from app.llm.adapters import AdapterInfo, check_adapter_fits, has_adapter_files, inspect_adapter
+from app.llm.adapters.inspect import AdapterInfo, check_adapter_fits, has_adapter_files, inspect_adapter
+from app.llm.adapters.merging import WeightMerger
 from app.llm.base import AdapterSpec
-from app.llm.jobs import BASE_KEY, BASE_MODEL, CLASSIFIER_PREFIX, AdapterChoice
-from app.llm.merging import WeightMerger
+from app.llm.engine.jobs import BASE_KEY, BASE_MODEL, CLASSIFIER_PREFIX, AdapterChoice
 
 if TYPE_CHECKING:
     import torch
     from peft import LoraConfig, PeftModel
     from typing_extensions import TypeIs
 
-    from app.llm.engine import Admission, Arrangement, CausalLM, ServedModel
+    from app.llm.engine.loop import Admission, Arrangement, CausalLM, ServedModel
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class AdapterManager:
     def admit(self, choice: AdapterChoice) -> Admission:
         """Attach what a new row needs (`RowModel.admit`) and keep it attached while the row runs: eviction
         passes over every adapter an admitted row uses until `release`."""
-        from app.llm.engine import Admission
+        from app.llm.engine.loop import Admission
 
         peft_name = self._activate(choice, pinned=set(self._in_flight) | {choice})
         self._in_flight[choice] += 1
@@ -216,7 +216,7 @@ class AdapterManager:
         model without PEFT layers, the adapter folded into its weights; where it cannot be folded in exactly
         (int8), PEFT with it active. Different adapters: each LoRA layer adds every row's own delta in batched
         matmuls; for adapters other than plain LoRA, PEFT's mixed batch with one adapter name per row."""
-        from app.llm.engine import Arrangement
+        from app.llm.engine.loop import Arrangement
 
         if not _is_peft(self.model):
             return Arrangement(self.model)
