@@ -66,18 +66,25 @@ def check_device(settings: Settings) -> CheckResult:
 
 
 def check_numerics(settings: Settings) -> CheckResult:
-    """The dtype and int8 choice the model would load with here, and why."""
+    """The numeric path the model would load with here, and why (with `auto`, what it measured)."""
     from app.llm.backends.hf import resolve_device
-    from app.llm.numerics.choice import choose_numeric_path
+    from app.llm.model_source import resolve_base_model
+    from app.llm.numerics.choice import choose_served_path
 
+    if settings.numeric_path_request[0] == "auto" and not check_base_model(settings).ok:
+        return CheckResult("numeric path", False, "auto measures on the base model's shapes, which cannot be read",
+                           "fix BASE_MODEL_NAME (above), or name a path (NUMERIC_PATH=float32|bfloat16|int8)")
     try:
         device = resolve_device(settings.device)
+        path = choose_served_path(settings, device, resolve_base_model(settings.base_model_name, settings.cache_dir))
     except AppError as error:
         return CheckResult("numeric path", False, error.message, "set DEVICE=cpu or auto")
-    path = choose_numeric_path(settings.torch_dtype, device, settings.enable_quantization,
-                               enable_fp16=settings.enable_fp16)
+    except (OSError, ValueError) as error:
+        return CheckResult("numeric path", False, f"cannot read the base model's config to measure: {error}",
+                           "check BASE_MODEL_NAME, or name a path (NUMERIC_PATH=float32|bfloat16|int8)")
     cpu = f"; cpu: {path.cpu}" if path.cpu else ""
-    return CheckResult("numeric path", True, f"{path.dtype}, quantization {path.quantization} ({path.reason}{cpu})")
+    return CheckResult("numeric path", True, f"{path.name}: {path.dtype}, quantization {path.quantization} "
+                                             f"({path.reason}{cpu})")
 
 
 def check_retrieval(settings: Settings, load_reranker: bool = True) -> CheckResult:

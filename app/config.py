@@ -61,8 +61,13 @@ class Settings(BaseSettings):
         "empty: USE_LORA_DEFAULT decides (true: lora, false: ollama)"
     )
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    enable_quantization: bool = False
+    numeric_path: Literal["auto", "float32", "bfloat16", "float16", "int8"] = Field(
+        "auto", description="what the model computes in, by name (app/llm/numerics/choice.py): auto measures a "
+        "typical answer's cost in each candidate on this CPU and takes the fastest; int8 is weight-only int8"
+    )
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="the design card's name for a float NUMERIC_PATH")
+    enable_quantization: bool = Field(False, description="the design card's name for NUMERIC_PATH=int8")
     quantization_type: Literal["int8"] = "int8"
     num_threads: int = Field(0, ge=0, le=256, description="torch CPU threads; 0 = torch's default")
     # The design card's performance settings (003), honoured as documented rather than ignored.
@@ -203,8 +208,8 @@ class Settings(BaseSettings):
     def _upper_log_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("device", "torch_dtype", "quantization_type", "embedding_dtype", "retrieval_mode", "hybrid_fusion",
-                     "vector_store_backend", mode="before")
+    @field_validator("device", "numeric_path", "torch_dtype", "quantization_type", "embedding_dtype",
+                     "retrieval_mode", "hybrid_fusion", "vector_store_backend", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
@@ -312,7 +317,27 @@ class Settings(BaseSettings):
                 f"ENABLE_FP16=true asks for float16 but TORCH_DTYPE={self.torch_dtype}: set TORCH_DTYPE=auto (or "
                 "float16), or ENABLE_FP16=false"
             )
+        named = self.numeric_path
+        if named != "auto":
+            if self.enable_quantization and named != "int8":
+                raise ValueError(f"ENABLE_QUANTIZATION=true asks for int8 but NUMERIC_PATH={named}: set one of them")
+            if self.torch_dtype not in ("auto", named):
+                raise ValueError(f"TORCH_DTYPE={self.torch_dtype} and NUMERIC_PATH={named} disagree: set one of them")
+            if self.enable_fp16 and named != "float16":
+                raise ValueError(f"ENABLE_FP16=true asks for float16 but NUMERIC_PATH={named}: set one of them")
         return self
+
+    @property
+    def numeric_path_request(self) -> tuple[str, str]:
+        """The numeric path asked for (a name, or auto) and the setting that asked: NUMERIC_PATH, or the design
+        card's ENABLE_QUANTIZATION (int8) or TORCH_DTYPE."""
+        if self.enable_quantization:
+            return "int8", f"ENABLE_QUANTIZATION=true (QUANTIZATION_TYPE={self.quantization_type})"
+        if self.numeric_path != "auto":
+            return self.numeric_path, f"NUMERIC_PATH={self.numeric_path}"
+        if self.torch_dtype != "auto":
+            return self.torch_dtype, f"TORCH_DTYPE={self.torch_dtype}"
+        return "auto", "auto"
 
     @model_validator(mode="after")
     def _ollama_is_not_ourselves(self) -> Settings:

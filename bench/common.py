@@ -163,7 +163,7 @@ def machine() -> dict[str, Any]:
     """What the figures were measured on; the load average says how busy the machine was."""
     import torch
 
-    from app.llm.numerics.choice import CpuCapability, choose_numeric_path
+    from app.llm.numerics.choice import CpuCapability, auto_candidates
 
     capability = CpuCapability.detect()
     cpu = next((line.split(":", 1)[1].strip() for line in _lines("/proc/cpuinfo") if line.startswith("model name")),
@@ -172,7 +172,7 @@ def machine() -> dict[str, Any]:
     return {
         "cpu": cpu,
         "cpu_capability": capability.summary(),
-        "auto_dtype": choose_numeric_path("auto", "cpu", False, capability).dtype,
+        "auto_candidates": list(auto_candidates(capability)),
         "cores_usable": len(os.sched_getaffinity(0)),
         "torch_threads": torch.get_num_threads(),
         "memory_gb": round(memory_kb / 1024 / 1024, 1),

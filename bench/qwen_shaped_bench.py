@@ -49,16 +49,18 @@ def qwen_shaped_folder(ctx: Context) -> Path:
     return folder
 
 
-def _bare_model(folder: str, dtype: str) -> Any:
-    """The bare model in `dtype` (float32 / bfloat16, or int8: dynamic int8 over float32, as served)."""
+def _bare_model(folder: str, path: str) -> Any:
+    """The bare model in numeric path `path` (float32, bfloat16, or int8: weight-only over bfloat16, as served)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from app.llm.numerics.choice import CPU_PATHS
     from app.llm.numerics.int8 import quantize_linears_int8
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    spec = CPU_PATHS[path]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, spec.dtype))
     model.eval()
-    if dtype == "int8":
+    if spec.quantization == "int8-weight-only":
         quantize_linears_int8(model)
     return model
 
@@ -92,10 +94,10 @@ def _one_model(folder: str, ctx: Context, tokens: int, repeats: int) -> dict[str
     backend = HFLoraBackend.load(ctx.backend_settings(base_model_name=folder, lora_adapters="", prefix_cache_mb=0))
     try:
         asyncio.run(backend.generate(MESSAGES, GenerationParams(4, 0.0, 1.0), ()))  # warm-up
-        served_dtype = backend.facts.numerics.dtype
-        model = backend.adapters.model
-        weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n)
-        bare_models = {dtype: _bare_model(folder, dtype) for dtype in dict.fromkeys((served_dtype, "int8"))}
+        served_path, reason = backend.facts.numerics.name, backend.facts.numerics.reason
+        bare_models = {path: _bare_model(folder, path) for path in dict.fromkeys((served_path, "bfloat16", "int8"))}
+        # The bytes a decoded token reads in bfloat16 (the ceiling's reference; int8 reads about half).
+        weight_bytes = sum(p.numel() * p.element_size() for p in bare_models["bfloat16"].parameters())
         ids = torch_ids()
         prefill_ms = {dtype: prefill_and_decode(bare, ids, 1)["prefill_ms"] for dtype, bare in bare_models.items()}
         rounds: list[dict[str, Any]] = []
@@ -109,10 +111,11 @@ def _one_model(folder: str, ctx: Context, tokens: int, repeats: int) -> dict[str
         asyncio.run(backend.close())
     median = statistics.median
     return {
-        "served_dtype": served_dtype, "weight_mb": weight_bytes / 1e6, "prefill_ms": prefill_ms, "rounds": rounds,
+        "served_path": served_path, "served_reason": reason, "weight_mb": weight_bytes / 1e6,
+        "prefill_ms": prefill_ms, "rounds": rounds,
         "prompt_tokens": rounds[0]["prompt_tokens"], "served_tok_s": median(r["served_tok_s"] for r in rounds),
         "bare_tok_s": {dtype: median(r["bare_tok_s"][dtype] for r in rounds) for dtype in prefill_ms},
-        "served_over_bare": median(r["served_tok_s"] / r["bare_tok_s"][served_dtype] for r in rounds),
+        "served_over_bare": median(r["served_tok_s"] / r["bare_tok_s"][served_path] for r in rounds),
     }
 
 
@@ -131,18 +134,18 @@ def qwen_shaped(ctx: Context) -> SectionResult:
     rows = []
     for label, folder in models.items():
         run = data[label] = _one_model(folder, ctx, tokens, repeats)
-        dtype, bare, prefill = run["served_dtype"], run["bare_tok_s"], run["prefill_ms"]
+        served, bare, prefill = run["served_path"], run["bare_tok_s"], run["prefill_ms"]
         ceiling = bandwidth * 1e3 / run["weight_mb"]  # GB/s over MB a token
         run["ceiling_tok_s"] = ceiling
         rows += [
-            Row("11", f"{label}: decode batch 1, bare forward loop, {dtype} / int8",
-                f"{bare[dtype]:.1f} / {bare['int8']:.1f} tok/s", "", "",
-                f"ceiling {ceiling:.0f} tok/s = {bandwidth:.1f} GB/s read / {run['weight_mb']:.0f} MB of {dtype} "
+            Row("11", f"{label}: decode batch 1, bare forward loop, bfloat16 / int8",
+                f"{bare['bfloat16']:.1f} / {bare['int8']:.1f} tok/s", "", "",
+                f"ceiling {ceiling:.0f} tok/s = {bandwidth:.1f} GB/s read / {run['weight_mb']:.0f} MB of bfloat16 "
                 "weights per token (int8 reads about half)"),
-            Row("11", f"{label}: prefill {PROMPT_TOKENS} tokens, {dtype} / int8",
-                f"{prefill[dtype]:.0f} / {prefill['int8']:.0f} ms", "<= 1500 ms (first token of a RAG answer)",
+            Row("11", f"{label}: prefill {PROMPT_TOKENS} tokens, bfloat16 / int8",
+                f"{prefill['bfloat16']:.0f} / {prefill['int8']:.0f} ms", "<= 1500 ms (first token of a RAG answer)",
                 verdict(min(prefill.values()) <= 1500), "bare forward, last position's logits only"),
-            Row("11", f"{label}: decode batch 1, served path ({dtype}) / bare forward loop",
+            Row("11", f"{label}: decode batch 1, served path ({served}, NUMERIC_PATH=auto) / bare forward loop",
                 f"{run['served_tok_s']:.1f} tok/s; {run['served_over_bare']:.2f}x", ">= 0.9x",
                 verdict(run["served_over_bare"] >= 0.9),
                 f"greedy {tokens} tokens after the same {run['prompt_tokens']}-token prompt, the prefill excluded on "

@@ -82,7 +82,8 @@ def _sections(text: str) -> list[int]:
 
 
 def machine_line(facts: dict[str, object]) -> str:
-    return (f"{facts['cpu']} ({facts['cpu_capability']}; TORCH_DTYPE=auto: {facts['auto_dtype']}), "
+    candidates = ", ".join(facts["auto_candidates"])  # type: ignore[arg-type]
+    return (f"{facts['cpu']} ({facts['cpu_capability']}; NUMERIC_PATH=auto measures {candidates}), "
             f"{facts['cores_usable']} cores usable, {facts['memory_gb']} GB RAM, "
             f"{facts['os']}, Python {facts['python']}, torch {facts['torch']} ({facts['torch_threads']} threads)")
 

@@ -125,12 +125,15 @@ def test_adapter_for_another_base_model_is_reported_not_crashed(foreign_adapter:
 def test_int8_keeps_adapters_attachable_and_live(random_adapter: Path, tmp_path: Path) -> None:
     import torch
 
-    from app.llm.numerics.int8 import Int8Linear
+    from app.llm.numerics.int8 import WeightOnlyInt8Linear
 
+    # ENABLE_QUANTIZATION=true is the design card's name for NUMERIC_PATH=int8.
     backend = HFLoraBackend.load(make_settings(tmp_path, lora_model_path=random_adapter, enable_quantization=True))
-    assert backend.describe()["quantization"] == "int8-dynamic"
+    assert backend.describe()["quantization"] == "int8-weight-only"
+    assert backend.describe()["numeric_path"]["reason"].startswith("ENABLE_QUANTIZATION=true")
     model = backend.adapters.model
-    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 30 * 7 + 1  # 30 blocks' Linears + the head
+    # 30 blocks' Linears + the head
+    assert sum(isinstance(m, WeightOnlyInt8Linear) for m in model.modules()) == 30 * 7 + 1
     reply = _reply(backend)
     assert reply.model_used == "lora" and reply.text
     # A second adapter attaches to the quantized base at run time, and adapters still act.

@@ -59,8 +59,15 @@ def test_model_info_and_health_report_the_base_model_without_adapter(service_url
                   "vector_store_path", "embedding_model", "device", "quantization", "ollama_model"):
         assert field in info
     assert info["lora_exists"] is False and info["using_lora"] is True and info["device"] == "cpu"
-    # which numbers the model runs in, and why (TORCH_DTYPE=auto decided from the CPU)
-    assert info["dtype"] in {"bfloat16", "float32"} and info["numeric_path"]["reason"].startswith("auto")
+    # which numbers the model runs in, and why: auto measured a typical answer's cost in each candidate here
+    numeric_path = info["numeric_path"]
+    assert numeric_path["reason"].startswith("auto") and numeric_path["name"] in {"bfloat16", "float32", "int8"}
+    assert numeric_path["typical_answer"] == {"prompt_tokens": 721, "answer_tokens": 24}  # MAX_NEW_TOKENS=24 here
+    measured = {row["path"]: row for row in numeric_path["measured"]}
+    assert {"float32", "int8"} <= set(measured) and numeric_path["name"] in measured
+    fastest = min(row["answer_seconds"] for row in measured.values())
+    assert measured[numeric_path["name"]]["answer_seconds"] <= fastest * 1.05
+    assert info["dtype"] == ("bfloat16" if numeric_path["name"] != "float32" else "float32")
     health = httpx.get(f"{service_url}/health", timeout=30)
     assert health.status_code == 200 and health.json()["status"] == "healthy"
     # The design card's shape: each component a boolean; in words in component_status.

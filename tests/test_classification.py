@@ -161,7 +161,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, corpus_store: Path) -> Iter
     root.mkdir()
     adapters.mkdir()
     settings = make_settings(folder, vector_store_path=corpus_store, classifier_models_path=root,
-                             lora_adapters_dir=adapters, torch_dtype="float32", max_predict_texts=MAX_TEXTS,
+                             lora_adapters_dir=adapters, numeric_path="float32", max_predict_texts=MAX_TEXTS,
                              api_keys=USER_KEY, admin_api_keys=ADMIN_KEY, max_new_tokens=24)
     app = create_app(settings)
     with running_server(app) as url:

@@ -91,7 +91,7 @@ def loras(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _serving(folder: Path, loras: dict[str, Path], **overrides: Any) -> Iterator[HFLoraBackend]:
-    backend = HFLoraBackend.load(make_settings(folder, torch_dtype="float32", **overrides))
+    backend = HFLoraBackend.load(make_settings(folder, numeric_path="float32", **overrides))
     for name in ("one", "two"):
         asyncio.run(backend.load_adapter(name, loras[name]))
     try:

@@ -50,7 +50,7 @@ class _ThreadKiller(BaseException):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, corpus_store: Path) -> Iterator[tuple[str, FastAPI]]:
     settings = make_settings(tmp_path_factory.mktemp("survival"), vector_store_path=corpus_store,
-                             torch_dtype="float32")
+                             numeric_path="float32")
     app = create_app(settings)
     with running_server(app) as url:
         yield url, app

@@ -51,7 +51,7 @@ def _base_weights(backend: HFLoraBackend) -> dict[str, object]:
 
 def test_merged_single_adapter_answers_like_the_mixed_batch(two_adapters: str, tmp_path: Path) -> None:
     # float32 so the merged and the unmerged arithmetic agree to the last greedy token
-    backend = HFLoraBackend.load(make_settings(tmp_path, lora_adapters=two_adapters, torch_dtype="float32"))
+    backend = HFLoraBackend.load(make_settings(tmp_path, lora_adapters=two_adapters, numeric_path="float32"))
     alone = _replies(backend, (("a", 1.0),))[0]  # one adapter in the batch: merged
     assert backend.describe()["merged_adapter"] == "a"
     mixed = _replies(backend, (("a", 1.0),), (("b", 1.0),), ())  # three different ones: each row's own delta
@@ -77,12 +77,12 @@ def test_base_weights_come_back_exactly_after_merges(two_adapters: str, tmp_path
 def test_int8_with_quantized_head_keeps_the_answer(tmp_path: Path) -> None:
     question = [{"role": "user", "content": "What is the capital of France?"}]
     answers = {}
-    for quantize in (False, True):
-        backend = HFLoraBackend.load(make_settings(tmp_path, enable_quantization=quantize))
-        answers[quantize] = asyncio.run(backend.generate(question, GREEDY)).text
+    for path in ("float32", "int8"):
+        backend = HFLoraBackend.load(make_settings(tmp_path, numeric_path=path))
+        answers[path] = asyncio.run(backend.generate(question, GREEDY)).text
         asyncio.run(backend.close())
-    assert backend.describe()["quantization"] == "int8-dynamic"
-    assert "Paris" in answers[False] and "Paris" in answers[True]
+    assert backend.describe()["quantization"] == "int8-weight-only"
+    assert "Paris" in answers["float32"] and "Paris" in answers["int8"]
 
 
 def test_changing_back_to_a_recent_adapter_reuses_its_merged_weights(two_adapters: str, tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ CHUNK = 16  # PREFILL_CHUNK_TOKENS: KV is reused in whole chunks
 
 
 def _backend(tmp_path: Path, **overrides: Any) -> HFLoraBackend:
-    return HFLoraBackend.load(make_settings(tmp_path, torch_dtype="float32", prefill_chunk_tokens=CHUNK, **overrides))
+    return HFLoraBackend.load(make_settings(tmp_path, numeric_path="float32", prefill_chunk_tokens=CHUNK, **overrides))
 
 
 def _answer(backend: HFLoraBackend, question: str, spec: AdapterSpec | None = ()) -> str:

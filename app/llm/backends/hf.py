@@ -29,7 +29,7 @@ from app.llm.base import (
 )
 from app.llm.engine.jobs import GenerationJob, PredictionJob
 from app.llm.model_source import resolve_base_model
-from app.llm.numerics.choice import NumericPath, choose_numeric_path
+from app.llm.numerics.choice import NumericPath, choose_served_path
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -89,15 +89,14 @@ class HFLoraBackend(GenerationBackend):
         from app.llm.engine.loop import GenerationEngine
 
         device = resolve_device(settings.device)
-        numerics = choose_numeric_path(settings.torch_dtype, device, settings.enable_quantization,
-                                       enable_fp16=settings.enable_fp16)
-        dtype = numerics.torch_dtype()
         if device == "cuda" and settings.cuda_memory_fraction is not None:
             torch.cuda.set_per_process_memory_fraction(settings.cuda_memory_fraction)
         if settings.num_threads:
             torch.set_num_threads(settings.num_threads)
         source = resolve_base_model(settings.base_model_name, settings.cache_dir)
         cache_dir = str(settings.cache_dir) if settings.cache_dir else None
+        numerics = choose_served_path(settings, device, source)
+        dtype = numerics.torch_dtype()
         load_kwargs: dict[str, Any] = {"dtype": dtype, "cache_dir": cache_dir, "trust_remote_code": False}
         if numerics.quantization == "int8-bitsandbytes":
             load_kwargs["quantization_config"] = _bitsandbytes_int8_config()
@@ -117,7 +116,7 @@ class HFLoraBackend(GenerationBackend):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         _make_lm_head_input_contiguous(model)
-        if numerics.quantization == "int8-dynamic":
+        if numerics.quantization == "int8-weight-only":
             from app.llm.numerics.int8 import quantize_linears_int8
 
             quantize_linears_int8(model)
@@ -272,7 +271,7 @@ class HFLoraBackend(GenerationBackend):
             "device": facts.device,
             "dtype": facts.numerics.dtype,
             "quantization": facts.numerics.quantization,
-            "numeric_path": {"reason": facts.numerics.reason, "cpu": facts.numerics.cpu},
+            "numeric_path": facts.numerics.describe(),
             "default_adapter": self.adapters.default_name,
             **self._default_adapter_folder(),
             "merged_adapter": self.adapters.merged_adapter,
