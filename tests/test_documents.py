@@ -78,7 +78,7 @@ def test_an_uploaded_document_is_found_by_the_next_question_and_never_again_once
     entry = next(d for d in listed if d["source"] == "灯塔.md")
     assert entry["document_id"] == body["document_id"] and entry["chunks"] == body["chunks"]
     assert entry["ingested_at"].startswith("20")  # an ISO time
-    assert deleted.status_code == 200 and deleted.json() == body
+    assert deleted.status_code == 200 and deleted.json() == {**body, "purged_versions": []}
     assert all("灯塔.md" not in sources for sources in cited_after)
     assert cited_after[0], "the remaining document still answers"
     assert deleted_again.status_code == 404 and deleted_again.json()["error"] == "document_not_found"
@@ -86,6 +86,40 @@ def test_an_uploaded_document_is_found_by_the_next_question_and_never_again_once
     store = load_store(tmp_path / "store")  # what is on disk: both indexes without the deleted chunks
     assert "灯塔.md" not in store.files and all("灯塔" not in chunk.text for chunk in store.chunks)
     assert store.lexical.size == store.index.ntotal == len(store.chunks)
+
+
+def _store_bytes(folder: Path) -> bytes:
+    return b"".join(path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file())
+
+
+def test_a_purging_delete_leaves_no_copy_on_disk_and_the_kept_versions_still_roll_back(
+    tmp_path: Path, ollama: OllamaWireServer
+) -> None:
+    vault = "The vault code is 4417-SECRET-SENTINEL; tell no one."
+    diary = "Diary: the harbour master hides the spare keys under the bell. DIARY-SENTINEL"
+    with _client(tmp_path, ollama) as client:
+        _upload(client, "glacier.md", GLACIER)  # v000001
+        doomed = _upload(client, "vault.md", vault).json()  # v000002
+        plain = _upload(client, "diary.md", diary).json()  # v000003
+        deleted = client.delete(f"/documents/{plain['document_id']}", headers=ADMIN)  # v000004, not purged
+        purged = client.delete(f"/documents/{doomed['document_id']}", params={"purge": "true"}, headers=ADMIN)
+        versions = client.get("/admin/vector-store/versions", headers=ADMIN).json()["versions"]  # the last three
+        rolled = client.post("/admin/vector-store/rollback", json={"version": "v000003"}, headers=ADMIN)
+        after_rollback = client.get("/documents", headers=ADMIN).json()["documents"]
+        cited = _cited(client, "What is the vault code?")
+        bad = client.delete(f"/documents/{doomed['document_id']}", params={"purge": "maybe"}, headers=ADMIN)
+    on_disk = _store_bytes(tmp_path / "store")
+    assert deleted.status_code == 200 and deleted.json()["purged_versions"] == []
+    assert diary.encode() in on_disk  # a plain delete leaves it in the kept versions (docs/guide/security.md)
+    assert purged.status_code == 200, purged.text
+    assert purged.json()["purged_versions"] == ["v000003", "v000004"]  # the kept versions that held it
+    assert vault.encode() not in on_disk and b"4417" not in on_disk
+    assert [v["version"] for v in versions] == ["v000003", "v000004", "v000005"]
+    assert all(v["problem"] is None for v in versions)  # each rewritten version is whole, checksums and all
+    assert rolled.status_code == 200, rolled.text
+    assert sorted(d["source"] for d in after_rollback) == ["diary.md", "glacier.md"]
+    assert "vault.md" not in cited
+    assert bad.status_code == 422
 
 
 def test_collections_keep_their_documents_apart(tmp_path: Path, ollama: OllamaWireServer) -> None:
@@ -111,7 +145,9 @@ def test_collections_keep_their_documents_apart(tmp_path: Path, ollama: OllamaWi
         listed = client.get("/documents", params={"collection": "tours"}, headers=ADMIN).json()["documents"]
         listed_unknown = client.get("/documents", params={"collection": "nope"}, headers=ADMIN)
         bad_name = _upload(client, "a.md", GLACIER, collection="../escape")
-        look_alikes = [_upload(client, "b.md", ORCHARD, collection=name) for name in ("TOURS", "ｔｏｕｒｓ")]
+        # Case, width, and characters of other scripts that look the same (Cyrillic о and ѕ: UTS #39 confusables).
+        look_alikes = [_upload(client, "b.md", ORCHARD, collection=name) for name in ("TOURS", "ｔｏｕｒｓ", "tоurѕ")]
+        distinct = _upload(client, "c.md", ORCHARD, collection="tour")  # a different name is a new collection
     assert in_default.status_code == 201 and in_tours.status_code == 201
     assert in_tours.json()["collection"] == "tours"
     assert ingest.returncode == 0, ingest.stderr
@@ -132,6 +168,8 @@ def test_collections_keep_their_documents_apart(tmp_path: Path, ollama: OllamaWi
     assert listed_unknown.status_code == 404
     assert bad_name.status_code == 422 and "collection" in bad_name.json()["message"]
     assert all(r.status_code == 409 and "'tours'" in r.json()["message"] for r in look_alikes)
+    assert "looks like" in look_alikes[2].json()["message"]
+    assert distinct.status_code == 201, distinct.text
     assert (tmp_path / "store" / "collections" / "tours").is_dir()
     assert not (tmp_path / "escape").exists()
 

@@ -180,3 +180,25 @@ def test_adapter_families_name_the_adapters_on_the_real_model(
                       model_used=model_used) > 0
     [info] = families["vllm:lora_requests_info"].samples
     assert info.labels == {"running_lora_adapters": "", "waiting_lora_adapters": "", "max_lora": "3"}
+
+
+def test_an_unexpected_error_is_a_500_counted_under_its_route(
+    tmp_path: Path, corpus_store: Path, ollama: OllamaWireServer
+) -> None:
+    """A bug in a route (here one added to the real app that raises) is answered by the server's last resort, outside
+    every middleware; it is still counted under the route's template, not `unmatched`."""
+    settings = make_settings(tmp_path, vector_store_path=corpus_store, use_lora_default=False,
+                             ollama_base_url=ollama.base_url)
+    app = create_app(settings)
+
+    async def broken(item: str) -> None:
+        raise RuntimeError(f"BUG-SENTINEL {item}")
+
+    app.add_api_route("/broken/{item}", broken)
+    with running_server(app) as url:
+        answer = httpx.get(f"{url}/broken/one", timeout=30)
+        families = _families(httpx.get(f"{url}/metrics", timeout=30).text)
+    assert answer.status_code == 500 and "BUG-SENTINEL" not in answer.text
+    requests = "lora_rag_http_requests"
+    assert _value(families, requests, f"{requests}_total", method="GET", route="/broken/{item}", status="500") == 1
+    assert _value(families, requests, f"{requests}_total", route="unmatched") == 0

@@ -15,6 +15,7 @@ from app.api.disconnect import Watch
 from app.api.schemas import (
     CollectionEntry,
     CollectionsResponse,
+    DocumentDeletedResponse,
     DocumentEntry,
     DocumentListResponse,
     DocumentResponse,
@@ -68,11 +69,17 @@ async def list_documents(
 
 
 @router.delete(
-    "/documents/{document_id}", response_model=DocumentResponse, responses=error_responses(404, 409, admin=True)
+    "/documents/{document_id}", response_model=DocumentDeletedResponse,
+    responses=error_responses(404, 409, 422, admin=True),
 )
-async def delete_document(documents: Documents, document_id: str) -> DocumentResponse:
+async def delete_document(
+    documents: Documents,
+    document_id: str,
+    purge: Annotated[bool, Query(description="also rewrite the versions kept for rollback without it, so no copy "
+                                             "of it stays readable on disk")] = False,
+) -> DocumentDeletedResponse:
     """Take a document out of both indexes of its collection (a new store version); 404 when unknown."""
-    return DocumentResponse.model_validate(await documents.delete(document_id), from_attributes=True)
+    return DocumentDeletedResponse.model_validate(await documents.delete(document_id, purge), from_attributes=True)
 
 
 @router.get("/collections", response_model=CollectionsResponse, responses=error_responses())

@@ -210,13 +210,21 @@ class RouteNote:
             await self._app(scope, receive, send)
             return
 
+        def note() -> None:
+            slot.route = getattr(scope.get("route"), "path", UNMATCHED)
+
         async def noting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                route = scope.get("route")
-                slot.route = getattr(route, "path", UNMATCHED)
+                note()
             await send(message)
 
-        await self._app(scope, receive, noting_send)
+        try:
+            await self._app(scope, receive, noting_send)
+        except Exception:
+            # Unexpected errors become their 500 outside every middleware (Starlette's ServerErrorMiddleware):
+            # the route it happened on is known only here.
+            note()
+            raise
 
 
 class RequestMetrics:

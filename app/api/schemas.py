@@ -320,6 +320,13 @@ class DocumentResponse(BaseModel):
     chunks: int = Field(..., description="passages the document was split into")
 
 
+class DocumentDeletedResponse(DocumentResponse):
+    purged_versions: list[str] = Field(
+        ..., description="with purge=true: the versions kept for rollback that held the document and were rewritten "
+        "without it (FAISS); empty otherwise"
+    )
+
+
 class DocumentEntry(DocumentResponse):
     ingested_at: str = Field(..., description="when its content was indexed (ISO 8601, UTC)")
 

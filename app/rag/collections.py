@@ -12,6 +12,8 @@ import threading
 import unicodedata
 from dataclasses import dataclass
 
+from confusable_homoglyphs import confusables
+
 from app.errors import NotFoundError, VectorStoreError
 from app.rag.embeddings import Embedder
 from app.rag.stores.base import (
@@ -35,6 +37,19 @@ class CollectionNotFoundError(NotFoundError):
 
 def _folded(name: str) -> str:
     return unicodedata.normalize("NFKC", name).casefold()
+
+
+def _looks_like(folded: str, other: str) -> bool:
+    """Whether two folded names look the same: character by character equal or homoglyphs of each other in
+    Unicode's confusables data (UTS #39; its multi-character look-alikes such as `rn` for `m` are left out)."""
+    return len(folded) == len(other) and all(
+        mine == theirs or _homoglyph(mine, theirs) or _homoglyph(theirs, mine)
+        for mine, theirs in zip(folded, other, strict=True)
+    )
+
+
+def _homoglyph(character: str, other: str) -> bool:
+    return any(entry["c"] == other for entry in confusables.confusables_data.get(character, ()))
 
 
 @dataclass(frozen=True)
@@ -84,14 +99,15 @@ class Collections:
         return store
 
     def clash(self, name: str) -> str | None:
-        """An existing collection that `name` would be confused with (it differs only in case or in the width of
-        its characters: `Docs`, `DOCS`, `Ｄｏｃｓ`), None when there is none or `name` is that collection.
-        On a case-insensitive disk two such names would also share one folder."""
+        """An existing collection that `name` would be confused with, None when there is none or `name` is that
+        collection: it differs only in case or in the width of its characters (`Docs`, `DOCS`, `Ｄｏｃｓ`; on a
+        case-insensitive disk they would also share one folder), or it looks the same (Unicode's confusables,
+        UTS #39: Cyrillic `dеfault` beside `default`)."""
         folded = _folded(name)
         with self._lock:
             being_created = set(self._live)  # a clash with a first upload still being written counts too
         names = dict.fromkeys([*self.names(), *sorted(being_created)])
-        return next((known for known in names if known != name and _folded(known) == folded), None)
+        return next((known for known in names if known != name and _looks_like(_folded(known), folded)), None)
 
     def live(self, name: str) -> CollectionStore:
         """An existing collection; CollectionNotFoundError lists the known ones."""

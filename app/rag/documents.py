@@ -20,7 +20,7 @@ import hashlib
 import logging
 import threading
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import PurePath
 
 import anyio
@@ -82,6 +82,7 @@ class DocumentInfo:
     collection: str
     chunks: int
     ingested_at: str
+    purged_versions: tuple[str, ...] = ()  # after a purging delete: the kept versions rewritten without it
 
 
 def document_id(collection: str, source: str, sha256: str) -> str:
@@ -172,8 +173,9 @@ class DocumentService:
         existing = await anyio.to_thread.run_sync(self._collections.clash, collection)  # Milvus: a call
         if existing is not None:
             raise ConflictError(
-                f"collection {collection!r} differs from the existing collection {existing!r} only in case or "
-                f"character width: upload into {existing!r}, or choose a clearly different name"
+                f"collection {collection!r} looks like the existing collection {existing!r} (it differs only in "
+                f"case, character width or look-alike characters): upload into {existing!r}, or choose a clearly "
+                "different name"
             )
         name = checked_file_name(file_name)
         limit = self._settings.max_upload_mb
@@ -209,16 +211,19 @@ class DocumentService:
         """The documents of `collection`, or of every collection, as the views being served hold them."""
         return await anyio.to_thread.run_sync(self._documents, collection)  # Milvus: a scan per collection
 
-    async def delete(self, document: str) -> DocumentInfo:
-        """Take a document's chunks out of both indexes of its collection."""
+    async def delete(self, document: str, purge: bool = False) -> DocumentInfo:
+        """Take a document's chunks out of both indexes of its collection; with `purge`, out of the versions kept for
+        rollback as well."""
         found = await anyio.to_thread.run_sync(self._find, document)
         if found is None:
             raise DocumentNotFoundError(f"no document {document[:80]!r}")
         collection, source, sha256, created_at = found
         async with self._writing:
-            change = await anyio.to_thread.run_sync(self._remove, collection, source, sha256)
-        logger.info("document %s deleted from collection %s (version %s)", source, collection, change.version or "-")
-        return self._info(collection, source, sha256, change.chunks, change.ingested_at or created_at)
+            change = await anyio.to_thread.run_sync(self._remove, collection, source, sha256, purge)
+        logger.info("document %s deleted from collection %s (version %s; kept versions purged: %s)", source,
+                    collection, change.version or "-", ", ".join(change.purged_versions) or "none")
+        info = self._info(collection, source, sha256, change.chunks, change.ingested_at or created_at)
+        return replace(info, purged_versions=change.purged_versions)
 
     def _find(self, document: str) -> tuple[str, str, str, str] | None:
         """(collection, source, sha256, its version's creation time) of the document with that id."""
@@ -257,9 +262,9 @@ class DocumentService:
             self._serve(collection)
         return change
 
-    def _remove(self, collection: str, source: str, sha256: str) -> DocumentChange:
+    def _remove(self, collection: str, source: str, sha256: str, purge: bool) -> DocumentChange:
         try:
-            change = remove_document(self._collections.store(collection), source, sha256)
+            change = remove_document(self._collections.store(collection), source, sha256, purge)
         except NotFoundError:
             raise DocumentNotFoundError(
                 f"document {source!r} is no longer in collection {collection} with that content"

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -202,6 +202,7 @@ class DocumentChange:
     ingested_at: str  # "" in FAISS stores written before it was kept
     version: str  # the version now live (a new one, or the same when nothing changed; "" where none are kept)
     written: bool  # False: nothing was written (a document with the same content was there already)
+    purged_versions: tuple[str, ...] = ()  # kept versions rewritten without a removed document (a purge)
 
 
 class IngestionAbandonedError(Exception):
@@ -245,16 +246,18 @@ def _change(source: str, entry: FileEntry, version: str, written: bool) -> Docum
     return DocumentChange(source, entry.sha256, len(entry.chunk_ids), entry.ingested_at, version, written)
 
 
-def remove_document(store: CollectionStore, source: str, sha256: str) -> DocumentChange:
-    """Remove document `source` holding content `sha256`; NotFoundError when the live content does not hold that
-    (a document replaced under the same name meanwhile is not removed)."""
+def remove_document(store: CollectionStore, source: str, sha256: str, purge: bool = False) -> DocumentChange:
+    """Remove document `source` holding content `sha256`, and with `purge` from the versions kept for rollback too;
+    NotFoundError when the live content does not hold that (a document replaced under the same name meanwhile is
+    not removed)."""
     with store.writing():
         previous = store.read()
         entry = previous.files.get(source) if previous is not None else None
         if previous is None or entry is None or entry.sha256 != sha256:
             raise NotFoundError(f"no document {source!r} with that content in this collection")
         version = store.apply(previous, [], [source])
-        return _change(source, entry, version, written=True)
+        purged = tuple(store.purge_kept_versions(source, sha256)) if purge else ()
+        return replace(_change(source, entry, version, written=True), purged_versions=purged)
 
 
 def _previous_store(store: CollectionStore, rebuild: bool) -> StoreView | None:

@@ -349,10 +349,41 @@ def _read_manifest(folder: Path, version: str) -> tuple[dict[str, Any], dict[str
 
 def write_store(store_path: Path, store: VectorStore) -> str:
     """Write a new version folder, then point CURRENT at it atomically; return the version name."""
-    import faiss
-
     store_path.mkdir(parents=True, exist_ok=True)
     version = _next_version(store_path)
+    staging = _staged_version(store_path, store, version, datetime.now(UTC).isoformat(timespec="seconds"))
+    try:
+        staging.rename(store_path / version)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _point_current(store_path, version)
+    _prune_old_versions(store_path, keep=KEEP_VERSIONS)
+    return version
+
+
+def rewrite_version(store_path: Path, store: VectorStore) -> None:
+    """Replace the folder of kept version `store.version` (never the live one) by `store`, written whole under the
+    same name and creation time: a purge takes a deleted document out of the versions kept for rollback."""
+    if store.version == current_version(store_path):
+        raise VectorStoreError(f"vector store {store.version} is live: it is changed by a new version, not rewritten")
+    old = _version_folder(store_path, store.version)
+    staging = _staged_version(store_path, store, store.version, store.created_at)
+    discarded = store_path / f".writing-discarded-{store.version}"  # removed with the other leftovers if we stop
+    try:
+        old.rename(discarded)
+        staging.rename(store_path / store.version)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _fsync_directory(store_path)
+    shutil.rmtree(discarded, ignore_errors=True)
+
+
+def _staged_version(store_path: Path, store: VectorStore, version: str, created_at: str) -> Path:
+    """`store` written whole and synced into a new hidden folder of `store_path`, ready to be renamed `version`."""
+    import faiss
+
     staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=store_path))
     try:
         faiss.write_index(store.index, str(staging / INDEX_FILE))
@@ -370,7 +401,7 @@ def write_store(store_path: Path, store: VectorStore) -> str:
         manifest = {
             "format": STORE_FORMAT,
             "version": version,
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "created_at": created_at,
             "embedding_model": store.embedding_model,
             "dimension": int(store.index.d),
             "chunk_count": len(store.chunks),
@@ -379,13 +410,15 @@ def write_store(store_path: Path, store: VectorStore) -> str:
         _fsync_write(staging / MANIFEST_FILE, json.dumps(manifest, indent=2).encode("utf-8"))
         staging.chmod(0o755)
         _fsync_directory(staging)
-        staging.rename(store_path / version)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _point_current(store_path, version)
-    _prune_old_versions(store_path, keep=KEEP_VERSIONS)
-    return version
+    return staging
+
+
+def kept_versions(store_path: Path) -> list[str]:
+    """The names of the kept version folders, oldest first."""
+    return [folder.name for folder in _version_folders(store_path)]
 
 
 @dataclass(frozen=True)
@@ -429,7 +462,7 @@ def switch_version(store_path: Path, version: str, expected_embedding_model: str
     """Make a kept version live again: verify it whole, then point CURRENT at it atomically.
 
     The caller holds the ingestion lock, so no ingestion switches or prunes versions meanwhile."""
-    kept = [folder.name for folder in _version_folders(store_path)]
+    kept = kept_versions(store_path)
     if version not in kept:  # a name, never joined onto the path unchecked
         raise NotFoundError(f"no vector store version {version!r}; kept versions: {', '.join(kept) or 'none'}")
     try:

@@ -152,6 +152,12 @@ class CollectionStore(ABC):
         """What to serve while the collection holds nothing yet; None: nothing (the collection cannot serve)."""
         return None
 
+    def purge_kept_versions(self, source: str, sha256: str) -> list[str]:
+        """Take document `source` with content `sha256` out of the versions kept for rollback (the live one no longer
+        holds it); return the versions rewritten. Called under `writing()`. A store that keeps no versions holds
+        nothing to purge."""
+        return []
+
     @property
     def store(self) -> StoreView | None:
         return self._store

@@ -34,7 +34,11 @@ from app.rag.vector_store import (
     StoredChunk,
     VectorStore,
     build_index,
+    current_version,
+    kept_versions,
     load_store,
+    load_version,
+    rewrite_version,
     store_exists,
     write_store,
 )
@@ -105,6 +109,27 @@ class FaissCollection(CollectionStore):
             kept.add(document.source, document.sha256, document.chunks, document.vectors, document.ingested_at)
         store = VectorStore(kept.index(self.embedder.dimension), kept.chunks, kept.files, self.embedder.name)
         return write_store(self.path, store)
+
+    def purge_kept_versions(self, source: str, sha256: str) -> list[str]:
+        live, purged = current_version(self.path), []
+        for version in kept_versions(self.path):
+            if version == live:
+                continue
+            # A kept version that cannot be read raises VectorStoreError: the purge stops and says which (the
+            # document is not removed from what is unread).
+            old = load_version(self.path, version)
+            entry = old.files.get(source)
+            if entry is None or entry.sha256 != sha256:
+                continue
+            kept = _KeptChunks(old)
+            for name, other in old.files.items():
+                if name != source:
+                    kept.keep(name, other)
+            dimension = int(old.index.d)
+            rewrite_version(self.path, VectorStore(kept.index(lambda: dimension), kept.chunks, kept.files,  # noqa: B023
+                                                   old.embedding_model, version=version, created_at=old.created_at))
+            purged.append(version)
+        return purged
 
 
 class _KeptChunks:
