@@ -34,7 +34,6 @@ _BANDWIDTH_PROBE_BYTES = 256 * 2**20  # larger than any CPU's last-level cache
 _TEMPLATE_AND_QUESTION_TOKENS = 150
 _TYPICAL_ANSWER_TOKENS = 128
 _MIN_TIMED_SECONDS = 0.03  # each shape and phase is timed for at least this long (timer resolution, noise)
-_PREFILL_ROWS = 128  # rows per timed prefill matmul: enough for the kernels' full throughput
 
 
 @dataclass(frozen=True)
@@ -105,7 +104,8 @@ def _measured(shapes: LinearShapes, paths: tuple[str, ...], typical: TypicalAnsw
         decode = prefill_per_token = 0.0
         for shape, count in shapes.body:
             decode += count * _one_row_seconds(kind, shape, bandwidth)
-            prefill_per_token += count * _prefill_seconds_per_row(kind, shape)
+            prefill_per_token += count * _prefill_seconds_per_row(kind, shape, min(prefill_chunk_tokens,
+                                                                                   typical.prompt_tokens))
         head = _one_row_seconds(kind, shapes.head, bandwidth) if shapes.head else 0.0
         # The engine computes logits for a prefill chunk's last position only (logits_to_keep=1).
         prefill = prefill_per_token * typical.prompt_tokens + head * chunks
@@ -192,11 +192,13 @@ def _one_row_seconds(kind: _LayerKind, shape: tuple[int, int], bandwidth: float)
                 return max(elapsed / calls, weight_bytes / bandwidth)
 
 
-def _prefill_seconds_per_row(kind: _LayerKind, shape: tuple[int, int]) -> float:
+def _prefill_seconds_per_row(kind: _LayerKind, shape: tuple[int, int], rows: int) -> float:
+    """One prompt token through a layer of `shape`, in a chunk of `rows` tokens as the engine prefills (kernels'
+    efficiency depends on it: weight-only int8 falls behind bfloat16 as chunks grow)."""
     import torch
 
     layer = kind.make(shape)
-    x = _activation(_PREFILL_ROWS, shape[0], layer)
+    x = _activation(rows, shape[0], layer)
     with torch.inference_mode():
         layer(x)
         calls, start = 0, time.perf_counter()
@@ -205,7 +207,7 @@ def _prefill_seconds_per_row(kind: _LayerKind, shape: tuple[int, int]) -> float:
             calls += 1
             elapsed = time.perf_counter() - start
             if elapsed >= _MIN_TIMED_SECONDS and calls >= 2:
-                return elapsed / calls / _PREFILL_ROWS
+                return elapsed / calls / rows
 
 
 def typical_answer(retrieval_top_k: int, chunk_size: int, max_new_tokens: int) -> TypicalAnswer:
