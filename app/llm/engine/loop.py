@@ -44,6 +44,7 @@ import torch
 from app.errors import AppError, BackendUnavailableError, EngineFailureError, NumericalFailureError
 from app.llm.engine.jobs import AdapterChoice, GenerationJob, PredictionJob
 from app.llm.engine.prefix_cache import KVKey, PrefixCache
+from app.llm.engine.rows.detokenize import IncrementalDetokenizer
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -123,6 +124,7 @@ class _Row:
     job: GenerationJob
     admission: Admission
     generator: torch.Generator | None
+    detokenizer: IncrementalDetokenizer
     cache: DynamicCache | None = None  # its own cache while it prefills
     prefilled: int = 0  # prompt tokens in its cache so far
 
@@ -429,7 +431,7 @@ class GenerationEngine:
                 _log_unexpected(error, "admitting a generation")
                 job.fail(_as_app_error(error))
                 continue
-            self._prefilling = _Row(job, admission, generator)
+            self._prefilling = _Row(job, admission, generator, IncrementalDetokenizer(self._tokenizer))
 
     def _may_start(self, sequence: int, job: GenerationJob) -> bool:
         """Under the lock: not held back by a waiting drain submitted before it."""
@@ -563,9 +565,10 @@ class GenerationEngine:
             job.finish_reason = "stop"
         else:
             job.tokens.append(token)
+            row.detokenizer.add(token)
             if len(job.tokens) >= job.params.max_new_tokens:
                 job.finish_reason = "length"
-        _emit(job, self._tokenizer)
+        _emit(job, row.detokenizer.text)
 
     # -- predictions ------------------------------------------------------------------------------
 
@@ -668,17 +671,14 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
     return int(order[pick])
 
 
-def _emit(job: GenerationJob, tokenizer: PreTrainedTokenizerBase) -> None:
-    """The job's text so far, cut at a stop string; its new part streamed."""
-    # One sequence decodes to a str; transformers types every decode as `str | list[str]` (no overload).
-    text: str = tokenizer.decode(job.tokens, skip_special_tokens=True)  # type: ignore[assignment]
+def _emit(job: GenerationJob, text: str) -> None:
+    """The job's complete text so far (`text`, from its detokenizer), cut at a stop string; its new part streamed."""
     for stop in job.params.stop:
         position = text.find(stop)
         if position >= 0:
             text, job.finish_reason = text[:position], "stop"
     if job.finish_reason is None:
-        # Hold back a half-decoded character and anything that may be the start of a stop string.
-        text = text.rstrip("\ufffd")
+        # Hold back anything that may be the start of a stop string.
         text = text[: len(text) - _partial_stop_length(text, job.params.stop)]
     if not text.startswith(job.text):
         return  # the tokenizer re-joined earlier pieces; wait until the text grows past them
