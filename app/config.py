@@ -83,6 +83,11 @@ class Settings(BaseSettings):
 
     # Generation
     max_new_tokens: int = Field(512, ge=1, le=8192)
+    repetition_repeats: int = Field(
+        3, ge=0, le=100, description="a local answer whose last tokens repeat one span this many times running is "
+        "stopped (finish reason repetition); 0 turns the guard off"
+    )
+    repetition_min_span: int = Field(8, ge=2, le=64, description="tokens in the shortest span the guard counts")
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
 

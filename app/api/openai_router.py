@@ -50,7 +50,10 @@ from app.rag.vector_store import SearchHit
 router = APIRouter(tags=["openai"])
 Service = Annotated[RAGService, Depends(get_rag_service)]
 #: "cancelled" means the caller went away; OpenAI's types have no such reason and nobody reads it anyway.
-_FINISH_REASONS: dict[FinishReason, OpenAIFinishReason] = {"stop": "stop", "length": "length", "cancelled": "stop"}
+#: "repetition" (the engine stopped a loop) is "stop" to OpenAI's clients, with `notice` saying why.
+_FINISH_REASONS: dict[FinishReason, OpenAIFinishReason] = {
+    "stop": "stop", "length": "length", "cancelled": "stop", "repetition": "stop",
+}
 _DONE = "data: [DONE]\n\n"
 
 

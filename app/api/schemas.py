@@ -165,10 +165,12 @@ class AskResponse(BaseModel):
     adapters: str = Field("", description="the adapter (or weighted mix) that answered; empty for none")
     processing_time: float = Field(..., description="seconds")
     usage: Usage
-    finish_reason: Literal["stop", "length", "cancelled"] = Field(
-        ..., description="stop: the model ended its answer (or a stop string); length: the token budget ran out"
+    finish_reason: Literal["stop", "length", "cancelled", "repetition"] = Field(
+        ..., description="stop: the model ended its answer (or a stop string); length: the token budget ran out; "
+        "repetition: the answer began repeating itself and was stopped (REPETITION_REPEATS)"
     )
-    notice: str | None = Field(None, description="set when the answer is blank, saying so; null otherwise")
+    notice: str | None = Field(None, description="set when the answer is blank or was stopped for repeating itself, "
+                               "saying so; null otherwise")
 
 
 class SwitchModelRequest(BackendChoice, OwnRequestModel):

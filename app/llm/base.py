@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, TypedDict, runtime_checkable
 
 ModelUsed = Literal["lora", "base", "ollama", "remote"]
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled", "repetition"]
 #: A request's adapter choice: () is the base model alone, else (name, weight) pairs; None: server default.
 AdapterSpec = tuple[tuple[str, float], ...]
 #: The seeds a request may give: torch's generators (and vLLM's, Ollama's) take a 64-bit integer, from -2^63
@@ -40,6 +40,10 @@ class GenerationParams:
 EMPTY_ANSWER_NOTICE = (
     "the model generated no text for this request; rephrase it, or try another adapter or the base model"
 )
+REPETITION_NOTICE = (
+    "the answer began repeating itself and was stopped there; rephrase the question, or try another adapter or "
+    "the base model"
+)
 
 
 @dataclass(frozen=True)
@@ -53,8 +57,11 @@ class GenerationResult:
 
     @property
     def notice(self) -> str | None:
-        """Said with the answer when there is no text to show, so a blank answer is never silent."""
-        return EMPTY_ANSWER_NOTICE if not self.text.strip() else None
+        """Said with the answer when there is no text to show, so a blank answer is never silent, and when the
+        answer was stopped for repeating itself."""
+        if not self.text.strip():
+            return EMPTY_ANSWER_NOTICE
+        return REPETITION_NOTICE if self.finish_reason == "repetition" else None
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from app.llm.base import (
     TextCallback,
 )
 from app.llm.engine.jobs import GenerationJob, PredictionJob
+from app.llm.engine.rows.repetition import RepetitionGuard
 from app.llm.model_source import resolve_base_model
 from app.llm.numerics.choice import NumericPath, choose_served_path
 
@@ -136,6 +137,7 @@ class HFLoraBackend(GenerationBackend):
             prefix_cache_bytes=settings.prefix_cache_mb * 2**20,
             # A step longer than a whole request may take means every request waiting on it times out anyway.
             stall_seconds=settings.request_timeout_seconds,
+            repetition=RepetitionGuard(settings.repetition_min_span, settings.repetition_repeats),
             classify=manager.classifier_hidden,
         )
         facts = LoadedModelFacts(

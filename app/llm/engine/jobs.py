@@ -17,7 +17,7 @@ from typing import Any, Literal
 from app.errors import AppError
 from app.llm.base import GenerationParams
 
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled", "repetition"]
 BASE_KEY = "__base__"
 #: PEFT names of classifier adapters start with this; generation names start with a letter or digit.
 CLASSIFIER_PREFIX = "_cls_"

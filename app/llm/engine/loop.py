@@ -45,6 +45,7 @@ from app.errors import AppError, BackendUnavailableError, EngineFailureError, Nu
 from app.llm.engine.jobs import AdapterChoice, GenerationJob, PredictionJob
 from app.llm.engine.prefix_cache import KVKey, PrefixCache
 from app.llm.engine.rows.detokenize import IncrementalDetokenizer
+from app.llm.engine.rows.repetition import RepetitionGuard
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -211,9 +212,11 @@ class GenerationEngine:
         prefill_chunk_tokens: int,
         prefix_cache_bytes: int,
         stall_seconds: float,
+        repetition: RepetitionGuard,
         classify: Classify | None = None,
     ) -> None:
         self._tokenizer = tokenizer
+        self._repetition = repetition
         self._model = model
         self._classify = classify
         self._max_rows = max_batch_size
@@ -568,6 +571,8 @@ class GenerationEngine:
             row.detokenizer.add(token)
             if len(job.tokens) >= job.params.max_new_tokens:
                 job.finish_reason = "length"
+            elif self._repetition.repeating(job.tokens):
+                job.finish_reason = "repetition"
         _emit(job, row.detokenizer.text)
 
     # -- predictions ------------------------------------------------------------------------------
