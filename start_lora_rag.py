@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--verbose", action="store_true", default=None, help="debug logging")
     parser.add_argument(
+        "--workers", type=int, metavar="N", help="worker processes serving together (WORKERS, default 1), as uvicorn's "
+        "--workers: each loads its own model; run-time changes of what is served are then refused (409)",
+    )
+    parser.add_argument(
         "--config-check",
         action="store_true",
         help="check base model, adapter, vector store, embedding model and Ollama, then exit "
@@ -71,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = {
         "api_host": args.host, "api_port": args.port, "use_lora_default": args.use_lora, "verbose": args.verbose,
+        "workers": args.workers,
         # The flag says which backend to start on, over DEFAULT_BACKEND from the environment.
         "default_backend": None if args.use_lora is None else ("lora" if args.use_lora else "ollama"),
     }
@@ -93,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if active_ok else 1
 
     prepare_to_serve(settings)
-    from app.main import create_app
-
-    serve(create_app(settings), settings)
+    serve(settings)
     return 0
 
 

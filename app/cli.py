@@ -4,12 +4,9 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
-from app.config import Settings, SettingsError, load_settings
-
-if TYPE_CHECKING:
-    from fastapi import FastAPI
+from app.config import Settings, SettingsError, export_to_environment, load_settings
 
 
 def fail(message: str, status: int = 2) -> NoReturn:
@@ -57,11 +54,17 @@ def prepared_settings(default_backend: str | None = None) -> Settings:
     return settings
 
 
-def serve(app: FastAPI, settings: Settings) -> None:
-    """Serve `app` on API_HOST:API_PORT until stopped."""
+def serve(settings: Settings) -> None:
+    """Serve the app these settings make on API_HOST:API_PORT until stopped: in this process, or in WORKERS
+    processes uvicorn starts (each builds `app.lora_main:app` from the settings this process exports to them)."""
     import uvicorn
 
-    uvicorn.run(
-        app, host=settings.api_host, port=settings.api_port,
-        log_level="debug" if settings.verbose else settings.log_level.lower(),
-    )
+    from app.main import create_app
+
+    log_level = "debug" if settings.verbose else settings.log_level.lower()
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_level=log_level)
+        return
+    export_to_environment(settings)
+    uvicorn.run("app.lora_main:app", host=settings.api_host, port=settings.api_port, log_level=log_level,
+                workers=settings.workers)

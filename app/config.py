@@ -175,6 +175,10 @@ class Settings(BaseSettings):
     # Server
     api_host: str = "127.0.0.1"
     api_port: int = Field(8001, ge=1, le=65535)
+    workers: int = Field(
+        1, ge=1, le=64, description="worker processes serving on API_PORT together (start_lora_rag.py --workers, as "
+        "uvicorn --workers); each loads its own model, and run-time changes of what is served are refused (409)"
+    )
     max_query_chars: int = Field(4000, ge=1, le=100_000, description="longest question or chat message")
     max_messages: int = Field(64, ge=1, le=10_000, description="messages in one chat completion request")
     max_concurrent_generations: int = Field(8, ge=1, le=256)
@@ -436,3 +440,15 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as error:
         raise SettingsError(describe_validation_error(error)) from None
+
+
+def export_to_environment(settings: Settings) -> None:
+    """Put every setting that was given (by the environment, `.env` or the command line) into this process's
+    environment, so the worker processes uvicorn starts from it (WORKERS > 1) read the same settings."""
+    for name in sorted(settings.model_fields_set):
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        os.environ[name.upper()] = ("true" if value else "false") if isinstance(value, bool) else str(value)

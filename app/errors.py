@@ -63,6 +63,12 @@ class ConflictError(AppError):
     code = "conflict"
 
 
+class SeveralWorkersError(ConflictError):
+    """A run-time change refused because several worker processes serve, each with its own state."""
+
+    code = "several_workers"
+
+
 class InvalidStoreVersionError(AppError):
     """A kept vector store version fails its checks (tampered, incomplete, other embedding model),
     so it cannot be made live."""

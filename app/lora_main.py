@@ -34,7 +34,4 @@ def __getattr__(name: str) -> FastAPI:
 
 
 if __name__ == "__main__":
-    settings = prepared_settings()
-    from app.main import create_app
-
-    serve(create_app(settings), settings)
+    serve(prepared_settings())

@@ -56,6 +56,15 @@ async def build_rag_service(
     return RAGService(settings, models, retriever, collections, observer)
 
 
+def serves_with_other_workers(settings: Settings) -> bool:
+    """Whether this process is one of several serving together: WORKERS > 1 (start_lora_rag.py --workers), or a
+    process uvicorn started as one of its workers (`uvicorn app.lora_main:app --workers N` starts each with
+    multiprocessing; so does `--reload`, under which run-time changes are refused too)."""
+    import multiprocessing
+
+    return settings.workers > 1 or multiprocessing.parent_process() is not None
+
+
 def create_app(settings: Settings, backends: Mapping[str, BackendEntry] = BACKENDS) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -80,6 +89,7 @@ def create_app(settings: Settings, backends: Mapping[str, BackendEntry] = BACKEN
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.state.serves_with_other_workers = serves_with_other_workers(settings)
     metrics = Metrics(settings, app.state) if settings.metrics_enabled else None
     if metrics is not None:
         app.add_middleware(RouteNote)  # inside the guard, which copies the scope FastAPI routes on

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -101,28 +103,29 @@ def _launched(env: dict[str, str], *args: str) -> Iterator[str]:
 
 
 @contextmanager
-def _serving(command: list[str], port: int, env: dict[str, str]) -> Iterator[str]:
+def _serving(command: list[str], port: int, env: dict[str, str], log_path: Path | None = None) -> Iterator[str]:
     """`command`, run from the repository root, serving on `port` until ready; yields its URL, stops it with
-    Ctrl-C after (and expects a clean exit)."""
-    process = subprocess.Popen(
-        command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while True:
-            assert process.poll() is None, process.stdout.read() if process.stdout else ""
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the service did not become ready"
-            time.sleep(0.5)
-        yield url
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=60)
+    Ctrl-C after (and expects a clean exit). Its output goes to `log_path` (a file, not a pipe that could fill)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        log = log_path or Path(scratch) / "server.log"
+        with log.open("w") as output:
+            process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 300
+            while True:
+                assert process.poll() is None, log.read_text()[-5000:]
+                try:
+                    if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "the service did not become ready"
+                time.sleep(0.5)
+            yield url
+        finally:
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=60)
     assert process.returncode == 0
 
 
@@ -174,6 +177,47 @@ def test_the_design_cards_start_up_commands_serve_as_the_launcher_does(tmp_path:
         with _serving(original, port, env) as url:
             answer = httpx.post(f"{url}/ask", json={"query": "Which cables are used for brakes?"}, timeout=120)
         assert answer.status_code == 200 and answer.json()["model_used"] == "ollama"
+
+
+def _refusals(url: str) -> dict[str, httpx.Response]:
+    """Each kind of run-time change of what is served, tried once."""
+    adapter = {"lora_name": "late", "lora_path": "late"}
+    return {
+        "switch_model": httpx.post(f"{url}/switch_model", json={"backend": "ollama"}, timeout=30),
+        "admin load": httpx.post(f"{url}/admin/load-lora-adapter", json=adapter, timeout=30),
+        "vllm load": httpx.post(f"{url}/v1/load_lora_adapter", json=adapter, timeout=30),
+        "classifier load": httpx.post(f"{url}/api/v1/inference/models/load", json={"model_dir": "x"}, timeout=30),
+        "upload": httpx.post(f"{url}/documents", files={"file": ("late.md", b"Late news.")}, timeout=30),
+        "rollback": httpx.post(f"{url}/admin/vector-store/rollback", json={"version": "v000001"}, timeout=30),
+    }
+
+
+@pytest.mark.slow
+def test_several_workers_serve_and_refuse_run_time_changes_that_would_reach_one_of_them(tmp_path: Path) -> None:
+    """`start_lora_rag.py --workers 2` and the design card's `uvicorn app.lora_main:app --workers 2`: two processes
+    answer on one port, each with its own model; a change of what is served is a 409 saying why, never a change
+    in one worker only."""
+    env, log = _env(tmp_path), tmp_path / "server.log"
+    port = closed_port()
+    with _serving([sys.executable, "start_lora_rag.py", "--port", str(port), "--workers", "2"], port, env, log) as url:
+        answers = [httpx.post(f"{url}/ask", json={"query": "Which cables are used for brakes?"}, timeout=120)
+                   for _ in range(3)]
+        refused = _refusals(url)
+        info = httpx.get(f"{url}/model_info", timeout=30)
+    assert all(answer.status_code == 200 and answer.json()["answer"].strip() for answer in answers)
+    assert info.status_code == 200 and info.json()["active_backend"] == "lora"
+    for what, response in refused.items():
+        assert response.status_code == 409, (what, response.text)
+        body = response.json()
+        error = body.get("error")
+        code, message = (error["code"], error["message"]) if isinstance(error, dict) else (error, body["message"])
+        assert code == "several_workers" and "worker processes" in message, (what, body)
+    assert len(set(re.findall(r"Started server process \[(\d+)\]", log.read_text()))) == 2
+
+    port = closed_port()
+    design = [sys.executable, "-m", "uvicorn", "app.lora_main:app", "--port", str(port), "--workers", "2"]
+    with _serving(design, port, env) as url:
+        assert httpx.post(f"{url}/switch_model", json={"backend": "ollama"}, timeout=30).status_code == 409
 
 
 def test_config_check_fails_naming_unknown_names_a_missing_default_adapter_and_bad_values(tmp_path: Path) -> None:

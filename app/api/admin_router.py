@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import PlainTextResponse
 
-from app.api.deps import get_rag_service
+from app.api.deps import CHANGES_WHAT_IS_SERVED, get_rag_service
 from app.api.errors import OPENAI
 from app.api.metrics import AdapterChange, adapter_change_counter
 from app.api.schemas import (
@@ -25,19 +25,19 @@ from app.api.schemas import (
 from app.rag.service import RAGService
 
 router = APIRouter(tags=["admin"])
-_ERRORS = error_responses(404, 503, body=True, admin=True)
+_ERRORS = error_responses(404, 409, 503, body=True, admin=True)
 # vLLM answers success as plain text and errors as JSON (OpenAI's envelope, as every /v1 route). A `model` entry
 # would be documented in the route's text/plain, so the vLLM routes declare their error bodies with the JSON media
 # type themselves, by reference: /v1/chat/completions puts the envelope's schema among the components.
 _VLLM_ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{OPENAI.model.__name__}"}}}}
-    for status in error_responses(404, 503, body=True, admin=True, envelope=OPENAI)
+    for status in error_responses(404, 409, 503, body=True, admin=True, envelope=OPENAI)
 }
 Service = Annotated[RAGService, Depends(get_rag_service)]
 CountChange = Annotated[Callable[[AdapterChange], None], Depends(adapter_change_counter)]
 
 
-@router.post("/admin/load-lora-adapter", responses=_ERRORS)
+@router.post("/admin/load-lora-adapter", responses=_ERRORS, dependencies=CHANGES_WHAT_IS_SERVED)
 async def load_adapter(request: LoadAdapterRequest, service: Service, count: CountChange) -> dict[str, Any]:
     """Attach the adapter at `lora_path` (a name or path inside the allowed adapter folders) as `lora_name`.
     Loading the same name from the same path again is harmless."""
@@ -46,7 +46,7 @@ async def load_adapter(request: LoadAdapterRequest, service: Service, count: Cou
     return entry
 
 
-@router.post("/admin/unload-lora-adapter", responses=_ERRORS)
+@router.post("/admin/unload-lora-adapter", responses=_ERRORS, dependencies=CHANGES_WHAT_IS_SERVED)
 async def unload_adapter(request: UnloadAdapterRequest, service: Service, count: CountChange) -> dict[str, str]:
     """Detach an adapter; requests already generating with it finish, later ones get 404."""
     await service.models.unload_adapter(request.lora_name)
@@ -61,7 +61,8 @@ async def list_adapters(service: Service) -> dict[str, Any]:
     return await service.models.adapter_catalogue()
 
 
-@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=_VLLM_ERRORS)
+@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=_VLLM_ERRORS,
+             dependencies=CHANGES_WHAT_IS_SERVED)
 async def vllm_load_adapter(request: VllmLoadAdapterRequest, service: Service, count: CountChange) -> str:
     """vLLM-compatible load."""
     await service.models.load_adapter(request.lora_name, request.lora_path)
@@ -69,7 +70,8 @@ async def vllm_load_adapter(request: VllmLoadAdapterRequest, service: Service, c
     return f"Success: LoRA adapter '{request.lora_name}' added successfully."
 
 
-@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=_VLLM_ERRORS)
+@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=_VLLM_ERRORS,
+             dependencies=CHANGES_WHAT_IS_SERVED)
 async def vllm_unload_adapter(request: VllmUnloadAdapterRequest, service: Service, count: CountChange) -> str:
     """vLLM-compatible unload."""
     await service.models.unload_adapter(request.lora_name)

@@ -17,7 +17,7 @@ from app.api.classification_schemas import (
     ServiceStatusResponse,
     UnloadModelRequest,
 )
-from app.api.deps import get_classification_service
+from app.api.deps import CHANGES_WHAT_IS_SERVED, get_classification_service
 from app.api.disconnect import Watch
 from app.api.schemas import error_responses
 from app.classification.service import ClassificationService
@@ -29,7 +29,7 @@ Service = Annotated[ClassificationService, Depends(get_classification_service)]
 
 
 @router.post("/models/load", response_model=ModelStatusResponse,
-             responses=error_responses(404, 503, body=True, admin=True))
+             responses=error_responses(404, 409, 503, body=True, admin=True), dependencies=CHANGES_WHAT_IS_SERVED)
 async def load_model(request: LoadModelRequest, service: Service) -> ModelStatusResponse:
     """Load the classifier in the folder `model_dir` under CLASSIFIER_MODELS_PATH (its `<stem>.lora/` adapter,
     `<stem>.head.pt` head and `<stem>.head.pt.pkl` labels) onto the served base model. Its `model_id` is
@@ -40,7 +40,7 @@ async def load_model(request: LoadModelRequest, service: Service) -> ModelStatus
 
 
 @router.post("/models/unload", response_model=ModelStatusResponse,
-             responses=error_responses(404, 503, body=True, admin=True))
+             responses=error_responses(404, 409, 503, body=True, admin=True), dependencies=CHANGES_WHAT_IS_SERVED)
 async def unload_model(request: UnloadModelRequest, service: Service) -> ModelStatusResponse:
     """Unload a classifier (its adapter and head; the base model stays). Predictions already running on it
     complete; later ones get 404 `model_not_loaded`."""

@@ -10,7 +10,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 
-from app.api.deps import get_documents
+from app.api.deps import CHANGES_DOCUMENTS, get_documents
 from app.api.disconnect import Watch
 from app.api.schemas import (
     CollectionEntry,
@@ -32,6 +32,7 @@ Documents = Annotated[DocumentService, Depends(get_documents)]
     "/documents",
     status_code=201,
     response_model=DocumentResponse,
+    dependencies=CHANGES_DOCUMENTS,
     responses={200: {"model": DocumentResponse, "description": "the same content was there already"},
                **error_responses(409, 413, 415, 422, 503, body=True, admin=True)},
 )
@@ -70,7 +71,7 @@ async def list_documents(
 
 @router.delete(
     "/documents/{document_id}", response_model=DocumentDeletedResponse,
-    responses=error_responses(404, 409, 422, admin=True),
+    responses=error_responses(404, 409, 422, admin=True), dependencies=CHANGES_DOCUMENTS,
 )
 async def delete_document(
     documents: Documents,

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
-from app.api.deps import get_rag_service
+from app.api.deps import CHANGES_WHAT_IS_SERVED, get_rag_service
 from app.api.schemas import ModelInfo, SwitchModelRequest, SwitchModelResponse, error_responses
 from app.api.visibility import shown_to
 from app.rag.service import RAGService
@@ -17,7 +17,8 @@ router = APIRouter(tags=["models"])
 @router.post(
     "/switch_model",
     response_model=SwitchModelResponse,
-    responses=error_responses(404, 503, body=True, admin=True),
+    responses=error_responses(404, 409, 503, body=True, admin=True),
+    dependencies=CHANGES_WHAT_IS_SERVED,
 )
 async def switch_model(
     request: SwitchModelRequest, service: Annotated[RAGService, Depends(get_rag_service)]

@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends
 
-from app.api.deps import get_store_admin
+from app.api.deps import CHANGES_DOCUMENTS, get_store_admin
 from app.api.schemas import (
     RebuildRequest,
     RebuildResponse,
@@ -23,7 +23,8 @@ from app.rag.store_admin import VectorStoreAdmin
 router = APIRouter(prefix="/admin/vector-store", tags=["admin"])
 Admin = Annotated[VectorStoreAdmin, Depends(get_store_admin)]
 
-@router.post("/rebuild", response_model=RebuildResponse, responses=error_responses(409, 503, body=True, admin=True))
+@router.post("/rebuild", response_model=RebuildResponse, responses=error_responses(409, 503, body=True, admin=True),
+             dependencies=CHANGES_DOCUMENTS)
 async def rebuild(admin: Admin, request: Annotated[RebuildRequest | None, Body()] = None) -> RebuildResponse:
     """Ingest SAMPLE_CORPUS_PATH into a new store version and serve it at once, without a restart.
 
@@ -57,7 +58,8 @@ async def versions(admin: Admin) -> StoreVersionsResponse:
 
 
 @router.post(
-    "/rollback", response_model=RollbackResponse, responses=error_responses(404, 409, 501, 503, body=True, admin=True)
+    "/rollback", response_model=RollbackResponse, responses=error_responses(404, 409, 501, 503, body=True, admin=True),
+    dependencies=CHANGES_DOCUMENTS,
 )
 async def rollback(admin: Admin, request: RollbackRequest) -> RollbackResponse:
     """Make a kept version live again. It is verified against its manifest's checksums first: a tampered
