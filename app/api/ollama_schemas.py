@@ -3,8 +3,9 @@
 Ollama's server ignores fields it does not know, and so do these models: Ollama's clients send what their
 version knows. Fields asking for what this server cannot do (tools, images, structured `format`, thinking,
 `raw` prompts, fill-in-the-middle `suffix`, a custom `template`) are refused with 400 rather than dropped.
-`options` takes every Ollama option; `num_predict`, `temperature`, `top_p` and `stop` are used, `rag: true`
-answers from the indexed documents, the others change nothing here.
+`options` takes every Ollama option; `num_predict`, `temperature`, `top_p`, `stop`, `seed`, `repeat_penalty`,
+`repeat_last_n`, `presence_penalty` and `frequency_penalty` are used, `rag: true` answers from the indexed
+documents, the others change nothing here.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from app.api.schemas import RequestModel, Seed
 from app.errors import BadRequestError
-from app.llm.base import ChatMessage, GenerationParams
+from app.llm.base import ChatMessage, GenerationParams, Penalties
 
 #: the Ollama server version whose API this one follows (clients check it before using newer fields)
 OLLAMA_API_VERSION = "0.6.3"
@@ -34,6 +35,15 @@ class OllamaOptions(RequestModel):
         None, description="a 64-bit integer: the same seed and options give the same answer again"
     )
     rag: StrictBool | None = Field(None, description="true: answer from the indexed documents (like a `:rag` model)")
+    repeat_penalty: float | None = Field(
+        None, gt=0, le=10, allow_inf_nan=False,
+        description="scores of the last repeat_last_n generated tokens divided by it (multiplied when negative); "
+        "none unless given (Ollama's own default is 1.1)",
+    )
+    repeat_last_n: StrictInt | None = Field(None, ge=-1, le=8192, description="generated tokens it looks back "
+                                            "over: 64 unless given; 0 none, -1 all")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
 
     def generation_params(self, defaults: GenerationParams) -> GenerationParams:
         """Ollama's options over the server's defaults. Ollama has no refusal for a long `num_predict` (-1 even
@@ -48,6 +58,10 @@ class OllamaOptions(RequestModel):
             top_p=defaults.top_p if self.top_p is None else self.top_p,
             stop=tuple(self.stop or ()),
             seed=self.seed,
+            penalties=Penalties(
+                presence=self.presence_penalty or 0.0, frequency=self.frequency_penalty or 0.0,
+                repetition=self.repeat_penalty or 1.0, last_n=64 if self.repeat_last_n is None else self.repeat_last_n,
+            ),
         )
 
 

@@ -29,12 +29,32 @@ class ChatMessage(TypedDict):
 
 
 @dataclass(frozen=True)
+class Penalties:
+    """What lowers the scores of tokens a row has already generated (neutral by default).
+
+    `presence` and `frequency` are OpenAI's: each generated token's score goes down by `presence` once and by
+    `frequency` for every time it was generated. `repetition` is Ollama's (llama.cpp's, HF's) `repeat_penalty` over
+    the last `last_n` generated tokens (0: none, -1: all): a positive score is divided by it, a negative one
+    multiplied."""
+
+    presence: float = 0.0
+    frequency: float = 0.0
+    repetition: float = 1.0
+    last_n: int = 64
+
+    @property
+    def active(self) -> bool:
+        return bool(self.presence or self.frequency or (self.repetition != 1.0 and self.last_n != 0))
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     max_new_tokens: int
     temperature: float
     top_p: float
     stop: tuple[str, ...] = ()
     seed: int | None = None  # sampled tokens drawn from this seed's own random stream: the same answer again
+    penalties: Penalties = Penalties()
 
 
 EMPTY_ANSWER_NOTICE = (

@@ -72,6 +72,10 @@ class OllamaBackend(GenerationBackend):
             options["stop"] = list(params.stop)
         if params.seed is not None:
             options["seed"] = params.seed
+        penalties = params.penalties
+        if penalties.active:  # Ollama's names; its own defaults (repeat_penalty 1.1) apply when none is asked for
+            options.update(presence_penalty=penalties.presence, frequency_penalty=penalties.frequency,
+                           repeat_penalty=penalties.repetition, repeat_last_n=penalties.last_n)
         prompt: list[tuple[str, str]] = [(m["role"], m["content"]) for m in messages]
         try:
             if on_text is None:

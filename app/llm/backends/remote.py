@@ -149,6 +149,13 @@ class RemoteBackend(GenerationBackend):
             body["stop"] = list(params.stop)
         if params.seed is not None:
             body["seed"] = params.seed
+        penalties = params.penalties
+        if penalties.presence or penalties.frequency:
+            body.update(presence_penalty=penalties.presence, frequency_penalty=penalties.frequency)
+        if penalties.repetition != 1.0 and penalties.last_n != 0:
+            # vLLM's extra sampling field (over prompt and answer: it has no window), llama.cpp's server names.
+            body.update(repetition_penalty=penalties.repetition, repeat_penalty=penalties.repetition,
+                        repeat_last_n=penalties.last_n)
         limit = _reply_limit(params.max_new_tokens)
         if on_text is None:
             reply = self._parsed(_Completion, await self._request("POST", "chat/completions", json_body=body,

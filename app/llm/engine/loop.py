@@ -45,6 +45,7 @@ from app.errors import AppError, BackendUnavailableError, EngineFailureError, Nu
 from app.llm.engine.jobs import AdapterChoice, GenerationJob, PredictionJob
 from app.llm.engine.prefix_cache import KVKey, PrefixCache
 from app.llm.engine.rows.detokenize import IncrementalDetokenizer
+from app.llm.engine.rows.penalties import penalise
 from app.llm.engine.rows.repetition import RepetitionGuard
 
 if TYPE_CHECKING:
@@ -544,6 +545,8 @@ class GenerationEngine:
         for index, row in enumerate(rows):
             if not row.job.tokens and self._eos:
                 logits[index, self._eos] = float("-inf")  # an answer never ends before its first token
+            if row.job.params.penalties.active:
+                penalise(logits[index], row.job.tokens, row.job.params.penalties)
         chosen = logits.argmax(dim=-1).tolist()
         for index, row in enumerate(rows):
             job = row.job
