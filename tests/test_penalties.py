@@ -71,3 +71,32 @@ def test_penalties_change_a_looping_answer_on_v1_and_api(url: str) -> None:
     assert api_answer() == plain
     assert api_answer(repeat_penalty=1.5) != plain
     assert api_answer(repeat_penalty=1.5, repeat_last_n=0) == plain  # a window of none: no penalty
+
+
+def test_top_k_and_min_p_narrow_what_is_sampled() -> None:
+    from app.llm.base import GenerationParams
+    from app.llm.engine.rows.sampling import sample
+
+    scores = torch.tensor([1.0, 3.0, 2.9, 0.5])
+    hot = GenerationParams(8, temperature=2.0, top_p=1.0)
+    draws = {sample(scores, hot, torch.Generator().manual_seed(seed)) for seed in range(200)}
+    assert draws == {0, 1, 2, 3}  # hot enough that every token comes up
+    for narrowed, allowed in (({"top_k": 1}, {1}), ({"top_k": 2}, {1, 2}), ({"min_p": 0.9}, {1, 2}),
+                              ({"min_p": 1.0}, {1})):
+        params = GenerationParams(8, temperature=2.0, top_p=1.0, **narrowed)  # type: ignore[arg-type]
+        assert {sample(scores, params, torch.Generator().manual_seed(seed)) for seed in range(200)} == allowed
+
+
+@pytest.mark.slow
+def test_top_k_of_one_samples_the_greedy_answer_on_api_and_v1(url: str) -> None:
+    question: Any = [{"role": "user", "content": "Name three colours."}]
+    api = ollama_client.Client(host=url, timeout=120)
+    greedy = api.chat(model="SmolLM2-135M-Instruct", messages=question,
+                      options={"num_predict": 24, "temperature": 0}).message.content
+    hot = api.chat(model="SmolLM2-135M-Instruct", messages=question,
+                   options={"num_predict": 24, "temperature": 1.5, "top_k": 1, "seed": 7}).message.content
+    assert hot == greedy
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", timeout=120, max_retries=0)
+    reply = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=question, max_tokens=24,
+                                           temperature=1.5, seed=7, extra_body={"top_k": 1})
+    assert reply.choices[0].message.content == greedy

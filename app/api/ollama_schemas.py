@@ -3,9 +3,9 @@
 Ollama's server ignores fields it does not know, and so do these models: Ollama's clients send what their
 version knows. Fields asking for what this server cannot do (tools, images, structured `format`, thinking,
 `raw` prompts, fill-in-the-middle `suffix`, a custom `template`) are refused with 400 rather than dropped.
-`options` takes every Ollama option; `num_predict`, `temperature`, `top_p`, `stop`, `seed`, `repeat_penalty`,
-`repeat_last_n`, `presence_penalty` and `frequency_penalty` are used, `rag: true` answers from the indexed
-documents, the others change nothing here.
+`options` takes every Ollama option; `num_predict`, `temperature`, `top_p`, `top_k`, `min_p`, `stop`, `seed`,
+`repeat_penalty`, `repeat_last_n`, `presence_penalty` and `frequency_penalty` are used, `rag: true` answers from
+the indexed documents, the others change nothing here.
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ class OllamaOptions(RequestModel):
                                             "over: 64 unless given; 0 none, -1 all")
     presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
     frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    top_k: StrictInt | None = Field(None, ge=0, le=100_000, description="sample among the k most likely; 0: all")
+    min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
+                                description="sample among tokens at least this share of the most likely one's chance")
 
     def generation_params(self, defaults: GenerationParams) -> GenerationParams:
         """Ollama's options over the server's defaults. Ollama has no refusal for a long `num_predict` (-1 even
@@ -62,6 +65,8 @@ class OllamaOptions(RequestModel):
                 presence=self.presence_penalty or 0.0, frequency=self.frequency_penalty or 0.0,
                 repetition=self.repeat_penalty or 1.0, last_n=64 if self.repeat_last_n is None else self.repeat_last_n,
             ),
+            top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
         )
 
 

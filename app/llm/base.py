@@ -55,6 +55,8 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None  # sampled tokens drawn from this seed's own random stream: the same answer again
     penalties: Penalties = Penalties()
+    top_k: int = 0  # sample among the k most likely tokens only; 0: all
+    min_p: float = 0.0  # sample among tokens at least this many times as likely as the most likely one
 
 
 EMPTY_ANSWER_NOTICE = (

@@ -72,6 +72,10 @@ class OllamaBackend(GenerationBackend):
             options["stop"] = list(params.stop)
         if params.seed is not None:
             options["seed"] = params.seed
+        if params.top_k:
+            options["top_k"] = params.top_k
+        if params.min_p:
+            options["min_p"] = params.min_p
         penalties = params.penalties
         if penalties.active:  # Ollama's names; its own defaults (repeat_penalty 1.1) apply when none is asked for
             options.update(presence_penalty=penalties.presence, frequency_penalty=penalties.frequency,

@@ -149,6 +149,10 @@ class RemoteBackend(GenerationBackend):
             body["stop"] = list(params.stop)
         if params.seed is not None:
             body["seed"] = params.seed
+        if params.top_k:
+            body["top_k"] = params.top_k  # vLLM's and llama.cpp's server's extension
+        if params.min_p:
+            body["min_p"] = params.min_p
         penalties = params.penalties
         if penalties.presence or penalties.frequency:
             body.update(presence_penalty=penalties.presence, frequency_penalty=penalties.frequency)

@@ -47,6 +47,7 @@ from app.llm.engine.prefix_cache import KVKey, PrefixCache
 from app.llm.engine.rows.detokenize import IncrementalDetokenizer
 from app.llm.engine.rows.penalties import penalise
 from app.llm.engine.rows.repetition import RepetitionGuard
+from app.llm.engine.rows.sampling import sample
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -565,7 +566,7 @@ class GenerationEngine:
 
     def _take_token(self, row: _Row, logits: torch.Tensor, greedy: int) -> None:
         job = row.job
-        token = _sample(logits, job.params.temperature, job.params.top_p, row.generator) \
+        token = sample(logits, job.params, row.generator) \
             if job.params.temperature > 0 else greedy
         if token in self._eos_ids:
             job.finish_reason = "stop"
@@ -664,19 +665,6 @@ def _eos_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
     return ids | ({end_of_turn} if isinstance(end_of_turn, int) else set())
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """One token from a row's logits at `temperature`, from the smallest set of tokens reaching `top_p` (the most
-    likely one always kept); drawn from the row's own generator when it has a seed, so the same request gives the
-    same answer again whatever rows it shares a step with."""
-    scaled = logits / max(temperature, 1e-5)
-    sorted_scores, order = scaled.sort(descending=True)
-    probabilities = sorted_scores.softmax(dim=-1)
-    keep = (probabilities.cumsum(dim=-1) - probabilities) < top_p
-    kept = probabilities * keep
-    pick = torch.multinomial(kept / kept.sum(), 1, generator=generator)
-    return int(order[pick])
 
 
 def _emit(job: GenerationJob, text: str) -> None:
