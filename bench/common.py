@@ -86,7 +86,9 @@ class Context:
 
         folder = self.scratch / "none"
         named = ",".join(f"{name}={path}" for name, path in self.adapters().items())
-        values: dict[str, Any] = {"lora_model_path": folder, "lora_adapters_dir": folder, "lora_adapters": named}
+        # repetition_repeats=0: rows are timed over a fixed number of tokens, which the guard could cut short.
+        values: dict[str, Any] = {"lora_model_path": folder, "lora_adapters_dir": folder, "lora_adapters": named,
+                                  "repetition_repeats": 0}
         return Settings(_env_file=None, **{**values, **update})  # type: ignore[call-arg]
 
 

@@ -37,6 +37,8 @@ def bench_env(scratch: Path, adapters_dir: Path | None = None, **variables: obje
         "RATE_LIMIT_PER_MINUTE": 0,
         "OLLAMA_BASE_URL": f"http://127.0.0.1:{free_port()}",
         "LOG_LEVEL": "WARNING",
+        # Rows are timed over a fixed number of tokens: one the repetition guard stopped early would not be.
+        "REPETITION_REPEATS": 0,
     }
     return {key: str(value) for key, value in {**defaults, **variables}.items()}
 
