@@ -65,13 +65,14 @@ def check_device(settings: Settings) -> CheckResult:
     return CheckResult("device", True, device if settings.device == "cpu" else f"{settings.device}: {device}")
 
 
-def check_numerics(settings: Settings) -> CheckResult:
-    """The numeric path the model would load with here, and why (with `auto`, what it measured)."""
+def check_numerics(settings: Settings, base_model: CheckResult) -> CheckResult:
+    """The numeric path the model would load with here, and why (with `auto`, what it measured on the base model,
+    whose own check is `base_model`)."""
     from app.llm.backends.hf import resolve_device
     from app.llm.model_source import resolve_base_model
     from app.llm.numerics.choice import choose_served_path
 
-    if settings.numeric_path_request[0] == "auto" and not check_base_model(settings).ok:
+    if settings.numeric_path_request[0] == "auto" and not base_model.ok:
         return CheckResult("numeric path", False, "auto measures on the base model's shapes, which cannot be read",
                            "fix BASE_MODEL_NAME (above), or name a path (NUMERIC_PATH=float32|bfloat16|int8)")
     try:
@@ -229,7 +230,8 @@ def run_config_checks(settings: Settings) -> tuple[list[CheckResult], bool]:
     """All checks, and whether the active backend (DEFAULT_BACKEND, else USE_LORA_DEFAULT) can serve with these
     settings (every name known, DEFAULT_ADAPTER found)."""
     backend = check_default_backend(settings)
-    local = [check_base_model(settings), check_device(settings)]
+    base_model = check_base_model(settings)
+    local = [base_model, check_device(settings)]
     ollama = check_ollama(settings)
     remote = [check_remote(settings)] if settings.remote_base_url else []
     names, default_adapter = check_setting_names(), check_default_adapter(settings)
@@ -237,7 +239,7 @@ def run_config_checks(settings: Settings) -> tuple[list[CheckResult], bool]:
         names,
         backend,
         *local,
-        check_numerics(settings),
+        check_numerics(settings, base_model),
         check_adapter(settings),
         default_adapter,
         check_vector_store(settings),

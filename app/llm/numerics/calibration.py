@@ -174,40 +174,34 @@ def _memory_bytes_per_second() -> float:
 
 def _one_row_seconds(kind: _LayerKind, shape: tuple[int, int], bandwidth: float) -> float:
     """One row through a layer of `shape` whose weights come from memory, as in a decode step."""
-    import torch
-
     weight_bytes = shape[0] * shape[1] * kind.bytes_per_weight
     copies = [kind.make(shape) for _ in range(max(2, min(_MAX_COPIES, _DECODE_WORKING_SET_BYTES // weight_bytes)))]
-    x = _activation(1, shape[0], copies[0])
-    with torch.inference_mode():
-        for layer in copies:  # warm-up: first calls pick and pack kernels
-            layer(x)
-        calls, start = 0, time.perf_counter()
-        while True:
-            for layer in copies:
-                layer(x)
-            calls += len(copies)
-            elapsed = time.perf_counter() - start
-            if elapsed >= _MIN_TIMED_SECONDS:
-                return max(elapsed / calls, weight_bytes / bandwidth)
+    return max(_seconds_per_call(copies, _activation(1, shape[0], copies[0])), weight_bytes / bandwidth)
 
 
 def _prefill_seconds_per_row(kind: _LayerKind, shape: tuple[int, int], rows: int) -> float:
     """One prompt token through a layer of `shape`, in a chunk of `rows` tokens as the engine prefills (kernels'
     efficiency depends on it: weight-only int8 falls behind bfloat16 as chunks grow)."""
+    layer = kind.make(shape)
+    return _seconds_per_call([layer], _activation(rows, shape[0], layer)) / rows
+
+
+def _seconds_per_call(layers: list[nn.Module], x: torch.Tensor) -> float:
+    """The mean time of `x` through one of `layers`, taken in turn after a warm-up call of each (first calls pick
+    and pack kernels), over at least _MIN_TIMED_SECONDS and two calls."""
     import torch
 
-    layer = kind.make(shape)
-    x = _activation(rows, shape[0], layer)
     with torch.inference_mode():
-        layer(x)
+        for layer in layers:
+            layer(x)
         calls, start = 0, time.perf_counter()
         while True:
-            layer(x)
-            calls += 1
+            for layer in layers:
+                layer(x)
+            calls += len(layers)
             elapsed = time.perf_counter() - start
             if elapsed >= _MIN_TIMED_SECONDS and calls >= 2:
-                return elapsed / calls / rows
+                return elapsed / calls
 
 
 def typical_answer(retrieval_top_k: int, chunk_size: int, max_new_tokens: int) -> TypicalAnswer:
