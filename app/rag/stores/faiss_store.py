@@ -9,6 +9,7 @@ their stored vectors) and names it live atomically; a crash leaves the previous 
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -125,9 +126,9 @@ class FaissCollection(CollectionStore):
             for name, other in old.files.items():
                 if name != source:
                     kept.keep(name, other)
-            dimension = int(old.index.d)
-            rewrite_version(self.path, VectorStore(kept.index(lambda: dimension), kept.chunks, kept.files,  # noqa: B023
-                                                   old.embedding_model, version=version, created_at=old.created_at))
+            index = kept.index(functools.partial(int, old.index.d))  # its own width, even when left empty
+            rewrite_version(self.path, VectorStore(index, kept.chunks, kept.files, old.embedding_model,
+                                                   version=version, created_at=old.created_at))
             purged.append(version)
         return purged
 
