@@ -313,7 +313,8 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _design_names_agree(self) -> Settings:
         """BATCH_SIZE is MAX_BATCH_SIZE by another name; ENABLE_FP16 asks for float16, which another TORCH_DTYPE
-        contradicts."""
+        contradicts; a NUMERIC_PATH other than auto must agree with ENABLE_QUANTIZATION, TORCH_DTYPE and
+        ENABLE_FP16."""
         if self.batch_size is not None:
             if "max_batch_size" in self.model_fields_set and self.max_batch_size != self.batch_size:
                 raise ValueError(
