@@ -81,12 +81,32 @@ async def ask(client: httpx.AsyncClient, payload: dict[str, Any], stream: bool =
 
 async def get(client: httpx.AsyncClient, path: str, headers: dict[str, str] | None = None) -> Outcome:
     """GET `path` once; connection trouble is recorded, not raised."""
+    return await call(client, "GET", path, headers)
+
+
+async def call(client: httpx.AsyncClient, method: str, path: str, headers: dict[str, str] | None = None,
+               **request: Any) -> Outcome:
+    """One request to any route, its whole body read (a stream to its end); connection trouble is recorded, not
+    raised. A 200 whose streamed body carries an error (an OpenAI `data: {"error": ...}` event or an Ollama
+    `{"error": ...}` line) is recorded with that error."""
     started = time.perf_counter()
     try:
-        response = await client.get(path, headers=headers)
-        return Outcome(response.status_code, time.perf_counter() - started)
-    except httpx.HTTPError as error:
-        return Outcome(None, time.perf_counter() - started, error=f"{type(error).__name__}: {error}")
+        response = await client.request(method, path, headers=headers, **request)
+    except httpx.HTTPError as failure:
+        return Outcome(None, time.perf_counter() - started, error=f"{type(failure).__name__}: {failure}")
+    streamed_error = ""
+    if response.status_code == 200 and not response.headers.get("content-type", "").startswith("application/json"):
+        streamed_error = next(filter(None, map(_streamed_error, response.text.splitlines())), "")
+    return Outcome(response.status_code, time.perf_counter() - started, error=streamed_error)
+
+
+def _streamed_error(line: str) -> str:
+    """The error a streamed line reports (an SSE `data:` line or an NDJSON line), or ""."""
+    try:
+        event = json.loads(line.removeprefix("data: "))
+    except json.JSONDecodeError:
+        return ""
+    return json.dumps(event["error"]) if isinstance(event, dict) and "error" in event else ""
 
 
 async def _ask_streamed(client: httpx.AsyncClient, payload: dict[str, Any], headers: dict[str, str] | None,

@@ -2,14 +2,18 @@
 
     python bench/load.py                   # 60 s; capacity 2 generating + 2 queued, 8 clients, one over its rate limit
     python bench/load.py --duration 20     # shorter
+    python bench/load.py --minutes 30      # the soak: /ask, /v1, /api, embeddings, predictions and uploads mixed
 
 The server (start_lora_rag.py on loopback, HF backend, adapters a..d, API keys) admits MAX_CONCURRENT_GENERATIONS
 + MAX_QUEUED_REQUESTS requests at once; the clients (2x that many, each with its own key, half of them streaming,
 every 3rd answered stream abandoned after its first piece) ask without pause, and wait --busy-pause seconds
 after a 503. One more client calls GET /model_info ~20 times a second, far over RATE_LIMIT_PER_MINUTE.
-Checks (exit status 1 when one fails): only 2xx, 429 and 503 answers; every request answered (no connection
-errors, no streamed `error` event); 503s seen (more clients than capacity) and 429s for the client over its
-limit; the server still ready afterwards; its RSS, sampled every second, ends within --flat-tolerance of its
+With --mix (on by default with --minutes) the load clients take the routes in turn: /ask, /v1/chat/completions,
+/api/chat, /v1/embeddings and /api/v1/inference/predict (the shipped demo classifier), and one admin client
+uploads a document, asks about it and deletes it again, over and over.
+Checks (exit status 1 when one fails): only 2xx, 4xx-by-design (429) and 503 answers; every request answered (no
+connection errors, no streamed `error` event); 503s seen (more clients than capacity) and 429s for the client over
+its limit; the server still ready afterwards; its RSS, sampled every second, ends within --flat-tolerance of its
 level after the warm-up. Results: markdown on stdout, JSON in bench/results/load.json.
 """
 
@@ -30,9 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx  # noqa: E402
 
-from bench.clients import CLIENT_TIMEOUT, Outcome, ask, ask_payloads, get  # noqa: E402
+from app.config import EMBEDDED_EMBEDDING_MODEL  # noqa: E402
+from bench.clients import CLIENT_TIMEOUT, QUESTIONS, Outcome, ask, ask_payloads, call, get  # noqa: E402
 from bench.common import (  # noqa: E402
     ADAPTER_NAMES,
+    REPO_ROOT,
     RESULTS_DIR,
     Context,
     distribution,
@@ -45,34 +51,91 @@ from bench.live_server import LiveServer, bench_env  # noqa: E402
 ALLOWED = {429, 503}
 PROBE_INTERVAL = 0.05
 ABANDON_EVERY = 3  # a streaming client hangs up after the first piece of every 3rd answered request
+GENERATING = ("ask", "v1", "api")  # the routes that share the engine's admission bound
+MIXED = (*GENERATING, "embeddings", "predict")  # what a --mix load client asks, in turn
+CLASSIFIER = "demo-intent"  # shipped in classifiers/
+DOCUMENT_PAUSE = 2.0  # seconds between the document client's upload-ask-delete rounds
 
 
 class Recorder:
     def __init__(self) -> None:
-        self.ask: list[Outcome] = []
-        self.probe: list[Outcome] = []
+        self.routes: dict[str, list[Outcome]] = {}  # route kind -> outcomes, in order
         self.rss: list[tuple[float, float]] = []
 
+    def add(self, route: str, outcome: Outcome) -> None:
+        self.routes.setdefault(route, []).append(outcome)
 
-async def _load_client(client: httpx.AsyncClient, key: str, number: int, deadline: float, pause: float,
+    def of(self, *routes: str) -> list[Outcome]:
+        return [outcome for route in routes for outcome in self.routes.get(route, [])]
+
+    @property
+    def everything(self) -> list[Outcome]:
+        return [outcome for outcomes in self.routes.values() for outcome in outcomes]
+
+
+async def _mixed_request(client: httpx.AsyncClient, route: str, turn: int, stream: bool,
+                         headers: dict[str, str]) -> Outcome:
+    """One request of `route` (not /ask) as a client of that protocol sends it; `turn` picks question and adapter."""
+    question, adapter = QUESTIONS[turn % len(QUESTIONS)], ADAPTER_NAMES[turn % len(ADAPTER_NAMES)]
+    messages = [{"role": "user", "content": question}]
+    if route == "v1":
+        body = {"model": adapter, "messages": messages, "max_tokens": 16, "stream": stream,
+                "presence_penalty": 0.5, "top_k": 20}
+        return await call(client, "POST", "/v1/chat/completions", headers, json=body)
+    if route == "api":
+        body = {"model": adapter, "messages": messages, "stream": stream,
+                "options": {"num_predict": 16, "repeat_penalty": 1.1}}
+        return await call(client, "POST", "/api/chat", headers, json=body)
+    if route == "embeddings":
+        body = {"model": EMBEDDED_EMBEDDING_MODEL.removeprefix("embedded:"), "input": [*QUESTIONS] * 8}
+        return await call(client, "POST", "/v1/embeddings", headers, json=body)
+    body = {"model_id": CLASSIFIER, "texts": [*QUESTIONS] * 4, "batch_size": 8}
+    return await call(client, "POST", "/api/v1/inference/predict", headers, json=body)
+
+
+async def _load_client(client: httpx.AsyncClient, key: str, number: int, deadline: float, args: argparse.Namespace,
                        recorder: Recorder) -> None:
     payloads = ask_payloads(len(ADAPTER_NAMES) * 2, ADAPTER_NAMES)
     stream = number % 2 == 0
+    headers = {"Authorization": f"Bearer {key}"}
     sent = answered = 0
     while time.monotonic() < deadline:
-        payload = payloads[(number + sent) % len(payloads)]
-        abandon = stream and answered % ABANDON_EVERY == ABANDON_EVERY - 1
-        outcome = await ask(client, payload, stream, {"Authorization": f"Bearer {key}"}, abandon)
+        route = MIXED[(number + sent) % len(MIXED)] if args.mix else "ask"
+        if route == "ask":
+            abandon = stream and answered % ABANDON_EVERY == ABANDON_EVERY - 1
+            outcome = await ask(client, payloads[(number + sent) % len(payloads)], stream, headers, abandon)
+        else:
+            outcome = await _mixed_request(client, route, number + sent, stream, headers)
         sent += 1
-        answered += outcome.status == 200
-        recorder.ask.append(outcome)
+        answered += outcome.status == 200 and route == "ask"
+        recorder.add(route, outcome)
         if outcome.status in ALLOWED:
-            await asyncio.sleep(pause)
+            await asyncio.sleep(args.busy_pause)
+
+
+async def _document_client(client: httpx.AsyncClient, key: str, deadline: float, recorder: Recorder) -> None:
+    """Upload a document of its own, ask about it in its collection, delete it with its stored copies; again."""
+    headers = {"Authorization": f"Bearer {key}"}
+    rounds = 0
+    while time.monotonic() < deadline:
+        text = f"# Soak note {rounds}\n\nThe soak's round {rounds} keeps the number {rounds * 7919} on file.\n"
+        files = {"file": (f"soak-{rounds}.md", text.encode(), "text/markdown")}
+        uploaded = await call(client, "POST", "/documents", headers, files=files, data={"collection": "soak"})
+        recorder.add("upload", uploaded)
+        if uploaded.status in (200, 201):
+            recorder.add("ask", await ask(client, {"query": f"Which number does round {rounds} keep?",
+                                                   "collection": "soak"}, headers=headers))
+            listed = await client.get("/documents", params={"collection": "soak"}, headers=headers)
+            for document in listed.json().get("documents", []) if listed.status_code == 200 else []:
+                recorder.add("delete", await call(client, "DELETE", f"/documents/{document['document_id']}",
+                                                  headers, params={"purge": "true"}))
+        rounds += 1
+        await asyncio.sleep(DOCUMENT_PAUSE)
 
 
 async def _probe_client(client: httpx.AsyncClient, key: str, deadline: float, recorder: Recorder) -> None:
     while time.monotonic() < deadline:
-        recorder.probe.append(await get(client, "/model_info", {"Authorization": f"Bearer {key}"}))
+        recorder.add("probe", await get(client, "/model_info", {"Authorization": f"Bearer {key}"}))
         await asyncio.sleep(PROBE_INTERVAL)
 
 
@@ -88,18 +151,20 @@ async def _sample_rss(pid: int, started: float, stop: asyncio.Event, recorder: R
             pass
 
 
-async def drive(server: LiveServer, keys: list[str], probe_key: str | None, args: argparse.Namespace) -> Recorder:
+async def drive(server: LiveServer, keys: list[str], probe_key: str | None, admin_key: str | None,
+                args: argparse.Namespace) -> Recorder:
     recorder = Recorder()
-    limits = httpx.Limits(max_connections=len(keys) + 2, max_keepalive_connections=len(keys) + 2)
+    limits = httpx.Limits(max_connections=len(keys) + 3, max_keepalive_connections=len(keys) + 3)
     async with httpx.AsyncClient(base_url=server.url, timeout=CLIENT_TIMEOUT, limits=limits) as client:
         started = time.monotonic()
         deadline = started + args.duration
         stop = asyncio.Event()
         sampler = asyncio.ensure_future(_sample_rss(server.pid, started, stop, recorder))
-        tasks = [_load_client(client, key, number, deadline, args.busy_pause, recorder)
-                 for number, key in enumerate(keys)]
+        tasks = [_load_client(client, key, number, deadline, args, recorder) for number, key in enumerate(keys)]
         if probe_key:
             tasks.append(_probe_client(client, probe_key, deadline, recorder))
+        if admin_key:
+            tasks.append(_document_client(client, admin_key, deadline, recorder))
         await asyncio.gather(*tasks)  # in-flight requests finish: nothing is cut off at the deadline
         stop.set()
         await sampler
@@ -108,10 +173,11 @@ async def drive(server: LiveServer, keys: list[str], probe_key: str | None, args
 
 def evaluate(recorder: Recorder, ready_after: bool, over_capacity: bool,
              args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
-    everything = recorder.ask + recorder.probe
+    everything = recorder.everything
+    generations = recorder.of(*GENERATING)
     statuses = Counter(str(outcome.status) for outcome in everything)
     lost = [outcome for outcome in everything if outcome.status is None]
-    stream_errors = [outcome for outcome in recorder.ask if outcome.status == 200 and outcome.error]
+    stream_errors = [outcome for outcome in everything if outcome.status == 200 and outcome.error]
     bad = {status: count for status, count in statuses.items()
            if status != "None" and not (200 <= int(status) < 300 or int(status) in ALLOWED)}
     samples = [rss for _, rss in recorder.rss]
@@ -120,14 +186,15 @@ def evaluate(recorder: Recorder, ready_after: bool, over_capacity: bool,
               "last_mb": samples[-1] if samples else 0.0, "max_mb": max(samples, default=0.0),
               "samples": len(samples)}
     growth = (memory["last_mb"] - warm) / warm if warm else 0.0
-    answered = [outcome for outcome in recorder.ask if outcome.ok and not outcome.abandoned]
+    answered = [outcome for outcome in recorder.of("ask") if outcome.ok and not outcome.abandoned]
     report = {
         "requests_sent": len(everything),
         "responses_received": len(everything) - len(lost),
         "statuses": dict(statuses),
-        "ask_statuses": dict(Counter(str(outcome.status) for outcome in recorder.ask)),
-        "probe_statuses": dict(Counter(str(outcome.status) for outcome in recorder.probe)),
-        "abandoned_streams": sum(outcome.abandoned for outcome in recorder.ask),
+        "route_statuses": {route: dict(Counter(str(outcome.status) for outcome in outcomes))
+                           for route, outcomes in recorder.routes.items()},
+        "generation_statuses": dict(Counter(str(outcome.status) for outcome in generations)),
+        "abandoned_streams": sum(outcome.abandoned for outcome in everything),
         "connection_errors": sorted({outcome.error for outcome in lost})[:5],
         "stream_errors": [outcome.error for outcome in stream_errors][:5],
         "ask_latency_s": distribution([outcome.seconds for outcome in answered]),
@@ -150,9 +217,14 @@ def evaluate(recorder: Recorder, ready_after: bool, over_capacity: bool,
     if not answered:
         failures.append("no /ask request was answered at all")
     allowed = args.rate_limit * (1 + args.duration / 60)  # a full bucket, then the refill
-    if args.rate_limit and len(recorder.probe) > 1.1 * allowed and not report["probe_statuses"].get("429"):
-        failures.append(f"{len(recorder.probe)} requests from one key, over RATE_LIMIT_PER_MINUTE, and no 429")
-    if over_capacity and not report["ask_statuses"].get("503"):
+    probes = recorder.of("probe")
+    if args.rate_limit and len(probes) > 1.1 * allowed and not report["route_statuses"].get("probe", {}).get("429"):
+        failures.append(f"{len(probes)} requests from one key, over RATE_LIMIT_PER_MINUTE, and no 429")
+    succeeded = {route for route, outcomes in recorder.routes.items()
+                 if any(outcome.status is not None and 200 <= outcome.status < 300 for outcome in outcomes)}
+    if args.mix and not succeeded >= {*MIXED, "upload", "delete"}:
+        failures.append(f"a route of the mix was never answered: {report['route_statuses']}")
+    if over_capacity and not report["generation_statuses"].get("503"):
         failures.append("more clients than the capacity, yet no 503: the admission bound did not act")
     return report, failures
 
@@ -160,6 +232,8 @@ def evaluate(recorder: Recorder, ready_after: bool, over_capacity: bool,
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load (default 60)")
+    parser.add_argument("--minutes", type=float, help="minutes of load instead: the soak (--mix, warm-up 120 s)")
+    parser.add_argument("--mix", action="store_true", help="every route, not only /ask (on with --minutes)")
     parser.add_argument("--max-concurrent", type=int, default=2, help="MAX_CONCURRENT_GENERATIONS of the server")
     parser.add_argument("--max-queued", type=int, default=2, help="MAX_QUEUED_REQUESTS of the server")
     parser.add_argument("--clients", type=int, help="load clients (default: 2 x (max-concurrent + max-queued))")
@@ -171,11 +245,14 @@ def main() -> int:
     parser.add_argument("--flat-tolerance", type=float, default=0.10, help="allowed RSS change after the warm-up")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "load.json")
     args = parser.parse_args()
+    if args.minutes:
+        args.duration, args.mix, args.warmup = args.minutes * 60, True, max(args.warmup, 120.0)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the server is stopped on SIGTERM too
     capacity = args.max_concurrent + args.max_queued
     clients = args.clients or 2 * capacity
     keys = [f"bench-load-{number}" for number in range(clients)]
     probe_key = None if args.no_probe else "bench-rate-probe"
+    admin_key = "bench-load-admin" if args.mix else None
 
     with tempfile.TemporaryDirectory(prefix="lora-rag-load-") as scratch:
         context = Context(quick=False, scratch=Path(scratch))
@@ -183,12 +260,17 @@ def main() -> int:
         env = bench_env(context.scratch, adapters_dir, API_KEYS=",".join(keys + ([probe_key] if probe_key else [])),
                         RATE_LIMIT_PER_MINUTE=args.rate_limit, MAX_CONCURRENT_GENERATIONS=args.max_concurrent,
                         MAX_QUEUED_REQUESTS=args.max_queued, MAX_BATCH_SIZE=args.max_concurrent,
-                        MAX_NEW_TOKENS=args.max_new_tokens)
+                        MAX_NEW_TOKENS=args.max_new_tokens, ADMIN_API_KEYS=admin_key or "",
+                        CLASSIFIER_MODELS_PATH=REPO_ROOT / "classifiers")
         print(f"starting the server (capacity {args.max_concurrent} + {args.max_queued}) ...", flush=True)
         with LiveServer(env, context.scratch / "server") as server:
             print(f"load: {clients} clients for {args.duration:.0f} s"
                   f"{', plus one client over its rate limit' if probe_key else ''}", flush=True)
-            recorder = asyncio.run(drive(server, keys, probe_key, args))
+            if args.mix:
+                loaded = httpx.post(f"{server.url}/api/v1/inference/models/load", json={"model_dir": CLASSIFIER},
+                                    headers={"Authorization": f"Bearer {admin_key}"}, timeout=120)
+                loaded.raise_for_status()
+            recorder = asyncio.run(drive(server, keys, probe_key, admin_key, args))
             try:
                 ready_after = httpx.get(f"{server.url}/health/ready", timeout=30).status_code == 200
             except httpx.HTTPError:
@@ -204,8 +286,8 @@ def main() -> int:
           f"| load | {clients} clients for {args.duration:.0f} s on capacity {capacity}"
           f" ({args.max_concurrent} generating + {args.max_queued} queued) |\n"
           f"| requests sent / answered | {report['requests_sent']} / {report['responses_received']} |\n"
-          f"| /ask statuses | {report['ask_statuses']} ({report['abandoned_streams']} streams abandoned on purpose) |\n"
-          f"| rate-limit probe statuses | {report['probe_statuses'] or 'not run'} |\n"
+          + "".join(f"| {route} statuses | {counts} |\n" for route, counts in report["route_statuses"].items())
+          + f"| streams abandoned on purpose | {report['abandoned_streams']} |\n"
           f"| /ask answered: latency p50 / p95 | "
           f"{ms(latency['p50']) + ' / ' + ms(latency['p95']) if latency else '-'} |\n"
           f"| server RSS first / after warm-up / last / max | {rss['first_mb']:.0f} / {rss['after_warmup_mb']:.0f} / "
