@@ -184,3 +184,17 @@ class ClassifierMismatchError(ClassifierError):
 
     status_code = 422
     code = "classifier_mismatch"
+
+
+class InvalidOutputConstraintError(BadRequestError):
+    """A requested output format (a JSON schema) cannot be compiled into a grammar; nothing was generated."""
+
+    code = "invalid_response_format"
+
+
+class OutputConstraintFailedError(AppError):
+    """A reply's output format could not be followed to its end (the schema's grammar ran past its own limits at
+    some token); that request fails alone."""
+
+    status_code = 422
+    code = "response_format_failed"

@@ -99,3 +99,16 @@ def test_unknown_route_and_wrong_method_are_json(tmp_path: Path, corpus_store: P
     assert missing.status_code == 404 and missing.json()["error"] == "not_found"
     assert wrong.status_code == 405 and wrong.json()["error"] == "method_not_allowed"
     assert wrong.headers["Allow"] == "POST"  # RFC 9110: a 405 says which methods are allowed
+
+
+def test_a_response_format_reaches_ollama_as_its_format_streamed_or_not(
+    tmp_path: Path, corpus_store: Path, ollama: OllamaWireServer
+) -> None:
+    schema = {"type": "object", "properties": {"when": {"type": "string"}}, "required": ["when"]}
+    as_json = {"type": "json_object"}
+    as_schema = {"type": "json_schema", "json_schema": {"name": "ferry", "schema": schema}}
+    with _ollama_app_url(tmp_path, corpus_store, ollama_base_url=ollama.base_url) as url:
+        for response_format, stream in ((as_json, False), (as_schema, False), (as_schema, True)):
+            body = {"query": "When does the first ferry leave?", "response_format": response_format, "stream": stream}
+            assert httpx.post(f"{url}/ask", json=body, timeout=60).status_code == 200
+    assert [chat["format"] for chat in ollama.bodies("/api/chat")] == ["json", schema, schema]

@@ -213,7 +213,7 @@ def test_text_content_parts_are_read(client: OpenAI) -> None:
         ({"max_completion_tokens": MAX_NEW_TOKENS + 1}, "max_completion_tokens"),
         ({"logprobs": True}, "logprobs"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "json_object"),
+        ({"response_format": {"type": "json_schema"}}, "json_schema"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "image_url"),
         ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "a"}]}, "'tool'"),
         ({"rag": True, "messages": [{"role": "system", "content": "Be brief."}]}, "rag: true needs a user message"),
@@ -236,6 +236,7 @@ def test_what_cannot_be_honoured_is_refused_with_400(client: OpenAI, extra: dict
         ({"frequency_penalty": -3}, "frequency_penalty"),
         ({"messages": []}, "messages"),
         ({"unknown_field": 1}, "unknown_field"),
+        ({"response_format": {"type": "grammar"}}, "response_format"),
     ],
 )
 def test_invalid_fields_are_openais_400_naming_the_field(url: str, extra: dict[str, Any], field: str) -> None:

@@ -108,6 +108,25 @@ def test_a_front_end_on_the_remote_engine_answers_with_its_adapters_switches_and
 
 
 @pytest.mark.slow
+def test_a_response_format_is_passed_to_the_remote_engine_which_holds_its_reply_to_the_schema(
+    tmp_path: Path, corpus_store: Path
+) -> None:
+    # Short enough for the 16 tokens both servers give an answer.
+    schema = {"type": "object", "properties": {"cost": {"type": "string", "maxLength": 12}}, "required": ["cost"],
+              "additionalProperties": False}
+    response_format = {"type": "json_schema", "json_schema": {"name": "repair", "schema": schema, "strict": True}}
+    with _engine(tmp_path, corpus_store) as engine, running_server(_front(tmp_path, corpus_store, engine)) as front:
+        asked = httpx.post(f"{front}/ask", json={**QUESTION, "response_format": response_format}, timeout=180)
+        chat = httpx.post(f"{front}/v1/chat/completions", timeout=180, json={
+            "model": "default", "messages": [{"role": "user", "content": "Is it cheap?"}],
+            "response_format": response_format})
+    assert asked.status_code == 200, asked.text
+    assert set(json.loads(asked.json()["answer"])) == {"cost"} and asked.json()["model_used"] == "remote"
+    assert chat.status_code == 200, chat.text
+    assert set(json.loads(chat.json()["choices"][0]["message"]["content"])) == {"cost"}
+
+
+@pytest.mark.slow
 def test_admin_adapter_loads_go_to_the_engine_when_the_remote_backend_is_active(
     tmp_path: Path, corpus_store: Path, ollama: OllamaWireServer
 ) -> None:

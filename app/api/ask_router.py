@@ -36,15 +36,19 @@ async def ask(
     `adapter` / `adapter_id` / `lora_adapter_ids` / `adapters` pick LoRA adapters for this request
     (null or `"__base__"`: the base model alone). `model_used` says what answered: `lora`, `base`, `ollama` or `remote`.
     `collection` names the document set to answer from (default `default`; unknown: 404 listing the known ones).
+    `response_format` (OpenAI's shape) makes the answer JSON: any object, or valid for a JSON Schema; a schema that
+    cannot be used is a 400 naming the problem, before anything is generated.
     With `stream: true` the answer arrives as Server-Sent Events: `delta` events with pieces of text,
     then one `done` event carrying the full response (or an `error` event).
     """
     spec = request.adapter_spec()
     backend = request.backend_name()
+    constraint = request.constraint()
     if not request.stream:
-        return _response(await watch.run(service.ask(request.query, backend, spec, None, request.collection)))
+        return _response(await watch.run(service.ask(request.query, backend, spec, None, request.collection,
+                                                     constraint)))
     stream = await start_streaming(
-        watch, lambda on_text: service.ask(request.query, backend, spec, on_text, request.collection)
+        watch, lambda on_text: service.ask(request.query, backend, spec, on_text, request.collection, constraint)
     )
     return StreamingResponse(_events(stream), media_type="text/event-stream")
 

@@ -1,8 +1,9 @@
 """Request and response models of the Ollama-compatible API (`/api/*`), after docs/api.md of ollama/ollama.
 
 Ollama's server ignores fields it does not know, and so do these models: Ollama's clients send what their
-version knows. Fields asking for what this server cannot do (tools, images, structured `format`, thinking,
-`raw` prompts, fill-in-the-middle `suffix`, a custom `template`) are refused with 400 rather than dropped.
+version knows. Fields asking for what this server cannot do (tools, images, thinking, `raw` prompts,
+fill-in-the-middle `suffix`, a custom `template`) are refused with 400 rather than dropped. `format` ("json" or a
+JSON Schema) holds the reply to JSON.
 `options` takes every Ollama option; `num_predict`, `temperature`, `top_p`, `top_k`, `min_p`, `stop`, `seed`,
 `repeat_penalty`, `repeat_last_n`, `presence_penalty` and `frequency_penalty` are used, `rag: true` answers from
 the indexed documents, the others change nothing here.
@@ -10,13 +11,14 @@ the indexed documents, the others change nothing here.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from app.api.schemas import RequestModel, Seed
+from app.api.schemas import RequestModel, Seed, json_constraint
 from app.errors import BadRequestError
-from app.llm.base import ChatMessage, GenerationParams, Penalties
+from app.llm.base import ChatMessage, GenerationParams, OutputConstraint, Penalties
 
 #: the Ollama server version whose API this one follows (clients check it before using newer fields)
 OLLAMA_API_VERSION = "0.6.3"
@@ -77,18 +79,31 @@ class GenerationFields(RequestModel):
     stream: StrictBool = Field(True, description="true: NDJSON pieces, then a last object with `done: true`")
     options: OllamaOptions | None = None
     keep_alive: StrictStr | float | None = Field(None, description="accepted; models stay loaded here")
-    format: StrictStr | dict[str, Any] | None = Field(None, description="not supported")
+    format: StrictStr | dict[str, Any] | None = Field(
+        None, description='"json": the reply is a JSON object; a JSON Schema object: JSON valid for it'
+    )
     think: StrictBool | StrictStr | None = Field(None, description="only false")
 
     def refuse_unsupported(self, model_name: str, **more: object) -> None:
         """400 in Ollama's words for the first field asking for what this server cannot do."""
-        problems = {"format": self.format, "think": self.think, **more}
+        problems = {"think": self.think, **more}
         for field, value in problems.items():
             if value:
                 raise BadRequestError(f'"{model_name}" does not support {field}')
 
     def params(self, defaults: GenerationParams) -> GenerationParams:
-        return (self.options or OllamaOptions.model_validate({})).generation_params(defaults)
+        params = (self.options or OllamaOptions.model_validate({})).generation_params(defaults)
+        return replace(params, constraint=self.constraint())
+
+    def constraint(self) -> OutputConstraint | None:
+        """Ollama's `format`: "" or absent free text, "json" any JSON object, an object a JSON Schema."""
+        if isinstance(self.format, dict):
+            return json_constraint(self.format, "format")
+        if self.format == "json":
+            return OutputConstraint("json_object")
+        if self.format:
+            raise BadRequestError(f'format must be "json" or a JSON Schema object, not {self.format!r}')
+        return None
 
     @property
     def rag_option(self) -> bool:

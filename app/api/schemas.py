@@ -7,12 +7,15 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
 from app.api.errors import OURS, Envelope
-from app.errors import ValidationFailedError
-from app.llm.base import SEED_MAX, SEED_MIN, AdapterSpec, ModelUsed
+from app.errors import BadRequestError, ValidationFailedError
+from app.llm.base import SEED_MAX, SEED_MIN, AdapterSpec, ModelUsed, OutputConstraint
 from app.rag.collections import DEFAULT_COLLECTION
 from app.rag.vector_store import ScoreKind, SearchHit
 
 BASE_ADAPTER = "__base__"
+#: The longest JSON schema a request may hold the reply to, as compact JSON: a schema is compiled into a grammar on
+#: the server, and OpenAI's own limit (100 properties, 5 levels) fits in a few kilobytes.
+MAX_SCHEMA_CHARS = 65_536
 #: A sampling seed as every protocol here takes it: a 64-bit integer (a larger one is a 422/400 naming the field).
 Seed = Annotated[StrictInt, Field(ge=SEED_MIN, le=SEED_MAX)]
 
@@ -48,6 +51,51 @@ class RequestModel(BaseModel):
             at = f" at {where}" if where else ""
             raise ValueError(f"not valid Unicode text{at}: it holds a lone surrogate (U+D800 to U+DFFF)")
         return value
+
+
+def json_constraint(schema: dict[str, Any] | None, field: str) -> OutputConstraint:
+    """The reply held to JSON valid for `schema` (None: any JSON object); a schema over MAX_SCHEMA_CHARS is a 400
+    naming `field`. Whether the schema compiles is checked where it is compiled: by the engine, before generating."""
+    if schema is None:
+        return OutputConstraint("json_object")
+    constraint = OutputConstraint.json_schema(schema)
+    if len(constraint.schema) > MAX_SCHEMA_CHARS:
+        raise BadRequestError(f"{field} is {len(constraint.schema)} characters of JSON; at most {MAX_SCHEMA_CHARS}")
+    return constraint
+
+
+class JsonSchemaFormat(RequestModel):
+    """OpenAI's `response_format.json_schema`: the schema the reply must be valid for, and its name."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: StrictStr = Field("response", max_length=64, description="the schema's name (a-z, A-Z, 0-9, _ and -)")
+    description: StrictStr | None = Field(None, description="what the reply is for (not shown to the model here)")
+    schema_: dict[str, Any] | None = Field(
+        None, alias="schema", description="a JSON Schema object; absent: any JSON object"
+    )
+    strict: StrictBool | None = Field(None, description="accepted: the reply always follows the schema here")
+
+
+class ResponseFormat(RequestModel):
+    """What the reply must be (OpenAI's `response_format`): `{"type": "text"}` (free text, the default),
+    `{"type": "json_object"}` (any JSON object) or `{"type": "json_schema", "json_schema": {"name": ..., "schema":
+    {...}, "strict": true}}` (JSON valid for the schema). The local model is held to it token by token."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = Field(None, description='with type "json_schema": the schema')
+
+    def constraint(self) -> OutputConstraint | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return OutputConstraint("json_object")
+        if self.json_schema is None:
+            raise BadRequestError('response_format of type "json_schema" needs "json_schema": {"name": ..., '
+                                  '"schema": {...}}')
+        return json_constraint(self.json_schema.schema_, "response_format.json_schema.schema")
 
 
 class OwnRequestModel(RequestModel):
@@ -135,6 +183,13 @@ class AskRequest(AdapterFields, BackendChoice, OwnRequestModel):
     collection: StrictStr = Field(
         DEFAULT_COLLECTION, max_length=64, description="the document set to answer from (see GET /collections)"
     )
+    response_format: ResponseFormat | None = Field(
+        None, description='the answer as JSON: {"type": "json_object"} or {"type": "json_schema", "json_schema": '
+        '{"name": ..., "schema": {...}}}, as OpenAI\'s API takes it; absent: free text'
+    )
+
+    def constraint(self) -> OutputConstraint | None:
+        return self.response_format.constraint() if self.response_format else None
 
 
 class SourceDocument(BaseModel):

@@ -6,6 +6,7 @@ Ollama server produces the text.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,38 @@ class Penalties:
 
 
 @dataclass(frozen=True)
+class OutputConstraint:
+    """What a reply's text must be, whatever the model would rather say: any JSON object (`json_object`), or JSON
+    valid for a JSON Schema (`json_schema`, `schema` its canonical text: sorted keys, no spaces, so the same schema
+    is the same constraint). The local engine enforces it token by token; other backends pass it on."""
+
+    kind: Literal["json_object", "json_schema"]
+    schema: str = ""
+
+    @classmethod
+    def json_schema(cls, schema: dict[str, Any]) -> OutputConstraint:
+        return cls("json_schema", json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
+
+    @property
+    def schema_object(self) -> dict[str, Any]:
+        """The schema as a JSON object; `{"type": "object"}` for `json_object`."""
+        return json.loads(self.schema) if self.kind == "json_schema" else {"type": "object"}
+
+
+def openai_response_format(constraint: OutputConstraint) -> dict[str, Any]:
+    """`constraint` as OpenAI's `response_format` (what vLLM and llama.cpp's server take too)."""
+    if constraint.kind == "json_object":
+        return {"type": "json_object"}
+    return {"type": "json_schema", "json_schema": {"name": "response", "schema": constraint.schema_object,
+                                                   "strict": True}}
+
+
+def ollama_format(constraint: OutputConstraint) -> str | dict[str, Any]:
+    """`constraint` as Ollama's `format`: "json", or the schema itself."""
+    return "json" if constraint.kind == "json_object" else constraint.schema_object
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     max_new_tokens: int
     temperature: float
@@ -57,6 +90,7 @@ class GenerationParams:
     penalties: Penalties = Penalties()
     top_k: int = 0  # sample among the k most likely tokens only; 0: all
     min_p: float = 0.0  # sample among tokens at least this many times as likely as the most likely one
+    constraint: OutputConstraint | None = None  # the reply must be JSON (for a schema); None: free text
 
 
 EMPTY_ANSWER_NOTICE = (

@@ -10,7 +10,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
 import anyio
@@ -34,6 +34,7 @@ from app.llm.base import (
     GenerationParams,
     GenerationResult,
     ModelUsed,
+    OutputConstraint,
     TextCallback,
 )
 from app.llm.manager import LORA, ModelManager
@@ -173,13 +174,16 @@ class RAGService:
         adapters: AdapterSpec | None = None,
         on_text: TextCallback | None = None,
         collection: str = DEFAULT_COLLECTION,
+        constraint: OutputConstraint | None = None,
     ) -> AskResult:
+        """Answer `query` from `collection`'s passages; with `constraint`, the answer is JSON (for a schema)."""
         started = time.perf_counter()
         query = self._checked_query(query)
         with self._timed_rag_question(started):
             hits = await self._retrieve(query, collection)
             messages = build_messages(query, hits)
-            result = await self.generate(messages, self.default_params(), backend, adapters, on_text)
+            params = replace(self.default_params(), constraint=constraint)
+            result = await self.generate(messages, params, backend, adapters, on_text)
         return AskResult(
             answer=result.text,
             sources=hits,

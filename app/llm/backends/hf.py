@@ -163,11 +163,13 @@ class HFLoraBackend(GenerationBackend):
     ) -> GenerationResult:
         choice = self.adapters.resolve(adapters)
         loop = asyncio.get_running_loop()
+        constraint = params.constraint
         job = GenerationJob(
             input_ids=self.encode(messages),
             params=params,
             adapter=choice,
             on_text=_on_loop(loop, on_text) if on_text else None,
+            constraint=await asyncio.to_thread(self._engine.constrained_row, constraint) if constraint else None,
         )
         self._engine.submit(job)
         try:

@@ -19,6 +19,7 @@ from app.llm.base import (
     GenerationParams,
     GenerationResult,
     TextCallback,
+    ollama_format,
 )
 
 logger = logging.getLogger(__name__)
@@ -81,11 +82,14 @@ class OllamaBackend(GenerationBackend):
             options.update(presence_penalty=penalties.presence, frequency_penalty=penalties.frequency,
                            repeat_penalty=penalties.repetition, repeat_last_n=penalties.last_n)
         prompt: list[tuple[str, str]] = [(m["role"], m["content"]) for m in messages]
+        request: dict[str, Any] = {"options": options}
+        if params.constraint is not None:
+            request["format"] = ollama_format(params.constraint)
         try:
             if on_text is None:
-                reply = await self._chat.ainvoke(prompt, options=options)
+                reply = await self._chat.ainvoke(prompt, **request)
             else:
-                reply = await self._stream(prompt, options, on_text)
+                reply = await self._stream(prompt, request, on_text)
         except Exception as error:  # foreign errors become ours here, at the boundary
             raise self._translate(error) from None
         if not isinstance(reply, AIMessage) or not isinstance(reply.content, str):
@@ -100,11 +104,11 @@ class OllamaBackend(GenerationBackend):
             finish_reason="length" if done_reason == "length" else "stop",
         )
 
-    async def _stream(self, prompt: list[tuple[str, str]], options: dict[str, Any], on_text: TextCallback) -> Any:
+    async def _stream(self, prompt: list[tuple[str, str]], request: dict[str, Any], on_text: TextCallback) -> Any:
         """Send each new piece to `on_text` (a reasoning model's <think> block is held back);
-        return the whole reply as one message."""
+        return the whole reply as one message. `request`: the chat request's `options` and `format`."""
         reply, sent = None, 0
-        async for chunk in self._chat.astream(prompt, options=options):
+        async for chunk in self._chat.astream(prompt, **request):
             reply = chunk if reply is None else reply + chunk
             visible = _THINK_BLOCK.sub("", str(reply.content)).lstrip()
             if "<think>" not in visible and len(visible) > sent:

@@ -47,6 +47,7 @@ from app.llm.base import (
     GenerationParams,
     GenerationResult,
     TextCallback,
+    openai_response_format,
 )
 
 logger = logging.getLogger(__name__)
@@ -160,6 +161,8 @@ class RemoteBackend(GenerationBackend):
             # vLLM's extra sampling field (over prompt and answer: it has no window), llama.cpp's server names.
             body.update(repetition_penalty=penalties.repetition, repeat_penalty=penalties.repetition,
                         repeat_last_n=penalties.last_n)
+        if params.constraint is not None:  # vLLM and llama.cpp's server take OpenAI's shape
+            body["response_format"] = openai_response_format(params.constraint)
         limit = _reply_limit(params.max_new_tokens)
         if on_text is None:
             reply = self._parsed(_Completion, await self._request("POST", "chat/completions", json_body=body,

@@ -12,12 +12,14 @@ import hashlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from app.errors import AppError
-from app.llm.base import GenerationParams
+from app.llm.base import FinishReason, GenerationParams
 
-FinishReason = Literal["stop", "length", "cancelled", "repetition"]
+if TYPE_CHECKING:
+    from app.llm.engine.rows.grammar import ConstrainedRow
+
 BASE_KEY = "__base__"
 #: PEFT names of classifier adapters start with this; generation names start with a letter or digit.
 CLASSIFIER_PREFIX = "_cls_"
@@ -79,6 +81,7 @@ class GenerationJob:
     params: GenerationParams
     adapter: AdapterChoice
     on_text: Callable[[str], None] | None = None
+    constraint: ConstrainedRow | None = None  # params.constraint compiled for this row, which advances it
     future: concurrent.futures.Future[GenerationJob] = field(default_factory=concurrent.futures.Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     tokens: list[int] = field(default_factory=list)

@@ -42,10 +42,19 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import torch
 
 from app.errors import AppError, BackendUnavailableError, EngineFailureError, NumericalFailureError
+from app.llm.base import OutputConstraint
 from app.llm.engine.jobs import AdapterChoice, GenerationJob, PredictionJob
 from app.llm.engine.prefix_cache import KVKey, PrefixCache
 from app.llm.engine.rows.detokenize import IncrementalDetokenizer
-from app.llm.engine.rows.penalties import penalise
+from app.llm.engine.rows.grammar import ConstrainedRow, ConstraintCompiler
+from app.llm.engine.rows.pipeline import (
+    NoEmptyAnswer,
+    PenaltyShaper,
+    RowSteps,
+    ScoreShaper,
+    TokenBudget,
+    TokenWatcher,
+)
 from app.llm.engine.rows.repetition import RepetitionGuard
 from app.llm.engine.rows.sampling import sample
 
@@ -128,6 +137,7 @@ class _Row:
     admission: Admission
     generator: torch.Generator | None
     detokenizer: IncrementalDetokenizer
+    steps: RowSteps
     cache: DynamicCache | None = None  # its own cache while it prefills
     prefilled: int = 0  # prompt tokens in its cache so far
 
@@ -226,6 +236,7 @@ class GenerationEngine:
         self._prefixes = PrefixCache(prefix_cache_bytes)
         self._eos_ids = _eos_token_ids(tokenizer)
         self._eos = sorted(self._eos_ids)
+        self._constraints = ConstraintCompiler(tokenizer, self._eos_ids)
         # Shared with the request side, under the lock.
         self._wakeup = threading.Condition()
         self._jobs: deque[tuple[int, GenerationJob]] = deque()  # with each job's sequence number
@@ -252,6 +263,12 @@ class GenerationEngine:
             self._jobs.append((self._submitted, job))
             self._submitted += 1
             self._wakeup.notify()
+
+    def constrained_row(self, constraint: OutputConstraint) -> ConstrainedRow:
+        """What a job held to `constraint` carries (`GenerationJob.constraint`); InvalidOutputConstraintError (400)
+        when it cannot be compiled. Blocking (milliseconds; the first one also sets up the tokenizer): call it off
+        the event loop, before submitting."""
+        return self._constraints.row(constraint)
 
     def submit_prediction(self, job: PredictionJob) -> None:
         with self._wakeup:
@@ -436,7 +453,21 @@ class GenerationEngine:
                 _log_unexpected(error, "admitting a generation")
                 job.fail(_as_app_error(error))
                 continue
-            self._prefilling = _Row(job, admission, generator, IncrementalDetokenizer(self._tokenizer))
+            self._prefilling = _Row(job, admission, generator, IncrementalDetokenizer(self._tokenizer),
+                                    self._row_steps(job))
+
+    def _row_steps(self, job: GenerationJob) -> RowSteps:
+        """The pieces of a row's per-token step its request asks for (`rows/pipeline.py`)."""
+        params = job.params
+        shapers: list[ScoreShaper] = [NoEmptyAnswer(self._eos)] if self._eos else []
+        watchers: list[TokenWatcher] = []
+        if params.penalties.active:
+            shapers.append(PenaltyShaper(params.penalties))
+        if job.constraint is not None:
+            shapers.append(job.constraint)
+            watchers.append(job.constraint)
+        watchers += [TokenBudget(params.max_new_tokens), self._repetition]
+        return RowSteps(tuple(shapers), tuple(watchers))
 
     def _may_start(self, sequence: int, job: GenerationJob) -> bool:
         """Under the lock: not held back by a waiting drain submitted before it."""
@@ -539,16 +570,18 @@ class GenerationEngine:
             job.resolve()
 
     def _take_tokens(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Each row's next token from its logits (rows, vocabulary): greedy or sampled with the row's settings;
-        then the row's text, stop strings and budget."""
+        """Each row's step (`rows/pipeline.py`) on its logits (rows, vocabulary): its shapers, its token chosen
+        greedy or sampled with its settings, its watchers; then its text and stop strings. A row whose step fails
+        (its constraint, its sampling, its streaming callback) fails alone."""
         logits = logits.float()
         broken = (~torch.isfinite(logits).all(dim=-1)).tolist()
+        failed: dict[int, Exception] = {}
         for index, row in enumerate(rows):
-            if not row.job.tokens and self._eos:
-                logits[index, self._eos] = float("-inf")  # an answer never ends before its first token
-            if row.job.params.penalties.active:
-                penalise(logits[index], row.job.tokens, row.job.params.penalties)
-        chosen = logits.argmax(dim=-1).tolist()
+            try:
+                row.steps.shape(logits[index], row.job.tokens)
+            except Exception as error:
+                failed[index] = error
+        chosen = logits.argmax(dim=-1).tolist()  # greedy rows' tokens, in one pass over the batch
         for index, row in enumerate(rows):
             job = row.job
             if broken[index]:
@@ -559,24 +592,22 @@ class GenerationEngine:
                 logger.error("row %d of %d: non-finite logits; that row fails alone", index, len(rows))
                 continue
             try:
+                if index in failed:
+                    raise failed[index]
                 self._take_token(row, logits[index], chosen[index])
-            except Exception as error:  # this row's sampling or streaming failed: it fails alone
+            except Exception as error:
                 _log_unexpected(error, f"row {index} of {len(rows)}")
                 job.error = _as_app_error(error)
 
     def _take_token(self, row: _Row, logits: torch.Tensor, greedy: int) -> None:
         job = row.job
-        token = sample(logits, job.params, row.generator) \
-            if job.params.temperature > 0 else greedy
+        token = sample(logits, job.params, row.generator) if job.params.temperature > 0 else greedy
         if token in self._eos_ids:
             job.finish_reason = "stop"
         else:
             job.tokens.append(token)
             row.detokenizer.add(token)
-            if len(job.tokens) >= job.params.max_new_tokens:
-                job.finish_reason = "length"
-            elif self._repetition.repeating(job.tokens):
-                job.finish_reason = "repetition"
+            job.finish_reason = row.steps.watch(token, job.tokens)
         _emit(job, row.detokenizer.text)
 
     # -- predictions ------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from app.llm.base import FinishReason
+
 _MAX_SPAN = 64  # longer loops exist, but a span this long repeated is rare and costs at most 3 x 64 tokens more
 
 
@@ -18,6 +20,10 @@ _MAX_SPAN = 64  # longer loops exist, but a span this long repeated is rare and 
 class RepetitionGuard:
     min_span: int  # REPETITION_MIN_SPAN: tokens in the shortest span that counts
     repeats: int  # REPETITION_REPEATS: how many times running; 0 turns the guard off
+
+    def watch(self, token: int, generated: list[int]) -> FinishReason | None:
+        """A row's watcher (`pipeline.TokenWatcher`)."""
+        return "repetition" if self.repeating(generated) else None
 
     def repeating(self, tokens: list[int]) -> bool:
         """Whether `tokens` ends with one span of `min_span` to 64 tokens, `repeats` times running."""
