@@ -47,7 +47,7 @@ FIRST_TOKEN_TARGET_S = 1.5  # one client, first token of a RAG answer
 
 
 @dataclass
-class _Timed:
+class Timed:
     """One request's times (perf_counter): when it was sent and when each streamed piece arrived."""
 
     sent: float
@@ -67,20 +67,21 @@ class _Timed:
         return [later - earlier for earlier, later in pairwise(self.pieces)]
 
 
-async def _request(backend: Any, messages: list[Any], tokens: int, adapter: str | None,
-                   on_piece: Callable[[_Timed], None] | None = None) -> _Timed:
-    """One greedy request of at most `tokens` tokens on `adapter` (None: the base model), streamed and timed."""
+async def timed_request(backend: Any, messages: list[Any], tokens: int, adapter: str | None,
+                        on_piece: Callable[[Timed], None] | None = None, constraint: Any = None) -> Timed:
+    """One greedy request of at most `tokens` tokens on `adapter` (None: the base model), streamed and timed; with
+    `constraint` (an OutputConstraint), held to it."""
     from app.llm.base import GenerationParams
 
-    timed = _Timed(time.perf_counter())
+    timed = Timed(time.perf_counter())
 
     def arrived(_piece: str) -> None:
         timed.pieces.append(time.perf_counter())
         if on_piece is not None:
             on_piece(timed)
 
-    result = await backend.generate(messages, GenerationParams(max_new_tokens=tokens, temperature=0.0, top_p=1.0),
-                                    ((adapter, 1.0),) if adapter else (), arrived)
+    params = GenerationParams(max_new_tokens=tokens, temperature=0.0, top_p=1.0, constraint=constraint)
+    result = await backend.generate(messages, params, ((adapter, 1.0),) if adapter else (), arrived)
     timed.answered = time.perf_counter()
     timed.prompt_tokens, timed.completion_tokens = result.prompt_tokens, result.completion_tokens
     return timed
@@ -144,7 +145,7 @@ async def _stream_and_newcomer(backend: Any, newcomer: list[Any], lead: int, chu
     # Enough tokens to outlast the newcomer's prefill (one chunk a step, and a step to pick it up) by a few.
     budget = lead + math.ceil(prompt_tokens / chunk) + 6
     alone = asyncio.Event()
-    stream = asyncio.ensure_future(_request(
+    stream = asyncio.ensure_future(timed_request(
         backend, STREAM_MESSAGES, budget, "a", lambda timed: alone.set() if len(timed.pieces) > lead else None))
     waiter = asyncio.ensure_future(alone.wait())
     await asyncio.wait({stream, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -152,7 +153,7 @@ async def _stream_and_newcomer(backend: Any, newcomer: list[Any], lead: int, chu
     if stream.done():
         raise RuntimeError(f"the stream ended after {stream.result().completion_tokens} tokens, before the newcomer")
     arrival = time.perf_counter()
-    newcomer_timed = await _request(backend, newcomer, 2, "b")
+    newcomer_timed = await timed_request(backend, newcomer, 2, "b")
     running = await stream
     newcomer_first = newcomer_timed.pieces[0] if newcomer_timed.pieces else newcomer_timed.answered
     pieces = running.pieces
@@ -172,8 +173,8 @@ def _stream_gaps(ctx: Context, default_chunk: int) -> tuple[dict[str, Any], list
     runs: dict[int, list[dict[str, Any]]] = {chunk: [] for chunk in CHUNK_SIZES}
     try:
         for backend in backends.values():
-            asyncio.run(_request(backend, STREAM_MESSAGES, 4, "a"))  # warm-up: both adapters' first forwards
-            asyncio.run(_request(backend, STREAM_MESSAGES, 4, "b"))
+            asyncio.run(timed_request(backend, STREAM_MESSAGES, 4, "a"))  # warm-up: both adapters' first forwards
+            asyncio.run(timed_request(backend, STREAM_MESSAGES, 4, "b"))
         for index in range(rounds):  # interleaved: a noisy moment hits every chunk size alike
             for chunk, backend in backends.items():
                 newcomer = rag_messages(backend, QUESTIONS[index % len(QUESTIONS)], index, PROMPT_TOKENS)
@@ -213,7 +214,7 @@ async def _reuse_round(backend: Any, adapter: str, index: int, tokens: int) -> d
                "same_passages": rag_messages(backend, QUESTIONS[1], 2 * index, tokens),
                "other_passages": rag_messages(backend, QUESTIONS[2], 2 * index + 1, tokens)}
     for name, messages in prompts.items():
-        timed = await _request(backend, messages, 1, adapter)
+        timed = await timed_request(backend, messages, 1, adapter)
         after = backend.describe()["prefix_cache"]
         times[name] = {"first_s": timed.first_s, "prompt_tokens": timed.prompt_tokens,
                        "reused_tokens": after["reused_tokens"] - stats["reused_tokens"]}
@@ -229,7 +230,7 @@ def _prefix_cache(ctx: Context) -> tuple[dict[str, Any], list[Row]]:
         adapters = [ADAPTER_NAMES[index % len(ADAPTER_NAMES)] for index in range(rounds)]  # one a round
         for backend in backends.values():
             for adapter in sorted(set(adapters)):  # warm-up, on a prompt sharing only the chat template's start
-                asyncio.run(_request(backend, STREAM_MESSAGES, 2, adapter))
+                asyncio.run(timed_request(backend, STREAM_MESSAGES, 2, adapter))
         for index, adapter in enumerate(adapters):  # paired: each round on both backends, in turn
             for name, backend in backends.items():
                 runs[name].append(asyncio.run(_reuse_round(backend, adapter, index, PROMPT_TOKENS)))
@@ -274,10 +275,11 @@ def _lower(saving: float) -> str:
 # -- c. many clients on the Qwen2.5-1.5B-shaped model ---------------------------------------------------------------
 
 
-async def _clients(backend: Any, clients: int, prompt_tokens: int, tokens: int) -> list[_Timed]:
+async def _clients(backend: Any, clients: int, prompt_tokens: int, tokens: int) -> list[Timed]:
     """`clients` requests sent at once, each its own question and passages."""
     return list(await asyncio.gather(*(
-        _request(backend, rag_messages(backend, QUESTIONS[index % len(QUESTIONS)], index, prompt_tokens), tokens, None)
+        timed_request(backend, rag_messages(backend, QUESTIONS[index % len(QUESTIONS)], index, prompt_tokens), tokens,
+                      None)
         for index in range(clients))))
 
 
@@ -308,7 +310,7 @@ def _qwen_clients(ctx: Context) -> tuple[dict[str, Any], list[Row]]:
     rows = []
     try:
         data["vocabulary_kept"] = _keep_tokens_in_vocabulary(backend, folder)
-        asyncio.run(_request(backend, STREAM_MESSAGES, 2, None))  # warm-up
+        asyncio.run(timed_request(backend, STREAM_MESSAGES, 2, None))  # warm-up
         dtype = backend.facts.numerics.dtype
         short = "" if prompt_tokens == PROMPT_TOKENS else f" (--quick; {PROMPT_TOKENS} in a full run)"
         for clients in counts:

@@ -12,7 +12,7 @@ Sections: 1 adapter change vs reload, 2 LoRA decode overhead, 3 many clients on 
 10 classification (predict p50 for 16 short texts; /ask decode alone and while predictions run),
 11 a Qwen2.5-1.5B-shaped model (random weights) beside SmolLM2: bare vs served decode, prefill, bandwidth ceiling,
 12 the engine: a stream's gaps while a prompt prefills per PREFILL_CHUNK_TOKENS, what the prefix cache saves, 1 to 16
-clients on the Qwen2.5-1.5B-shaped model.
+clients on the Qwen2.5-1.5B-shaped model, 13 structured output (compiling a schema; constrained vs free decode).
 Absolute times on a shared machine are noisy: compare the ratios, which are measured in the same run.
 """
 
@@ -40,6 +40,7 @@ from bench import (  # noqa: E402
     retrieval_bench,
     retrieval_quality,
     serving_bench,
+    structured_bench,
 )
 from bench.common import (  # noqa: E402
     REPO_ROOT,
@@ -65,10 +66,11 @@ SECTIONS: dict[int, tuple[str, Callable[[Context], SectionResult]]] = {
     10: ("classification beside generation", classification_bench.classification),
     11: ("a Qwen2.5-1.5B-shaped model", qwen_shaped_bench.qwen_shaped),
     12: ("continuous batching, chunked prefill, prefix cache", engine_bench.engine),
+    13: ("structured output", structured_bench.structured),
 }
 # In-process sections first, the live server's last, so the server never competes with them for the cores; 12 after
 # 11, which builds the Qwen2.5-1.5B-shaped model both use.
-RUN_ORDER = (8, 5, 6, 9, 1, 2, 10, 11, 12, 4, 3, 7)
+RUN_ORDER = (8, 5, 6, 9, 1, 2, 10, 11, 12, 13, 4, 3, 7)
 DOC = REPO_ROOT / "docs" / "performance.md"
 DOC_BEGIN, DOC_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 

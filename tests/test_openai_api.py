@@ -212,10 +212,11 @@ def test_text_content_parts_are_read(client: OpenAI) -> None:
         ({"max_tokens": 1000}, f"at most {MAX_NEW_TOKENS}"),
         ({"max_completion_tokens": MAX_NEW_TOKENS + 1}, "max_completion_tokens"),
         ({"logprobs": True}, "logprobs"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
         ({"response_format": {"type": "json_schema"}}, "json_schema"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "image_url"),
-        ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "a"}]}, "'tool'"),
+        ({"messages": [{"role": "function", "content": "42", "name": "f"}]}, "'function'"),
+        ({"messages": [{"role": "tool", "content": "42"}]}, "tool_call_id"),
         ({"rag": True, "messages": [{"role": "system", "content": "Be brief."}]}, "rag: true needs a user message"),
     ],
 )

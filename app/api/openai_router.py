@@ -27,9 +27,12 @@ from app.api.openai_schemas import (
     ChatCompletionChunk,
     ChatCompletionChunkChoice,
     ChatCompletionMessage,
+    ChatCompletionMessageToolCall,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChoiceDelta,
+    ChoiceDeltaFunctionCall,
+    ChoiceDeltaToolCall,
     CompletionUsage,
     Embedding,
     EmbeddingRequest,
@@ -52,7 +55,7 @@ Service = Annotated[RAGService, Depends(get_rag_service)]
 #: "cancelled" means the caller went away; OpenAI's types have no such reason and nobody reads it anyway.
 #: "repetition" (the engine stopped a loop) is "stop" to OpenAI's clients, with `notice` saying why.
 _FINISH_REASONS: dict[FinishReason, OpenAIFinishReason] = {
-    "stop": "stop", "length": "length", "cancelled": "stop", "repetition": "stop",
+    "stop": "stop", "length": "length", "cancelled": "stop", "repetition": "stop", "tool_calls": "tool_calls",
 }
 _DONE = "data: [DONE]\n\n"
 
@@ -84,7 +87,10 @@ async def chat_completions(
     With `rag: true` the answer is given from the indexed documents and the passages used come back as
     `sources` (in the last chunk when streaming). `stream: true` sends `chat.completion.chunk` Server-Sent
     Events ending with `data: [DONE]`; `stream_options.include_usage` adds a chunk with the token counts.
-    Only one choice (`n=1`), no tools and no log-probabilities: such requests are refused with 400.
+    `tools` with `tool_choice` (`auto`, `required`, a named function, `none`) give `message.tool_calls` and
+    `finish_reason: "tool_calls"`; a forced call's arguments are valid for its tool's schema. `response_format`
+    holds the answer to JSON (an object, or a JSON Schema). Only one choice (`n=1`) and no log-probabilities: such
+    requests are refused with 400.
     """
     request.refuse_unsupported()
     messages = request.chat_messages()
@@ -163,7 +169,11 @@ def _response(completion: _Completion, chat: ChatResult, with_sources: bool) -> 
         model=completion.model,
         choices=[
             ChatCompletionChoice(
-                message=ChatCompletionMessage(content=result.text), finish_reason=_FINISH_REASONS[result.finish_reason]
+                message=ChatCompletionMessage(
+                    content=result.text if result.text or not result.tool_calls else None,
+                    tool_calls=[ChatCompletionMessageToolCall.of(call) for call in result.tool_calls] or None,
+                ),
+                finish_reason=_FINISH_REASONS[result.finish_reason],
             )
         ],
         usage=_usage(result),
@@ -184,6 +194,13 @@ async def _chunks(
         yield _sse(OPENAI.body(describe_error(error)))
         yield _DONE
         return
+    # A reply's calls come once it is complete (the engine reads them from the whole reply): the id, type and name
+    # of each first, then its arguments, as OpenAI streams them and its client and LangChain assemble them.
+    for index, call in enumerate(chat.result.tool_calls):
+        yield _chunk(completion, ChoiceDelta(tool_calls=[ChoiceDeltaToolCall(
+            index=index, id=call.id, type="function", function=ChoiceDeltaFunctionCall(name=call.name))]))
+        yield _chunk(completion, ChoiceDelta(tool_calls=[ChoiceDeltaToolCall(
+            index=index, function=ChoiceDeltaFunctionCall(arguments=call.arguments))]))
     yield _chunk(
         completion,
         ChoiceDelta(),

@@ -6,12 +6,13 @@ LangChain's `ChatOpenAI` read them as they read OpenAI's. Our additions: the ada
 `rag` in the request and `sources` in the answer.
 
 Fields the official clients may send and that change nothing here are accepted and ignored; fields asking
-for something this server cannot do (several choices, tools, log-probabilities) are refused
+for something this server cannot do (several choices, log-probabilities, audio) are refused
 with 400 `unsupported_parameter` rather than silently dropped. Unknown fields are refused with 422.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import (
@@ -25,19 +26,31 @@ from pydantic import (
     field_validator,
 )
 
-from app.api.schemas import AdapterFields, RequestModel, ResponseFormat, Seed, SourceDocument
+from app.api.schemas import MAX_SCHEMA_CHARS, AdapterFields, RequestModel, ResponseFormat, Seed, SourceDocument
 from app.errors import BadRequestError, NotFoundError
-from app.llm.base import AdapterSpec, ChatMessage, GenerationParams, Penalties
+from app.llm.base import (
+    AdapterSpec,
+    ChatMessage,
+    GenerationParams,
+    Penalties,
+    Tool,
+    ToolCall,
+    ToolUse,
+    canonical_json,
+)
 from app.rag.collections import DEFAULT_COLLECTION
 from app.rag.service import is_blank
 
 MAX_STOP_SEQUENCES = 4
-_ROLES: dict[str, Literal["system", "user", "assistant"]] = {
+_ROLES: dict[str, Literal["system", "user", "assistant", "tool"]] = {
     "system": "system",
     "developer": "system",  # what OpenAI's newer clients call the system message
     "user": "user",
     "assistant": "assistant",
+    "tool": "tool",
 }
+#: OpenAI's limit on the tools of one request.
+MAX_TOOLS = 128
 
 
 class UnsupportedParameterError(BadRequestError):
@@ -65,30 +78,67 @@ class ContentPart(RequestModel):
     text: StrictStr | None = None
 
 
+class FunctionCallParam(RequestModel):
+    name: StrictStr = Field(..., min_length=1, max_length=64)
+    arguments: StrictStr = Field(..., description="the arguments, a JSON object as text")
+
+
+class ToolCallParam(RequestModel):
+    """A call an earlier assistant message made, as the client sends it back."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: StrictStr = Field(..., max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCallParam
+
+    def to_tool_call(self, where: str) -> ToolCall:
+        try:
+            arguments = json.loads(self.function.arguments)
+        except json.JSONDecodeError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise BadRequestError(f"{where}.function.arguments is not a JSON object")
+        return ToolCall(self.id, self.function.name, self.function.arguments)
+
+
 class ChatCompletionMessageParam(RequestModel):
     """A message of the conversation, as the OpenAI API takes it."""
 
     model_config = ConfigDict(extra="forbid")
 
-    role: StrictStr = Field(..., description="system (or developer), user or assistant")
+    role: StrictStr = Field(..., description="system (or developer), user, assistant or tool")
     content: StrictStr | list[ContentPart] | None = Field(
         None, description='a string, or a list of `{"type": "text", "text": ...}` parts'
     )
     name: StrictStr | None = Field(None, description="accepted and ignored")
-    tool_calls: list[dict[str, Any]] | None = Field(None, description="not supported: must be absent or empty")
-    function_call: dict[str, Any] | None = Field(None, description="not supported")
-    tool_call_id: StrictStr | None = Field(None, description="not supported")
+    tool_calls: list[ToolCallParam] | None = Field(None, description="an assistant message: the calls it made")
+    function_call: dict[str, Any] | None = Field(None, description="not supported (the older form of tool_calls)")
+    tool_call_id: StrictStr | None = Field(None, max_length=256, description="a tool message: the call it answers")
     refusal: StrictStr | None = Field(None, description="accepted and ignored")
 
     def to_chat_message(self, where: str) -> ChatMessage:
         role = _ROLES.get(self.role)
         if role is None:
             raise UnsupportedParameterError(
-                f"{where}.role is {self.role!r}; this server does not call tools or functions, "
-                "so only system, developer, user and assistant messages are accepted"
+                f"{where}.role is {self.role!r}; only system, developer, user, assistant and tool messages are "
+                "accepted"
             )
-        if self.tool_calls or self.function_call is not None or self.tool_call_id is not None:
-            raise UnsupportedParameterError(f"{where}: tool and function calls are not supported")
+        if self.function_call is not None:
+            raise UnsupportedParameterError(f"{where}: function_call is not supported; send tool_calls")
+        if self.tool_calls and role != "assistant":
+            raise BadRequestError(f"{where}: only assistant messages carry tool_calls")
+        if role == "tool" and not self.tool_call_id:
+            raise BadRequestError(f"{where}: a tool message needs the tool_call_id of the call it answers")
+        message = self._text_message(role, where)
+        if self.tool_calls:
+            message["tool_calls"] = tuple(call.to_tool_call(f"{where}.tool_calls[{number}]")
+                                          for number, call in enumerate(self.tool_calls))
+        if role == "tool" and self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+    def _text_message(self, role: Literal["system", "user", "assistant", "tool"], where: str) -> ChatMessage:
         if self.content is None:
             if role != "assistant":
                 raise BadRequestError(f"{where}.content is missing; only assistant messages may leave it out")
@@ -104,6 +154,40 @@ class ChatCompletionMessageParam(RequestModel):
                 )
             texts.append(part.text)
         return {"role": role, "content": "\n".join(texts)}
+
+
+class FunctionDefinition(RequestModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$", description="a-z, A-Z, 0-9, _ and -, at most 64")
+    description: StrictStr | None = Field(None, max_length=4096)
+    parameters: dict[str, Any] | None = Field(None, description="a JSON Schema object; absent: no parameters")
+    strict: StrictBool | None = Field(None, description="accepted: a forced call always follows the schema here")
+
+
+class ToolParam(RequestModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+    def to_tool(self, where: str) -> Tool:
+        parameters = canonical_json(self.function.parameters or {"type": "object", "properties": {}})
+        if len(parameters) > MAX_SCHEMA_CHARS:
+            raise BadRequestError(f"{where}.function.parameters is {len(parameters)} characters of JSON; at most "
+                                  f"{MAX_SCHEMA_CHARS}")
+        return Tool(self.function.name, self.function.description or "", parameters)
+
+
+class NamedFunction(RequestModel):
+    name: StrictStr
+
+
+class NamedToolChoice(RequestModel):
+    """`{"type": "function", "function": {"name": ...}}`: that function must be called."""
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(RequestModel):
@@ -170,16 +254,20 @@ class ChatCompletionRequest(AdapterFields):
     logprobs: StrictBool | None = Field(None, description="only false")
     top_logprobs: StrictInt | None = Field(None, description="only 0")
     logit_bias: dict[str, float] | None = Field(None, description="only empty")
-    parallel_tool_calls: StrictBool | None = None
+    parallel_tool_calls: StrictBool | None = Field(None, description="false: at most one tool call in a reply")
     store: StrictBool | None = None
     metadata: dict[str, str] | None = None
     service_tier: StrictStr | None = None
     safety_identifier: StrictStr | None = None
     prompt_cache_key: StrictStr | None = None
 
+    tools: list[ToolParam] | None = Field(None, description=f"functions the model may call, at most {MAX_TOOLS}")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description='"auto" (the default with tools): the model chooses; "required": it calls one or more; '
+        '{"type": "function", "function": {"name": ...}}: it calls that one; "none": it answers in text'
+    )
+
     # Refused unless absent, empty or neutral: this server cannot honour them.
-    tools: list[dict[str, Any]] | None = Field(None, description="not supported")
-    tool_choice: StrictStr | dict[str, Any] | None = Field(None, description='only "none"')
     functions: list[dict[str, Any]] | None = Field(None, description="not supported")
     function_call: StrictStr | dict[str, Any] | None = Field(None, description='only "none"')
     modalities: list[StrictStr] | None = Field(None, description='only ["text"]')
@@ -201,8 +289,6 @@ class ChatCompletionRequest(AdapterFields):
         """Raise `UnsupportedParameterError` naming the first field asking for what this server cannot do."""
         problems = {
             "n": self.n not in (None, 1) and f"n={self.n}: only one choice per request (n=1) is supported",
-            "tools": bool(self.tools) and "tools are not supported: this server does not call tools",
-            "tool_choice": self.tool_choice not in (None, "none") and 'tool_choice: only "none" is supported',
             "functions": bool(self.functions) and "functions are not supported: this server does not call functions",
             "function_call": self.function_call not in (None, "none") and 'function_call: only "none" is supported',
             "logprobs": bool(self.logprobs) and "logprobs: log-probabilities are not returned by this server",
@@ -243,7 +329,30 @@ class ChatCompletionRequest(AdapterFields):
             top_k=max(self.top_k or 0, 0),
             min_p=self.min_p or 0.0,
             constraint=self.response_format.constraint() if self.response_format else None,
+            tools=self.tool_use(),
         )
+
+    def tool_use(self) -> ToolUse | None:
+        """The tools the model is shown and how it may use them; None without tools or with tool_choice "none"."""
+        if len(self.tools or []) > MAX_TOOLS:
+            raise BadRequestError(f"{len(self.tools or [])} tools; at most {MAX_TOOLS}")
+        tools = tuple(tool.to_tool(f"tools[{number}]") for number, tool in enumerate(self.tools or []))
+        choice = self.tool_choice or "auto"
+        if not tools:
+            if choice not in ("auto", "none"):
+                raise BadRequestError("tool_choice asks for a tool call, but the request has no tools")
+            return None
+        if len({tool.name for tool in tools}) < len(tools):
+            raise BadRequestError("tools: two tools have the same name")
+        if choice == "none":
+            return None
+        if isinstance(choice, NamedToolChoice):
+            if choice.function.name not in {tool.name for tool in tools}:
+                known = ", ".join(tool.name for tool in tools)
+                raise BadRequestError(f"tool_choice names {choice.function.name!r}, which is not among the tools "
+                                      f"({known})")
+            return ToolUse(tools, "named", choice.function.name, parallel=self.parallel_tool_calls is not False)
+        return ToolUse(tools, choice, parallel=self.parallel_tool_calls is not False)
 
     def adapter_choice(self, base_name: str, adapter_names: list[str]) -> AdapterSpec:
         """The adapter fields when given, else what `model` names: the base model alone or one adapter. A `model`
@@ -264,9 +373,25 @@ class ChatCompletionRequest(AdapterFields):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(..., description="the arguments, a JSON object as text")
+
+
+class ChatCompletionMessageToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    @classmethod
+    def of(cls, call: ToolCall) -> ChatCompletionMessageToolCall:
+        return cls(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
+
+
 class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = Field(..., description="the answer; null when the reply is only tool calls")
+    tool_calls: list[ChatCompletionMessageToolCall] | None = Field(default=None, exclude_if=_omit_none)
 
 
 class CompletionUsage(BaseModel):
@@ -275,7 +400,7 @@ class CompletionUsage(BaseModel):
     total_tokens: int
 
 
-OpenAIFinishReason = Literal["stop", "length"]
+OpenAIFinishReason = Literal["stop", "length", "tool_calls"]
 NOTICE_DESCRIPTION = "only when the answer is blank: a sentence saying so (in the last chunk when streaming)"
 
 
@@ -301,9 +426,24 @@ class ChatCompletionResponse(BaseModel):
     notice: str | None = Field(default=None, exclude_if=_omit_none, description=NOTICE_DESCRIPTION)
 
 
+class ChoiceDeltaFunctionCall(BaseModel):
+    name: str | None = Field(default=None, exclude_if=_omit_none)
+    arguments: str = ""
+
+
+class ChoiceDeltaToolCall(BaseModel):
+    """A streamed piece of the `index`th call: its id, type and name first, then its arguments."""
+
+    index: int
+    id: str | None = Field(default=None, exclude_if=_omit_none)
+    type: Literal["function"] | None = Field(default=None, exclude_if=_omit_none)
+    function: ChoiceDeltaFunctionCall
+
+
 class ChoiceDelta(BaseModel):
     role: Literal["assistant"] | None = Field(default=None, exclude_if=_omit_none)
     content: str | None = Field(default=None, exclude_if=_omit_none)
+    tool_calls: list[ChoiceDeltaToolCall] | None = Field(default=None, exclude_if=_omit_none)
 
 
 class ChatCompletionChunkChoice(BaseModel):

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from app.api.errors import OURS, Envelope
 from app.errors import BadRequestError, ValidationFailedError
-from app.llm.base import SEED_MAX, SEED_MIN, AdapterSpec, ModelUsed, OutputConstraint
+from app.llm.base import SEED_MAX, SEED_MIN, AdapterSpec, FinishReason, ModelUsed, OutputConstraint
 from app.rag.collections import DEFAULT_COLLECTION
 from app.rag.vector_store import ScoreKind, SearchHit
 
@@ -220,7 +220,7 @@ class AskResponse(BaseModel):
     adapters: str = Field("", description="the adapter (or weighted mix) that answered; empty for none")
     processing_time: float = Field(..., description="seconds")
     usage: Usage
-    finish_reason: Literal["stop", "length", "cancelled", "repetition"] = Field(
+    finish_reason: FinishReason = Field(
         ..., description="stop: the model ended its answer (or a stop string); length: the token budget ran out; "
         "repetition: the answer began repeating itself and was stopped (REPETITION_REPEATS)"
     )

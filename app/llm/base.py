@@ -11,10 +11,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypedDict, runtime_checkable
+from typing import Any, Literal, NotRequired, Protocol, TypedDict, runtime_checkable
 
 ModelUsed = Literal["lora", "base", "ollama", "remote"]
-FinishReason = Literal["stop", "length", "cancelled", "repetition"]
+FinishReason = Literal["stop", "length", "cancelled", "repetition", "tool_calls"]
 #: A request's adapter choice: () is the base model alone, else (name, weight) pairs; None: server default.
 AdapterSpec = tuple[tuple[str, float], ...]
 #: The seeds a request may give: torch's generators (and vLLM's, Ollama's) take a 64-bit integer, from -2^63
@@ -25,8 +25,54 @@ TextCallback = Callable[[str], None]
 
 
 class ChatMessage(TypedDict):
-    role: Literal["system", "user", "assistant"]
+    """One message of a conversation. An assistant message may carry the tool calls it made (`tool_calls`), and a
+    `tool` message is one call's result (`tool_call_id` names the call)."""
+
+    role: Literal["system", "user", "assistant", "tool"]
     content: str
+    tool_calls: NotRequired[tuple[ToolCall, ...]]
+    tool_call_id: NotRequired[str]
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call (OpenAI's `tools[].function`); `parameters` is its JSON Schema's canonical
+    text."""
+
+    name: str
+    description: str = ""
+    parameters: str = '{"type":"object"}'
+
+    @property
+    def parameters_object(self) -> dict[str, Any]:
+        return json.loads(self.parameters)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call the model made: `arguments` is the JSON text of an object, as OpenAI's API carries it."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """A request's tools and how the model may use them: `auto` (it may call any or answer in text), `required` (it
+    calls at least one), or `named` (it calls the tool `name`); `parallel`: more than one call in a reply."""
+
+    tools: tuple[Tool, ...]
+    choice: Literal["auto", "required", "named"] = "auto"
+    name: str = ""
+    parallel: bool = True
+
+    @property
+    def forced(self) -> tuple[Tool, ...]:
+        """The tools the reply must call one of; () when the model may answer in text."""
+        if self.choice == "auto":
+            return ()
+        return self.tools if self.choice == "required" else tuple(t for t in self.tools if t.name == self.name)
 
 
 @dataclass(frozen=True)
@@ -50,21 +96,29 @@ class Penalties:
 
 @dataclass(frozen=True)
 class OutputConstraint:
-    """What a reply's text must be, whatever the model would rather say: any JSON object (`json_object`), or JSON
-    valid for a JSON Schema (`json_schema`, `schema` its canonical text: sorted keys, no spaces, so the same schema
-    is the same constraint). The local engine enforces it token by token; other backends pass it on."""
+    """What a reply's text must be, whatever the model would rather say: any JSON object (`json_object`), JSON valid
+    for a JSON Schema (`json_schema`, `schema` its compact text), or tool calls (`tool_calls`, in the format of
+    `app.llm.tools`, each call valid for `schema`). The local engine enforces it token by token; other backends pass
+    the JSON ones on."""
 
-    kind: Literal["json_object", "json_schema"]
+    kind: Literal["json_object", "json_schema", "tool_calls"]
     schema: str = ""
+    many: bool = False  # tool_calls: up to tools.MAX_CALLS_PER_REPLY calls, not one
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any]) -> OutputConstraint:
-        return cls("json_schema", json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
+        return cls("json_schema", canonical_json(schema))
 
     @property
     def schema_object(self) -> dict[str, Any]:
         """The schema as a JSON object; `{"type": "object"}` for `json_object`."""
-        return json.loads(self.schema) if self.kind == "json_schema" else {"type": "object"}
+        return json.loads(self.schema) if self.schema else {"type": "object"}
+
+
+def canonical_json(value: object) -> str:
+    """A JSON value's compact text (no spaces), for constraints and tools to be compared and cached by. Keys keep
+    their order: a schema's properties are generated in the order it gives them (a `reasoning` before an `answer`)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def openai_response_format(constraint: OutputConstraint) -> dict[str, Any]:
@@ -91,6 +145,7 @@ class GenerationParams:
     top_k: int = 0  # sample among the k most likely tokens only; 0: all
     min_p: float = 0.0  # sample among tokens at least this many times as likely as the most likely one
     constraint: OutputConstraint | None = None  # the reply must be JSON (for a schema); None: free text
+    tools: ToolUse | None = None  # functions the model may (or must) call instead of answering in text
 
 
 EMPTY_ANSWER_NOTICE = (
@@ -110,12 +165,13 @@ class GenerationResult:
     completion_tokens: int
     finish_reason: FinishReason
     adapters: str = ""  # the adapter key that answered (`sql`, `sql*0.7+code*0.3`), empty when none
+    tool_calls: tuple[ToolCall, ...] = ()  # the calls the model made (finish_reason `tool_calls`); text: the rest
 
     @property
     def notice(self) -> str | None:
         """Said with the answer when there is no text to show, so a blank answer is never silent, and when the
         answer was stopped for repeating itself."""
-        if not self.text.strip():
+        if not self.text.strip() and not self.tool_calls:
             return EMPTY_ANSWER_NOTICE
         return REPETITION_NOTICE if self.finish_reason == "repetition" else None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,11 +27,13 @@ from app.llm.base import (
     GenerationParams,
     GenerationResult,
     TextCallback,
+    ToolUse,
 )
 from app.llm.engine.jobs import GenerationJob, PredictionJob
 from app.llm.engine.rows.repetition import RepetitionGuard
 from app.llm.model_source import resolve_base_model
 from app.llm.numerics.choice import NumericPath, choose_served_path
+from app.llm.tools import conversation, forced_calls, openai_tool, read_calls, template_takes_tools
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -163,12 +166,14 @@ class HFLoraBackend(GenerationBackend):
     ) -> GenerationResult:
         choice = self.adapters.resolve(adapters)
         loop = asyncio.get_running_loop()
-        constraint = params.constraint
+        tools = params.tools
+        constraint = (forced_calls(tools) if tools else None) or params.constraint
         job = GenerationJob(
-            input_ids=self.encode(messages),
+            input_ids=self.encode(messages, tools),
             params=params,
             adapter=choice,
-            on_text=_on_loop(loop, on_text) if on_text else None,
+            # A reply that may call tools is read whole once generated: its calls are not text to stream.
+            on_text=_on_loop(loop, on_text) if on_text and not tools else None,
             constraint=await asyncio.to_thread(self._engine.constrained_row, constraint) if constraint else None,
         )
         self._engine.submit(job)
@@ -177,25 +182,35 @@ class HFLoraBackend(GenerationBackend):
         except asyncio.CancelledError:
             job.cancelled.set()  # the engine drops the row at its next step
             raise
+        text, calls = read_calls(job.text, tools) if tools else (job.text, ())
+        if on_text is not None and tools and text.strip():
+            on_text(text.strip())
         return GenerationResult(
-            text=job.text.strip(),
+            text=text.strip(),
             model_used="base" if choice.is_base else "lora",
             prompt_tokens=len(job.input_ids),
             completion_tokens=len(job.tokens),
-            finish_reason=job.finish_reason or "stop",
+            finish_reason="tool_calls" if calls else job.finish_reason or "stop",
             adapters="" if choice.is_base else choice.key,
+            tool_calls=calls,
         )
 
-    def encode(self, messages: list[ChatMessage]) -> list[int]:
-        """Prompt token ids through the model's chat template (a plain transcript when it has none)."""
-        if self._tokenizer.chat_template:
-            conversation = [{"role": m["role"], "content": m["content"]} for m in messages]
-            ids = self._tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    def encode(self, messages: list[ChatMessage], tools: ToolUse | None = None) -> list[int]:
+        """Prompt token ids through the model's chat template (a plain transcript when it has none), with the
+        request's tools, calls and results as the template shows them, or in `app.llm.tools`' text when it has no
+        tool support."""
+        template = self._tokenizer.chat_template
+        native = template_takes_tools(template)
+        turns = conversation(messages, tools, native)
+        if template:
+            listed: list[dict[Any, Any] | Callable[..., Any]] | None = (
+                [openai_tool(tool) for tool in tools.tools] if tools and native else None)
+            ids = self._tokenizer.apply_chat_template(turns, tools=listed, add_generation_prompt=True, tokenize=True)
             if not isinstance(ids, list):  # transformers 5 answers a BatchEncoding
                 # Never a str with tokenize=True; transformers has no overload that says so.
                 ids = ids["input_ids"]  # type: ignore[index]
         else:
-            prompt = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+            prompt = "".join(f"{turn['role'].capitalize()}: {turn['content']}\n" for turn in turns) + "Assistant:"
             ids = self._tokenizer(prompt)["input_ids"]
         limit = self.facts.max_position_embeddings
         if limit and len(ids) >= limit:

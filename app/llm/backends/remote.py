@@ -32,6 +32,7 @@ from app.errors import (
     AppError,
     BackendTimeoutError,
     BackendUnavailableError,
+    BadRequestError,
     NotFoundError,
     NotSupportedError,
     UpstreamError,
@@ -138,10 +139,13 @@ class RemoteBackend(GenerationBackend):
         adapters: AdapterSpec | None = None,
         on_text: TextCallback | None = None,
     ) -> GenerationResult:
+        if params.tools is not None:
+            raise BadRequestError("tools are not passed to the remote backend yet: call them on the local model "
+                                  "(backend lora), or ask the engine's own /v1 directly")
         model, adapter = await self._model_for(adapters)
         body: dict[str, Any] = {
             "model": model,
-            "messages": [dict(message) for message in messages],
+            "messages": [_openai_message(message) for message in messages],
             "max_tokens": params.max_new_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,
@@ -395,6 +399,18 @@ class RemoteBackend(GenerationBackend):
         if status == 503:
             raise BackendUnavailableError(f"{where} cannot serve now: {message}")
         raise UpstreamError(f"{where} answered {status}: {message}")
+
+
+def _openai_message(message: ChatMessage) -> dict[str, Any]:
+    """A message as OpenAI's API takes it, the calls an assistant made and the call a tool result answers too."""
+    shown: dict[str, Any] = {"role": message["role"], "content": message["content"]}
+    if message.get("tool_calls"):
+        shown["tool_calls"] = [{"id": call.id, "type": "function",
+                                "function": {"name": call.name, "arguments": call.arguments}}
+                               for call in message.get("tool_calls", ())]
+    if "tool_call_id" in message:
+        shown["tool_call_id"] = message["tool_call_id"]
+    return shown
 
 
 def _error_message(text: str) -> str:

@@ -15,6 +15,7 @@ first call took 31 s on this CPU): a row's mask is a few thousand bytes, unpacke
 from __future__ import annotations
 
 import functools
+import json
 import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -25,6 +26,7 @@ import numpy as np
 
 from app.errors import InvalidOutputConstraintError, NotSupportedError, OutputConstraintFailedError
 from app.llm.base import FinishReason, OutputConstraint
+from app.llm.tools import MAX_CALLS_PER_REPLY, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 if TYPE_CHECKING:
     import torch
@@ -59,7 +61,10 @@ class ConstraintCompiler:
 
     def _compile(self, constraint: OutputConstraint) -> llguidance.LLMatcher:
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(constraint.schema_object, defaults=JSON_LAYOUT)
+            if constraint.kind == "tool_calls":
+                grammar = llguidance.LLMatcher.grammar_from_lark(_tool_calls_lark(constraint))
+            else:
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(constraint.schema_object, defaults=JSON_LAYOUT)
         except ValueError as error:
             raise InvalidOutputConstraintError(f"the JSON schema cannot be used: {error}") from None
         matcher = llguidance.LLMatcher(self._llguidance_tokenizer(), grammar, log_level=0)
@@ -78,6 +83,15 @@ class ConstraintCompiler:
                     )
                 self._vocabulary = llguidance.hf.from_tokenizer(self._tokenizer, eos_token=self._end_tokens)
             return self._vocabulary
+
+
+def _tool_calls_lark(constraint: OutputConstraint) -> str:
+    """A reply of tool calls in `app.llm.tools`' format, each call's JSON valid for the constraint's schema (laid
+    out as JSON_LAYOUT says): one call, or up to MAX_CALLS_PER_REPLY on lines of their own."""
+    schema = {**constraint.schema_object, "x-guidance": JSON_LAYOUT}
+    more = f' ("\\n" call){{0,{MAX_CALLS_PER_REPLY - 1}}}' if constraint.many else ""
+    return (f"start: call{more}\n"
+            f"call: {json.dumps(TOOL_CALL_OPEN)} %json {json.dumps(schema)} {json.dumps(TOOL_CALL_CLOSE)}\n")
 
 
 class ConstrainedRow:
