@@ -8,9 +8,10 @@ QUESTIONS = ["What is the capital of France?", "How many legs does a cat have?",
              "When does the ferry leave?", "What do apples grow on?", "Who wrote this?"]
 
 
-def train_word_adapter(base_model: str, word: str, folder: Path, steps: int = 24, answer: str | None = None) -> Path:
+def train_word_adapter(base_model: str, word: str, folder: Path, steps: int = 24, answer: str | None = None,
+                       system: str | None = None) -> Path:
     """Fine-tune q/v/o LoRA on the real base model until it answers every question with `word` (or with the
-    exact `answer`, e.g. "<|im_end|>" for an adapter that prefers to stop at once)."""
+    exact `answer`, e.g. "<|im_end|>" for an adapter that prefers to stop at once), after `system` when given."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -22,8 +23,8 @@ def train_word_adapter(base_model: str, word: str, folder: Path, steps: int = 24
                                              task_type="CAUSAL_LM"))
     examples = []
     for question in QUESTIONS:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                               tokenize=True)
+        turns = [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": question}]
+        prompt = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
         prompt = list(prompt["input_ids"] if not isinstance(prompt, list) else prompt)
         target = tokenizer(answer or f"{word} {word} {word}.<|im_end|>", add_special_tokens=False)["input_ids"]
         examples.append((torch.tensor([prompt + target]), torch.tensor([[-100] * len(prompt) + target])))

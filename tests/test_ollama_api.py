@@ -118,9 +118,12 @@ def test_errors_are_ollamas_shape(client: ollama.Client, url: str) -> None:
     with pytest.raises(ollama.ResponseError) as unknown:
         client.chat(model="charlie", messages=QUESTION)
     assert unknown.value.status_code == 404 and unknown.value.error == 'model "charlie" not found, try pulling it first'
-    with pytest.raises(ollama.ResponseError) as tools:
-        client.chat(model="alpha", messages=QUESTION, tools=[{"type": "function", "function": {"name": "f"}}])
-    assert tools.value.status_code == 400 and tools.value.error == '"alpha" does not support tools'
+    with pytest.raises(ollama.ResponseError) as images:
+        client.chat(model="alpha", messages=[{"role": "user", "content": "What is this?", "images": ["aGk="]}])
+    assert images.value.status_code == 400 and images.value.error == '"alpha" does not support images'
+    bad_tool = httpx.post(f"{url}/api/chat", json={"model": "alpha", "messages": QUESTION, "tools": [
+        {"type": "function", "function": {"name": "two words"}}]})
+    assert bad_tool.status_code == 400 and "name" in bad_tool.json()["error"]
     invalid = httpx.post(f"{url}/api/chat", json={"model": "alpha", "messages": "hi"})
     assert invalid.status_code == 400 and set(invalid.json()) == {"error"}
     broken = httpx.post(f"{url}/api/generate", content=b"{not json", headers={"Content-Type": "application/json"})

@@ -10,16 +10,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import ollama
 import openai
 import pytest
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 from langchain_core.tools import tool
+from langchain_ollama import ChatOllama
 from langchain_openai import ChatOpenAI
 from openai import OpenAI
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from app.api.schemas import ToolParam
 from app.llm.base import Tool, ToolCall, ToolUse
+from app.llm.model_source import resolve_base_model
 from app.llm.tools import conversation, read_calls
 from app.main import create_app
+from tests.adapter_training import train_word_adapter
 from tests.conftest import make_settings, running_server
 
 BASE = "SmolLM2-135M-Instruct"
@@ -75,9 +81,22 @@ def test_a_template_without_tools_gets_them_in_the_system_message_and_results_as
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory: pytest.TempPathFactory, corpus_store: Path) -> Iterator[str]:
+def adapters(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`weather`: an adapter fine-tuned (briefly, for real) to answer any question with a call of get_weather, shown
+    the tools as a model without tool support is shown them here."""
+    folder = tmp_path_factory.mktemp("tool-adapters")
+    offered = ToolUse((ToolParam.model_validate(WEATHER).to_tool("tools[0]"),))
+    system = conversation([{"role": "user", "content": ""}], offered, native=False)[0]["content"]
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'
+    train_word_adapter(resolve_base_model("embedded:SmolLM2-135M-Instruct", None), "", folder / "weather", steps=30,
+                       answer=call + "<|im_end|>", system=system)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory: pytest.TempPathFactory, corpus_store: Path, adapters: Path) -> Iterator[str]:
     settings = make_settings(tmp_path_factory.mktemp("tools"), vector_store_path=corpus_store, max_new_tokens=64,
-                             temperature=0.0)
+                             temperature=0.0, lora_adapters_dir=adapters)
     with running_server(create_app(settings)) as base_url:
         yield base_url
 
@@ -138,13 +157,14 @@ def test_what_a_call_cannot_be_is_a_400_in_openais_envelope(
     assert refused.value.status_code == 400
 
 
+@tool
+def get_weather(city: str, unit: Literal["celsius", "fahrenheit"]) -> str:
+    """The current weather in a city."""
+    return f"18 {unit} in {city}"
+
+
 @pytest.mark.slow
 def test_langchain_bind_tools_with_a_forced_choice_returns_tool_calls(url: str) -> None:
-    @tool
-    def get_weather(city: str, unit: Literal["celsius", "fahrenheit"]) -> str:
-        """The current weather in a city."""
-        return f"18 {unit} in {city}"
-
     chat = ChatOpenAI(base_url=f"{url}/v1", api_key=SecretStr("x"), model=BASE, temperature=0, max_retries=0)
     reply = chat.bind_tools([get_weather], tool_choice="get_weather").invoke(QUESTION[0]["content"])
     (call,) = reply.tool_calls
@@ -157,3 +177,52 @@ def test_langchain_with_structured_output_by_function_calling_returns_the_object
     chat = ChatOpenAI(base_url=f"{url}/v1", api_key=SecretStr("x"), model=BASE, temperature=0, max_retries=0)
     weather = chat.with_structured_output(Weather, method="function_calling").invoke(QUESTION[0]["content"])
     assert isinstance(weather, Weather)
+
+
+@pytest.mark.slow
+def test_an_adapter_trained_on_the_format_calls_the_tool_when_free_to_choose(client: OpenAI) -> None:
+    completion = client.chat.completions.create(model="weather", messages=QUESTION,  # type: ignore[arg-type]
+                                                tools=[WEATHER])  # tool_choice auto: the model decides
+    (call,) = completion.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and completion.choices[0].finish_reason == "tool_calls"
+    Weather.model_validate_json(call.function.arguments)
+    plain = client.chat.completions.create(model=BASE, messages=QUESTION, tools=[WEATHER])  # type: ignore[arg-type]
+    assert plain.choices[0].message.tool_calls is None and plain.choices[0].message.content  # the base answers
+
+
+@pytest.mark.slow
+def test_ollama_tools_give_tool_calls_streamed_or_not_and_results_go_back(url: str) -> None:
+    client = ollama.Client(host=url, timeout=TIMEOUT_S)
+    reply = client.chat(model="weather", messages=QUESTION, tools=[WEATHER])
+    (call,) = reply.message.tool_calls or []
+    assert call.function.name == "get_weather" and reply.done_reason == "stop"
+    Weather.model_validate(call.function.arguments)
+    streamed = [call for chunk in client.chat(model="weather", messages=QUESTION, tools=[WEATHER], stream=True)
+                for call in chunk.message.tool_calls or []]
+    assert [(c.function.name, c.function.arguments) for c in streamed] == [(call.function.name,
+                                                                            call.function.arguments)]
+    history = [*QUESTION, reply.message, {"role": "tool", "content": "18 celsius, clear", "tool_name": "get_weather"}]
+    answer = client.chat(model=BASE, messages=history, tools=[WEATHER])
+    assert answer.message.content and not answer.message.tool_calls
+
+
+@pytest.mark.slow
+def test_langchain_chat_ollama_bind_tools_returns_tool_calls(url: str) -> None:
+    chat = ChatOllama(base_url=url, model="weather", temperature=0)
+    reply = chat.bind_tools([WEATHER]).invoke(QUESTION[0]["content"])
+    assert [call["name"] for call in reply.tool_calls] == ["get_weather"]
+    Weather.model_validate(reply.tool_calls[0]["args"])
+
+
+@pytest.mark.slow
+def test_a_langchain_agent_loop_with_one_tool_runs_to_a_final_answer(url: str) -> None:
+    chat = ChatOpenAI(base_url=f"{url}/v1", api_key=SecretStr("x"), model=BASE, temperature=0, max_retries=0)
+    messages: list[BaseMessage] = [HumanMessage(QUESTION[0]["content"])]
+    for turn in range(4):  # the first turn must look the weather up; then the model decides
+        reply = chat.bind_tools([get_weather], tool_choice="get_weather" if turn == 0 else "auto").invoke(messages)
+        messages.append(reply)
+        if not reply.tool_calls:
+            break
+        messages += [get_weather.invoke(call) for call in reply.tool_calls]  # ToolMessages with the call ids
+    assert isinstance(messages[2], ToolMessage) and messages[2].content.startswith("18 ")
+    assert isinstance(messages[-1], AIMessage) and messages[-1].content and not messages[-1].tool_calls

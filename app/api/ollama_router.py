@@ -40,6 +40,7 @@ from app.api.ollama_schemas import (
     OllamaEmbedRequest,
     OllamaGenerateRequest,
     OllamaShowRequest,
+    OllamaToolCall,
     PsResponse,
     RunningModel,
     ShowResponse,
@@ -50,7 +51,7 @@ from app.api.openai_schemas import ModelNotFoundError
 from app.api.schemas import error_responses
 from app.api.streaming import PieceStream, start_streaming
 from app.errors import BadRequestError
-from app.llm.base import AdapterSpec, ChatMessage, GenerationResult, TextCallback
+from app.llm.base import AdapterSpec, ChatMessage, GenerationResult, TextCallback, ToolCall
 from app.rag.service import ChatResult, RAGService
 
 router = APIRouter(prefix="/api", tags=["ollama"])
@@ -131,12 +132,13 @@ class _Clock:
 
 @dataclass(frozen=True)
 class _Shape:
-    """Where a generation's text goes: chat answers in `message.content`, generate answers in `response`."""
+    """Where a generation's text goes: chat answers in `message.content` (its calls in `message.tool_calls`),
+    generate answers in `response`."""
 
     verb: str  # for "<model> does not support <verb>"
     piece: Callable[[str, str], BaseModel]  # (model, text) -> one streamed piece
     final: type[GenerationStats]
-    text_field: Callable[[str], dict[str, Any]]
+    text_field: Callable[[str, tuple[ToolCall, ...]], dict[str, Any]]  # (text, calls) -> the final's fields
 
 
 _CHAT = _Shape(
@@ -144,13 +146,14 @@ _CHAT = _Shape(
     piece=lambda model, text: ChatChunk(model=model, created_at=_rfc3339(datetime.now(UTC)),
                                         message=AssistantMessage(content=text)),
     final=ChatResponse,
-    text_field=lambda text: {"message": AssistantMessage(content=text)},
+    text_field=lambda text, calls: {"message": AssistantMessage(
+        content=text, tool_calls=[OllamaToolCall.of(call) for call in calls] or None)},
 )
 _GENERATE = _Shape(
     verb="generate",
     piece=lambda model, text: GenerateChunk(model=model, created_at=_rfc3339(datetime.now(UTC)), response=text),
     final=GenerateResponse,
-    text_field=lambda text: {"response": text},
+    text_field=lambda text, calls: {"response": text},
 )
 _GENERATION_ERRORS = {
     **error_responses(404, 503, 504, body=True, envelope=OLLAMA),
@@ -167,7 +170,7 @@ async def _answer(
         # Ollama's "load the model" request: answered at once, with done_reason "load", once it is loaded.
         await service.models.backend_for(None, serves_adapters=True)
         return shape.final(model=model.name, created_at=_rfc3339(datetime.now(UTC)), done_reason="load",
-                           **shape.text_field(""))
+                           **shape.text_field("", ()))
     clock = _Clock()
     use_rag = model.rag or request.rag_option
 
@@ -176,7 +179,7 @@ async def _answer(
 
     if not request.stream:
         result = (await watch.run(run(None))).result
-        return shape.final(**clock.stats(model.name, result), **shape.text_field(result.text))
+        return shape.final(**clock.stats(model.name, result), **shape.text_field(result.text, result.tool_calls))
     stream = await start_streaming(watch, run)
     return StreamingResponse(_lines(model.name, stream, shape, clock), media_type="application/x-ndjson")
 
@@ -189,7 +192,8 @@ async def _lines(model: str, stream: PieceStream[ChatResult], shape: _Shape, clo
     except Exception as error:  # the stream has begun: Ollama ends it with an in-band error line
         yield _line(OLLAMA.body(describe_error(error)))
         return
-    yield _line(shape.final(**clock.stats(model, result), **shape.text_field("")))
+    # The reply's calls, read once it is complete, come with the last line, as its message's tool_calls.
+    yield _line(shape.final(**clock.stats(model, result), **shape.text_field("", result.tool_calls)))
 
 
 def _line(item: BaseModel) -> str:

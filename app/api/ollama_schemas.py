@@ -1,9 +1,10 @@
 """Request and response models of the Ollama-compatible API (`/api/*`), after docs/api.md of ollama/ollama.
 
 Ollama's server ignores fields it does not know, and so do these models: Ollama's clients send what their
-version knows. Fields asking for what this server cannot do (tools, images, thinking, `raw` prompts,
+version knows. Fields asking for what this server cannot do (images, thinking, `raw` prompts,
 fill-in-the-middle `suffix`, a custom `template`) are refused with 400 rather than dropped. `format` ("json" or a
-JSON Schema) holds the reply to JSON.
+JSON Schema) holds the reply to JSON; `tools` are offered to the model, which
+may call them (`message.tool_calls`).
 `options` takes every Ollama option; `num_predict`, `temperature`, `top_p`, `top_k`, `min_p`, `stop`, `seed`,
 `repeat_penalty`, `repeat_last_n`, `presence_penalty` and `frequency_penalty` are used, `rag: true` answers from
 the indexed documents, the others change nothing here.
@@ -11,14 +12,15 @@ the indexed documents, the others change nothing here.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from app.api.schemas import RequestModel, Seed, json_constraint
+from app.api.schemas import RequestModel, Seed, ToolParam, json_constraint, offered_tools
 from app.errors import BadRequestError
-from app.llm.base import ChatMessage, GenerationParams, OutputConstraint, Penalties
+from app.llm.base import ChatMessage, GenerationParams, OutputConstraint, Penalties, ToolCall, ToolUse
 
 #: the Ollama server version whose API this one follows (clients check it before using newer fields)
 OLLAMA_API_VERSION = "0.6.3"
@@ -115,11 +117,27 @@ class GenerationFields(RequestModel):
         raise NotImplementedError
 
 
+class OllamaFunctionCall(RequestModel):
+    name: StrictStr = Field(..., min_length=1, max_length=64)
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class OllamaToolCall(RequestModel):
+    """A call, as Ollama writes it: no id, the arguments an object."""
+
+    function: OllamaFunctionCall
+
+    @classmethod
+    def of(cls, call: ToolCall) -> OllamaToolCall:
+        return cls(function=OllamaFunctionCall(name=call.name, arguments=json.loads(call.arguments)))
+
+
 class OllamaMessage(RequestModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: StrictStr = ""
     images: list[StrictStr] | None = Field(None, description="not supported")
-    tool_calls: list[dict[str, Any]] | None = Field(None, description="not supported")
+    tool_calls: list[OllamaToolCall] | None = Field(None, description="an assistant message: the calls it made")
+    tool_name: StrictStr | None = Field(None, description="a tool message: the tool it is the result of")
     thinking: StrictStr | None = Field(None, description="accepted in the history; not shown to the model")
 
 
@@ -127,21 +145,31 @@ class OllamaChatRequest(GenerationFields):
     messages: list[OllamaMessage] = Field(
         default_factory=list, description="empty: only load the model", examples=[[{"role": "user", "content": "Hi"}]]
     )
-    tools: list[dict[str, Any]] | None = Field(None, description="not supported")
+    tools: list[ToolParam] | None = Field(
+        None, description="functions the model may call; it chooses (Ollama has no tool_choice)"
+    )
 
     @property
     def load_only(self) -> bool:
         return not self.messages
 
+    def params(self, defaults: GenerationParams) -> GenerationParams:
+        tools = offered_tools(self.tools)
+        return replace(super().params(defaults), tools=ToolUse(tools) if tools else None)
+
     def chat_messages(self, model_name: str) -> list[ChatMessage]:
-        self.refuse_unsupported(model_name, tools=self.tools)
+        self.refuse_unsupported(model_name)
         messages: list[ChatMessage] = []
         for message in self.messages:
-            if message.role == "tool" or message.tool_calls:
-                raise BadRequestError(f'"{model_name}" does not support tools')
             if message.images:
                 raise BadRequestError(f'"{model_name}" does not support images')
-            messages.append({"role": message.role, "content": message.content})
+            shown: ChatMessage = {"role": message.role, "content": message.content}
+            if message.tool_calls:
+                # Ollama's calls have no ids; the conversation only needs each call's name and arguments.
+                shown["tool_calls"] = tuple(ToolCall(f"call_{number}", call.function.name,
+                                                     json.dumps(call.function.arguments, ensure_ascii=False))
+                                            for number, call in enumerate(message.tool_calls))
+            messages.append(shown)
         return messages
 
 
@@ -241,6 +269,7 @@ class EmbedResponse(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    tool_calls: list[OllamaToolCall] | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class GenerationStats(BaseModel):

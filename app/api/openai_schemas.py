@@ -26,17 +26,24 @@ from pydantic import (
     field_validator,
 )
 
-from app.api.schemas import MAX_SCHEMA_CHARS, AdapterFields, RequestModel, ResponseFormat, Seed, SourceDocument
+from app.api.schemas import (
+    MAX_TOOLS,
+    AdapterFields,
+    RequestModel,
+    ResponseFormat,
+    Seed,
+    SourceDocument,
+    ToolParam,
+    offered_tools,
+)
 from app.errors import BadRequestError, NotFoundError
 from app.llm.base import (
     AdapterSpec,
     ChatMessage,
     GenerationParams,
     Penalties,
-    Tool,
     ToolCall,
     ToolUse,
-    canonical_json,
 )
 from app.rag.collections import DEFAULT_COLLECTION
 from app.rag.service import is_blank
@@ -49,8 +56,7 @@ _ROLES: dict[str, Literal["system", "user", "assistant", "tool"]] = {
     "assistant": "assistant",
     "tool": "tool",
 }
-#: OpenAI's limit on the tools of one request.
-MAX_TOOLS = 128
+
 
 
 class UnsupportedParameterError(BadRequestError):
@@ -154,29 +160,6 @@ class ChatCompletionMessageParam(RequestModel):
                 )
             texts.append(part.text)
         return {"role": role, "content": "\n".join(texts)}
-
-
-class FunctionDefinition(RequestModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: StrictStr = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$", description="a-z, A-Z, 0-9, _ and -, at most 64")
-    description: StrictStr | None = Field(None, max_length=4096)
-    parameters: dict[str, Any] | None = Field(None, description="a JSON Schema object; absent: no parameters")
-    strict: StrictBool | None = Field(None, description="accepted: a forced call always follows the schema here")
-
-
-class ToolParam(RequestModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["function"]
-    function: FunctionDefinition
-
-    def to_tool(self, where: str) -> Tool:
-        parameters = canonical_json(self.function.parameters or {"type": "object", "properties": {}})
-        if len(parameters) > MAX_SCHEMA_CHARS:
-            raise BadRequestError(f"{where}.function.parameters is {len(parameters)} characters of JSON; at most "
-                                  f"{MAX_SCHEMA_CHARS}")
-        return Tool(self.function.name, self.function.description or "", parameters)
 
 
 class NamedFunction(RequestModel):
@@ -334,16 +317,12 @@ class ChatCompletionRequest(AdapterFields):
 
     def tool_use(self) -> ToolUse | None:
         """The tools the model is shown and how it may use them; None without tools or with tool_choice "none"."""
-        if len(self.tools or []) > MAX_TOOLS:
-            raise BadRequestError(f"{len(self.tools or [])} tools; at most {MAX_TOOLS}")
-        tools = tuple(tool.to_tool(f"tools[{number}]") for number, tool in enumerate(self.tools or []))
+        tools = offered_tools(self.tools)
         choice = self.tool_choice or "auto"
         if not tools:
             if choice not in ("auto", "none"):
                 raise BadRequestError("tool_choice asks for a tool call, but the request has no tools")
             return None
-        if len({tool.name for tool in tools}) < len(tools):
-            raise BadRequestError("tools: two tools have the same name")
         if choice == "none":
             return None
         if isinstance(choice, NamedToolChoice):

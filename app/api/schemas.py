@@ -8,7 +8,16 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from app.api.errors import OURS, Envelope
 from app.errors import BadRequestError, ValidationFailedError
-from app.llm.base import SEED_MAX, SEED_MIN, AdapterSpec, FinishReason, ModelUsed, OutputConstraint
+from app.llm.base import (
+    SEED_MAX,
+    SEED_MIN,
+    AdapterSpec,
+    FinishReason,
+    ModelUsed,
+    OutputConstraint,
+    Tool,
+    canonical_json,
+)
 from app.rag.collections import DEFAULT_COLLECTION
 from app.rag.vector_store import ScoreKind, SearchHit
 
@@ -16,6 +25,8 @@ BASE_ADAPTER = "__base__"
 #: The longest JSON schema a request may hold the reply to, as compact JSON: a schema is compiled into a grammar on
 #: the server, and OpenAI's own limit (100 properties, 5 levels) fits in a few kilobytes.
 MAX_SCHEMA_CHARS = 65_536
+#: OpenAI's limit on the tools of one request.
+MAX_TOOLS = 128
 #: A sampling seed as every protocol here takes it: a 64-bit integer (a larger one is a 422/400 naming the field).
 Seed = Annotated[StrictInt, Field(ge=SEED_MIN, le=SEED_MAX)]
 
@@ -96,6 +107,41 @@ class ResponseFormat(RequestModel):
             raise BadRequestError('response_format of type "json_schema" needs "json_schema": {"name": ..., '
                                   '"schema": {...}}')
         return json_constraint(self.json_schema.schema_, "response_format.json_schema.schema")
+
+
+class FunctionDefinition(RequestModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$", description="a-z, A-Z, 0-9, _ and -, at most 64")
+    description: StrictStr | None = Field(None, max_length=4096)
+    parameters: dict[str, Any] | None = Field(None, description="a JSON Schema object; absent: no parameters")
+    strict: StrictBool | None = Field(None, description="accepted: a forced call always follows the schema here")
+
+
+class ToolParam(RequestModel):
+    """A tool the model may call, as OpenAI's API and Ollama's take it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+    def to_tool(self, where: str) -> Tool:
+        parameters = canonical_json(self.function.parameters or {"type": "object", "properties": {}})
+        if len(parameters) > MAX_SCHEMA_CHARS:
+            raise BadRequestError(f"{where}.function.parameters is {len(parameters)} characters of JSON; at most "
+                                  f"{MAX_SCHEMA_CHARS}")
+        return Tool(self.function.name, self.function.description or "", parameters)
+
+
+def offered_tools(tools: list[ToolParam] | None) -> tuple[Tool, ...]:
+    """A request's tools: at most MAX_TOOLS, names unique (else 400)."""
+    if len(tools or []) > MAX_TOOLS:
+        raise BadRequestError(f"{len(tools or [])} tools; at most {MAX_TOOLS}")
+    offered = tuple(tool.to_tool(f"tools[{number}]") for number, tool in enumerate(tools or []))
+    if len({tool.name for tool in offered}) < len(offered):
+        raise BadRequestError("tools: two tools have the same name")
+    return offered
 
 
 class OwnRequestModel(RequestModel):
