@@ -27,9 +27,9 @@ QUESTION = {"query": "How much does a flat tyre repair cost?"}
 @contextmanager
 def _engine(tmp_path: Path, corpus_store: Path, **overrides: Any) -> Iterator[str]:
     """The remote engine: lora-rag on the local model with the demo adapter, named `default` there."""
-    settings = make_settings(tmp_path / "engine", vector_store_path=corpus_store,
-                             lora_model_path=REPO_ROOT / "lora_adapters", default_adapter="", max_new_tokens=16,
-                             **overrides)
+    values: dict[str, Any] = {"vector_store_path": corpus_store, "lora_model_path": REPO_ROOT / "lora_adapters",
+                              "default_adapter": "", "max_new_tokens": 16}
+    settings = make_settings(tmp_path / "engine", **{**values, **overrides})
     with running_server(create_app(settings)) as url:
         yield url
 
@@ -108,22 +108,31 @@ def test_a_front_end_on_the_remote_engine_answers_with_its_adapters_switches_and
 
 
 @pytest.mark.slow
-def test_a_response_format_is_passed_to_the_remote_engine_which_holds_its_reply_to_the_schema(
+def test_response_formats_and_tools_are_passed_to_the_remote_engine_which_holds_its_reply_to_them(
     tmp_path: Path, corpus_store: Path
 ) -> None:
-    # Short enough for the 16 tokens both servers give an answer.
     schema = {"type": "object", "properties": {"cost": {"type": "string", "maxLength": 12}}, "required": ["cost"],
               "additionalProperties": False}
     response_format = {"type": "json_schema", "json_schema": {"name": "repair", "schema": schema, "strict": True}}
-    with _engine(tmp_path, corpus_store) as engine, running_server(_front(tmp_path, corpus_store, engine)) as front:
+    with _engine(tmp_path, corpus_store, max_new_tokens=48) as engine, \
+            running_server(_front(tmp_path, corpus_store, engine, max_new_tokens=48)) as front:
         asked = httpx.post(f"{front}/ask", json={**QUESTION, "response_format": response_format}, timeout=180)
         chat = httpx.post(f"{front}/v1/chat/completions", timeout=180, json={
             "model": "default", "messages": [{"role": "user", "content": "Is it cheap?"}],
             "response_format": response_format})
+        tool = {"type": "function", "function": {"name": "repair_cost", "parameters": schema}}
+        called = httpx.post(f"{front}/v1/chat/completions", timeout=180, json={
+            "model": "default", "messages": [{"role": "user", "content": "Is it cheap?"}], "tools": [tool],
+            "tool_choice": {"type": "function", "function": {"name": "repair_cost"}}, "stream": True})
     assert asked.status_code == 200, asked.text
     assert set(json.loads(asked.json()["answer"])) == {"cost"} and asked.json()["model_used"] == "remote"
     assert chat.status_code == 200, chat.text
     assert set(json.loads(chat.json()["choices"][0]["message"]["content"])) == {"cost"}
+    chunks = [json.loads(line[6:]) for line in called.text.splitlines() if line.startswith("data: {")]
+    calls = [call for chunk in chunks for call in chunk["choices"][0]["delta"].get("tool_calls", [])]
+    assert calls[0]["function"]["name"] == "repair_cost" and calls[0]["id"]  # the engine's own call id
+    assert set(json.loads("".join(call["function"]["arguments"] for call in calls))) == {"cost"}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
 @pytest.mark.slow

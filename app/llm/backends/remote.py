@@ -32,7 +32,6 @@ from app.errors import (
     AppError,
     BackendTimeoutError,
     BackendUnavailableError,
-    BadRequestError,
     NotFoundError,
     NotSupportedError,
     UpstreamError,
@@ -48,8 +47,11 @@ from app.llm.base import (
     GenerationParams,
     GenerationResult,
     TextCallback,
+    ToolCall,
+    ToolUse,
     openai_response_format,
 )
+from app.llm.tools import openai_tool
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +68,19 @@ _LISTING_MAX_BYTES = 4 * 2**20
 _STREAMED_PIECES_MARGIN = 16
 
 
+class _Function(BaseModel):
+    name: str
+    arguments: str
+
+
+class _ToolCall(BaseModel):
+    id: str
+    function: _Function
+
+
 class _Message(BaseModel):
     content: str | None = None
+    tool_calls: list[_ToolCall] | None = None
 
 
 class _Choice(BaseModel):
@@ -139,9 +152,6 @@ class RemoteBackend(GenerationBackend):
         adapters: AdapterSpec | None = None,
         on_text: TextCallback | None = None,
     ) -> GenerationResult:
-        if params.tools is not None:
-            raise BadRequestError("tools are not passed to the remote backend yet: call them on the local model "
-                                  "(backend lora), or ask the engine's own /v1 directly")
         model, adapter = await self._model_for(adapters)
         body: dict[str, Any] = {
             "model": model,
@@ -167,13 +177,19 @@ class RemoteBackend(GenerationBackend):
                         repeat_last_n=penalties.last_n)
         if params.constraint is not None:  # vLLM and llama.cpp's server take OpenAI's shape
             body["response_format"] = openai_response_format(params.constraint)
+        if params.tools is not None:
+            body.update(_openai_tools(params.tools))
         limit = _reply_limit(params.max_new_tokens)
-        if on_text is None:
+        if on_text is None or params.tools is not None:  # a reply with calls is taken whole, as on the local model
             reply = self._parsed(_Completion, await self._request("POST", "chat/completions", json_body=body,
                                                                    max_bytes=limit))
             choice = reply.choices[0] if reply.choices else _Choice()
-            text = choice.message.content if choice.message is not None and choice.message.content else ""
-            return self._result(text, choice.finish_reason, reply.usage, adapter)
+            message = choice.message or _Message()
+            calls = tuple(ToolCall(call.id, call.function.name, call.function.arguments)
+                          for call in message.tool_calls or [])
+            if on_text is not None and message.content:
+                on_text(message.content)
+            return self._result(message.content or "", choice.finish_reason, reply.usage, adapter, calls)
         body.update(stream=True, stream_options={"include_usage": True})
         pieces: list[str] = []
         finish: str | None = None
@@ -294,11 +310,12 @@ class RemoteBackend(GenerationBackend):
     def _base_model(self, models: list[str]) -> str:
         return self._configured_model or models[0]
 
-    def _result(self, text: str, finish: str | None, usage: _Usage | None, adapter: str) -> GenerationResult:
+    def _result(self, text: str, finish: str | None, usage: _Usage | None, adapter: str,
+                calls: tuple[ToolCall, ...] = ()) -> GenerationResult:
         counts = usage or _Usage()
-        reason: FinishReason = "length" if finish == "length" else "stop"
+        reason: FinishReason = "tool_calls" if calls else "length" if finish == "length" else "stop"
         return GenerationResult(
-            text=text, model_used="remote", prompt_tokens=counts.prompt_tokens,
+            text=text, model_used="remote", prompt_tokens=counts.prompt_tokens, tool_calls=calls,
             completion_tokens=counts.completion_tokens, finish_reason=reason, adapters=adapter,
         )
 
@@ -399,6 +416,15 @@ class RemoteBackend(GenerationBackend):
         if status == 503:
             raise BackendUnavailableError(f"{where} cannot serve now: {message}")
         raise UpstreamError(f"{where} answered {status}: {message}")
+
+
+def _openai_tools(tools: ToolUse) -> dict[str, Any]:
+    """A request's tools and tool choice as OpenAI's API (and vLLM's, llama.cpp's server's) takes them."""
+    choice: str | dict[str, Any] = tools.choice
+    if tools.choice == "named":
+        choice = {"type": "function", "function": {"name": tools.name}}
+    return {"tools": [openai_tool(tool) for tool in tools.tools], "tool_choice": choice,
+            "parallel_tool_calls": tools.parallel}
 
 
 def _openai_message(message: ChatMessage) -> dict[str, Any]:
