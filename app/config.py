@@ -128,6 +128,11 @@ class Settings(BaseSettings):
         "computes it natively (AVX512-BF16 / AMX), else float32",
     )
     retrieval_top_k: int = Field(4, ge=1, le=50)
+    context_token_budget: int = Field(
+        800, ge=0, le=1_000_000, description="tokens (the answering model's) the retrieved passages may take in a "
+        "prompt, best passage first; the first that does not fit is cut at a sentence end, later ones are left out; "
+        "0: no limit"
+    )
     chunk_size: int = Field(500, ge=50, le=8000, description="characters per chunk")
     chunk_overlap: int = Field(80, ge=0, le=2000)
     retrieval_mode: str = Field(

@@ -185,6 +185,14 @@ class ComponentHealth:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def estimate_tokens(text: str) -> int:
+    """Tokens of `text` as BPE tokenizers of chat models (Qwen2.5's, Llama 3's) count them, roughly: one per CJK
+    character, one per four other characters."""
+    cjk = sum(1 for character in text if "\u2e80" <= character <= "\u9fff" or "\uac00" <= character <= "\ud7af"
+              or "\uf900" <= character <= "\ufaff" or "\uff00" <= character <= "\uffef")
+    return cjk + -(-(len(text) - cjk) // 4)
+
+
 @runtime_checkable
 class AdapterHost(Protocol):
     """A backend whose LoRA adapters can be listed, loaded and unloaded at run time."""
@@ -231,6 +239,11 @@ class GenerationBackend(ABC):
     @abstractmethod
     def describe(self) -> dict[str, Any]:
         """Facts for /model_info (model names, device, quantization)."""
+
+    def count_tokens(self, text: str) -> int:
+        """How many of the model's tokens `text` takes; backends without the tokenizer at hand estimate it
+        (`estimate_tokens`)."""
+        return estimate_tokens(text)
 
     # Deliberately not abstract: an optional hook, a no-op for backends that hold nothing to release.
     async def close(self) -> None:  # noqa: B027

@@ -1,9 +1,16 @@
-"""The prompt that puts retrieved chunks in front of the question."""
+"""The prompt that puts retrieved chunks in front of the question, within a token budget."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
+
 from app.llm.base import ChatMessage
+from app.rag.chunking import split_sentences
 from app.rag.vector_store import SearchHit
+
+#: Tokens of a text in the answering model's tokenizer (GenerationBackend.count_tokens).
+TokenCounter = Callable[[str], int]
 
 SYSTEM_PROMPT = (
     "You answer questions about the user's documents. Use only the numbered context passages below. "
@@ -35,3 +42,41 @@ def with_context(messages: list[ChatMessage], hits: list[SearchHit]) -> list[Cha
         first: ChatMessage = {"role": "system", "content": f"{messages[0]['content']}\n\n{context_block(hits)}"}
         return [first, *messages[1:]]
     return [{"role": "system", "content": f"{SYSTEM_PROMPT}\n\n{context_block(hits)}"}, *messages]
+
+
+def fit_to_budget(hits: list[SearchHit], budget: int, count: TokenCounter) -> list[SearchHit]:
+    """The passages that fit `budget` tokens together, best first (`hits` come best first): the first one that does
+    not fit whole is cut after its last sentence that fits (left out when not even its first sentence does), and
+    the passages after it are left out. A passage costs what its text costs; 0: every passage, whole.
+
+    Why: SmolLM2's tokenizer spends about two tokens on a Chinese character, so four Chinese passages made a
+    2,089-token prompt (seconds of prefill on two cores) where four English ones make 715."""
+    if budget <= 0:
+        return hits
+    kept: list[SearchHit] = []
+    left = budget
+    for hit in hits:
+        cost = count(hit.chunk.text)
+        if cost <= left:
+            kept.append(hit)
+            left -= cost
+            continue
+        cut = _longest_sentences_within(hit.chunk.text, left, count)
+        if cut:
+            kept.append(replace(hit, chunk=replace(hit.chunk, text=cut)))
+        break
+    return kept
+
+
+def _longest_sentences_within(text: str, budget: int, count: TokenCounter) -> str:
+    """The longest beginning of `text` that ends at a sentence end and costs at most `budget` tokens ("" if none)."""
+    ends = [offset + len(sentence) for offset, sentence in split_sentences(text)]
+    low, high, best = 0, len(ends) - 1, ""
+    while low <= high:  # the cost grows with the length: a binary search over the sentence ends
+        middle = (low + high) // 2
+        candidate = text[: ends[middle]]
+        if count(candidate) <= budget:
+            best, low = candidate, middle + 1
+        else:
+            high = middle - 1
+    return best

@@ -41,7 +41,7 @@ from app.llm.manager import LORA, ModelManager
 from app.llm.model_source import default_cache_dir
 from app.rag.collections import DEFAULT_COLLECTION, Collections
 from app.rag.embeddings import Embedder
-from app.rag.prompts import build_messages, with_context
+from app.rag.prompts import build_messages, fit_to_budget, with_context
 from app.rag.retrieval.base import Retriever
 from app.rag.vector_store import SearchHit
 
@@ -180,7 +180,7 @@ class RAGService:
         started = time.perf_counter()
         query = self._checked_query(query)
         with self._timed_rag_question(started):
-            hits = await self._retrieve(query, collection)
+            hits = await self._within_budget(await self._retrieve(query, collection), backend, adapters is not None)
             messages = build_messages(query, hits)
             params = replace(self.default_params(), constraint=constraint)
             result = await self.generate(messages, params, backend, adapters, on_text)
@@ -213,7 +213,7 @@ class RAGService:
             question = self._checked_query(next((m["content"] for m in reversed(messages) if m["role"] == "user"), ""))
         with self._timed_rag_question(started) if use_rag else nullcontext():
             if use_rag:
-                hits = await self._retrieve(question, collection)
+                hits = await self._within_budget(await self._retrieve(question, collection), None, True)
                 messages = with_context(messages, hits)
             # The OpenAI routes serve the base model and its adapters: the active backend when it serves adapters
             # (lora, remote), else the local model.
@@ -350,6 +350,15 @@ class RAGService:
         if self._observer is not None:
             self._observer.retrieved(time.perf_counter() - started)
         return hits
+
+    async def _within_budget(self, hits: list[SearchHit], backend: str | None,
+                             serves_adapters: bool) -> list[SearchHit]:
+        """The passages that fit CONTEXT_TOKEN_BUDGET in the tokens of the backend that will answer."""
+        budget = self._settings.context_token_budget
+        if not budget or not hits:
+            return hits
+        model = await self.models.backend_for(backend, serves_adapters)
+        return await anyio.to_thread.run_sync(fit_to_budget, hits, budget, model.count_tokens)
 
     def model_info(self) -> dict[str, Any]:
         settings = self._settings

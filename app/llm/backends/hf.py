@@ -195,6 +195,9 @@ class HFLoraBackend(GenerationBackend):
             tool_calls=calls,
         )
 
+    def count_tokens(self, text: str) -> int:
+        return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def encode(self, messages: list[ChatMessage], tools: ToolUse | None = None) -> list[int]:
         """Prompt token ids through the model's chat template (a plain transcript when it has none), with the
         request's tools, calls and results as the template shows them, or in `app.llm.tools`' text when it has no
