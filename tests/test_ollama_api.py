@@ -145,3 +145,17 @@ def test_chat_ollama_invoke_and_stream(url: str) -> None:
     assert "ALPHA" in str(chat.invoke("What is the capital of France?").content)
     pieces = [str(chunk.content) for chunk in ChatOllama(base_url=url, model="bravo").stream("Name a colour.")]
     assert len(pieces) >= 2 and "BRAVO" in "".join(pieces)
+
+
+@pytest.mark.slow
+def test_logprobs_come_in_ollamas_shape_streamed_or_not(client: ollama.Client) -> None:
+    options = {"temperature": 0}
+    reply = client.chat(model=BASE, messages=QUESTION, logprobs=True, top_logprobs=2, options=options)
+    assert reply.logprobs is not None and len(reply.logprobs) == reply.eval_count
+    for entry in reply.logprobs:
+        assert entry.logprob <= 0 and len(entry.top_logprobs or []) == 2
+        assert (entry.top_logprobs or [])[0].logprob == pytest.approx(entry.logprob, abs=1e-5)  # greedy
+    streamed = list(client.chat(model=BASE, messages=QUESTION, logprobs=True, top_logprobs=2, options=options,
+                                stream=True))
+    assert [entry.token for entry in streamed[-1].logprobs or []] == [entry.token for entry in reply.logprobs]
+    assert client.chat(model=BASE, messages=QUESTION, options=options).logprobs is None  # only when asked for

@@ -211,7 +211,7 @@ def test_text_content_parts_are_read(client: OpenAI) -> None:
         ({"n": 2}, "n=2"),
         ({"max_tokens": 1000}, f"at most {MAX_NEW_TOKENS}"),
         ({"max_completion_tokens": MAX_NEW_TOKENS + 1}, "max_completion_tokens"),
-        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs needs logprobs: true"),
         ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
         ({"response_format": {"type": "json_schema"}}, "json_schema"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "image_url"),
@@ -238,6 +238,7 @@ def test_what_cannot_be_honoured_is_refused_with_400(client: OpenAI, extra: dict
         ({"messages": []}, "messages"),
         ({"unknown_field": 1}, "unknown_field"),
         ({"response_format": {"type": "grammar"}}, "response_format"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ],
 )
 def test_invalid_fields_are_openais_400_naming_the_field(url: str, extra: dict[str, Any], field: str) -> None:
@@ -320,3 +321,20 @@ def test_langchain_chat_openai_invoke_and_stream(url: str) -> None:
     adapter_llm = ChatOpenAI(base_url=f"{url}/v1", api_key=SecretStr("x"), model=ADAPTER, max_completion_tokens=4)
     adapter_reply = adapter_llm.invoke("Hello")
     assert adapter_reply.response_metadata["model_name"] == ADAPTER and adapter_reply.content
+
+
+def test_logprobs_have_openais_shape_streamed_or_not(client: OpenAI) -> None:
+    request: dict[str, Any] = {"model": BASE, "messages": QUESTION, "max_tokens": 6, "temperature": 0,
+                               "logprobs": True, "top_logprobs": 3}
+    completion = _create(client, **request)
+    content = completion.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == completion.usage.completion_tokens  # type: ignore[union-attr]
+    for entry in content:
+        alternatives = [top.logprob for top in entry.top_logprobs]
+        assert entry.logprob <= 0 and len(alternatives) == 3 and alternatives == sorted(alternatives, reverse=True)
+        assert alternatives[0] == pytest.approx(entry.logprob, abs=1e-5)  # greedy: the chosen token is the likeliest
+    text = b"".join(bytes(entry.bytes) for entry in content).decode("utf-8", errors="replace")
+    assert text.strip() == completion.choices[0].message.content  # the bytes spell the answer
+    streamed = _stream(client, **request)
+    last = [chunk.choices[0].logprobs for chunk in streamed if chunk.choices and chunk.choices[0].logprobs]
+    assert [entry.token for entry in last[-1].content or []] == [entry.token for entry in content]

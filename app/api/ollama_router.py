@@ -39,6 +39,7 @@ from app.api.ollama_schemas import (
     OllamaChatRequest,
     OllamaEmbedRequest,
     OllamaGenerateRequest,
+    OllamaLogprob,
     OllamaShowRequest,
     OllamaToolCall,
     PsResponse,
@@ -127,6 +128,7 @@ class _Clock:
             "prompt_eval_duration": first - self._started,
             "eval_count": result.completion_tokens,
             "eval_duration": end - first,
+            "logprobs": OllamaLogprob.all_of(result.logprobs),
         }
 
 

@@ -20,7 +20,16 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from app.api.schemas import RequestModel, Seed, ToolParam, json_constraint, offered_tools
 from app.errors import BadRequestError
-from app.llm.base import ChatMessage, GenerationParams, OutputConstraint, Penalties, ToolCall, ToolUse
+from app.llm.base import (
+    ChatMessage,
+    GenerationParams,
+    OutputConstraint,
+    Penalties,
+    TokenChoice,
+    TokenLogprob,
+    ToolCall,
+    ToolUse,
+)
 
 #: the Ollama server version whose API this one follows (clients check it before using newer fields)
 OLLAMA_API_VERSION = "0.6.3"
@@ -85,6 +94,8 @@ class GenerationFields(RequestModel):
         None, description='"json": the reply is a JSON object; a JSON Schema object: JSON valid for it'
     )
     think: StrictBool | StrictStr | None = Field(None, description="only false")
+    logprobs: StrictBool | None = Field(None, description="true: each token's log-probability, in the last object")
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20, description="with logprobs: the likeliest others too")
 
     def refuse_unsupported(self, model_name: str, **more: object) -> None:
         """400 in Ollama's words for the first field asking for what this server cannot do."""
@@ -95,7 +106,8 @@ class GenerationFields(RequestModel):
 
     def params(self, defaults: GenerationParams) -> GenerationParams:
         params = (self.options or OllamaOptions.model_validate({})).generation_params(defaults)
-        return replace(params, constraint=self.constraint())
+        return replace(params, constraint=self.constraint(),
+                       logprobs=(self.top_logprobs or 0) if self.logprobs else None)
 
     def constraint(self) -> OutputConstraint | None:
         """Ollama's `format`: "" or absent free text, "json" any JSON object, an object a JSON Schema."""
@@ -272,6 +284,26 @@ class AssistantMessage(BaseModel):
     tool_calls: list[OllamaToolCall] | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
+class OllamaTokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] = Field(..., description="the token's exact UTF-8 bytes (a token may hold part of a character)")
+
+
+class OllamaLogprob(OllamaTokenLogprob):
+    top_logprobs: list[OllamaTokenLogprob]
+
+    @classmethod
+    def all_of(cls, logprobs: tuple[TokenLogprob, ...] | None) -> list[OllamaLogprob] | None:
+        def one(choice: TokenChoice) -> OllamaTokenLogprob:
+            return OllamaTokenLogprob(token=choice.token, logprob=choice.logprob, bytes=list(choice.token_bytes))
+
+        if logprobs is None:
+            return None
+        return [cls(**one(entry.chosen).model_dump(), top_logprobs=[one(top) for top in entry.top])
+                for entry in logprobs]
+
+
 class GenerationStats(BaseModel):
     """A generation's last object (`done: true`); when not streaming, the whole answer. Durations in ns."""
 
@@ -285,6 +317,8 @@ class GenerationStats(BaseModel):
     prompt_eval_duration: int = 0
     eval_count: int = 0
     eval_duration: int = 0
+    logprobs: list[OllamaLogprob] | None = Field(default=None, exclude_if=lambda value: value is None,
+                                                 description="with logprobs: every generated token's")
 
 
 class ChatResponse(GenerationStats):

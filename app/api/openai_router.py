@@ -33,6 +33,7 @@ from app.api.openai_schemas import (
     ChoiceDelta,
     ChoiceDeltaFunctionCall,
     ChoiceDeltaToolCall,
+    ChoiceLogprobs,
     CompletionUsage,
     Embedding,
     EmbeddingRequest,
@@ -89,8 +90,8 @@ async def chat_completions(
     Events ending with `data: [DONE]`; `stream_options.include_usage` adds a chunk with the token counts.
     `tools` with `tool_choice` (`auto`, `required`, a named function, `none`) give `message.tool_calls` and
     `finish_reason: "tool_calls"`; a forced call's arguments are valid for its tool's schema. `response_format`
-    holds the answer to JSON (an object, or a JSON Schema). Only one choice (`n=1`) and no log-probabilities: such
-    requests are refused with 400.
+    holds the answer to JSON (an object, or a JSON Schema). `logprobs` / `top_logprobs` give each token's
+    log-probability (in the last chunk when streaming). Only one choice (`n=1`): more is refused with 400.
     """
     request.refuse_unsupported()
     messages = request.chat_messages()
@@ -174,6 +175,7 @@ def _response(completion: _Completion, chat: ChatResult, with_sources: bool) -> 
                     tool_calls=[ChatCompletionMessageToolCall.of(call) for call in result.tool_calls] or None,
                 ),
                 finish_reason=_FINISH_REASONS[result.finish_reason],
+                logprobs=ChoiceLogprobs.of(result.logprobs),
             )
         ],
         usage=_usage(result),
@@ -205,6 +207,7 @@ async def _chunks(
         completion,
         ChoiceDelta(),
         finish_reason=_FINISH_REASONS[chat.result.finish_reason],
+        logprobs=ChoiceLogprobs.of(chat.result.logprobs),
         sources=_sources(chat.sources) if with_sources else None,
         notice=chat.result.notice,
     )
@@ -219,8 +222,9 @@ def _chunk(
     finish_reason: OpenAIFinishReason | None = None,
     sources: list[SourceDocument] | None = None,
     notice: str | None = None,
+    logprobs: ChoiceLogprobs | None = None,
 ) -> str:
-    choice = ChatCompletionChunkChoice(delta=delta, finish_reason=finish_reason)
+    choice = ChatCompletionChunkChoice(delta=delta, finish_reason=finish_reason, logprobs=logprobs)
     return _sse(_base_chunk(completion, choices=[choice], sources=sources, notice=notice))
 
 

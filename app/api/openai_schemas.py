@@ -6,7 +6,7 @@ LangChain's `ChatOpenAI` read them as they read OpenAI's. Our additions: the ada
 `rag` in the request and `sources` in the answer.
 
 Fields the official clients may send and that change nothing here are accepted and ignored; fields asking
-for something this server cannot do (several choices, log-probabilities, audio) are refused
+for something this server cannot do (several choices, audio, logit biases) are refused
 with 400 `unsupported_parameter` rather than silently dropped. Unknown fields are refused with 422.
 """
 
@@ -42,6 +42,8 @@ from app.llm.base import (
     ChatMessage,
     GenerationParams,
     Penalties,
+    TokenChoice,
+    TokenLogprob,
     ToolCall,
     ToolUse,
 )
@@ -49,6 +51,7 @@ from app.rag.collections import DEFAULT_COLLECTION
 from app.rag.service import is_blank
 
 MAX_STOP_SEQUENCES = 4
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 _ROLES: dict[str, Literal["system", "user", "assistant", "tool"]] = {
     "system": "system",
     "developer": "system",  # what OpenAI's newer clients call the system message
@@ -234,8 +237,10 @@ class ChatCompletionRequest(AdapterFields):
 
     # Accepted; they change nothing here (or only their neutral value is accepted).
     user: StrictStr | None = None
-    logprobs: StrictBool | None = Field(None, description="only false")
-    top_logprobs: StrictInt | None = Field(None, description="only 0")
+    logprobs: StrictBool | None = Field(None, description="true: each token's log-probability in choices[].logprobs")
+    top_logprobs: StrictInt | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="with logprobs: this many likeliest tokens at each place too"
+    )
     logit_bias: dict[str, float] | None = Field(None, description="only empty")
     parallel_tool_calls: StrictBool | None = Field(None, description="false: at most one tool call in a reply")
     store: StrictBool | None = None
@@ -274,8 +279,6 @@ class ChatCompletionRequest(AdapterFields):
             "n": self.n not in (None, 1) and f"n={self.n}: only one choice per request (n=1) is supported",
             "functions": bool(self.functions) and "functions are not supported: this server does not call functions",
             "function_call": self.function_call not in (None, "none") and 'function_call: only "none" is supported',
-            "logprobs": bool(self.logprobs) and "logprobs: log-probabilities are not returned by this server",
-            "top_logprobs": bool(self.top_logprobs) and "top_logprobs: log-probabilities are not returned",
             "logit_bias": bool(self.logit_bias) and "logit_bias is not supported",
             "modalities": self.modalities not in (None, [], ["text"]) and 'modalities: only ["text"] is supported',
             "audio": self.audio is not None and "audio output is not supported",
@@ -313,7 +316,13 @@ class ChatCompletionRequest(AdapterFields):
             min_p=self.min_p or 0.0,
             constraint=self.response_format.constraint() if self.response_format else None,
             tools=self.tool_use(),
+            logprobs=self._logprobs(),
         )
+
+    def _logprobs(self) -> int | None:
+        if self.top_logprobs and not self.logprobs:
+            raise BadRequestError("top_logprobs needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def tool_use(self) -> ToolUse | None:
         """The tools the model is shown and how it may use them; None without tools or with tool_choice "none"."""
@@ -383,10 +392,37 @@ OpenAIFinishReason = Literal["stop", "length", "tool_calls"]
 NOTICE_DESCRIPTION = "only when the answer is blank: a sentence saying so (in the last chunk when streaming)"
 
 
+class TopLogprob(BaseModel):
+    token: str
+    bytes: list[int] = Field(..., description="the token's exact UTF-8 bytes (a token may hold part of a character)")
+    logprob: float
+
+    @classmethod
+    def of(cls, choice: TokenChoice) -> TopLogprob:
+        return cls(token=choice.token, bytes=list(choice.token_bytes), logprob=choice.logprob)
+
+
+class ChatCompletionTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[ChatCompletionTokenLogprob] | None
+    refusal: None = None
+
+    @classmethod
+    def of(cls, logprobs: tuple[TokenLogprob, ...] | None) -> ChoiceLogprobs | None:
+        if logprobs is None:
+            return None
+        return cls(content=[ChatCompletionTokenLogprob(**TopLogprob.of(entry.chosen).model_dump(),
+                                                       top_logprobs=[TopLogprob.of(top) for top in entry.top])
+                            for entry in logprobs])
+
+
 class ChatCompletionChoice(BaseModel):
     index: int = 0
     message: ChatCompletionMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: OpenAIFinishReason
 
 
@@ -428,7 +464,7 @@ class ChoiceDelta(BaseModel):
 class ChatCompletionChunkChoice(BaseModel):
     index: int = 0
     delta: ChoiceDelta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = Field(default=None, description="with logprobs: every token's, in the last chunk")
     finish_reason: OpenAIFinishReason | None = None
 
 

@@ -146,6 +146,7 @@ class GenerationParams:
     min_p: float = 0.0  # sample among tokens at least this many times as likely as the most likely one
     constraint: OutputConstraint | None = None  # the reply must be JSON (for a schema); None: free text
     tools: ToolUse | None = None  # functions the model may (or must) call instead of answering in text
+    logprobs: int | None = None  # report each token's log-probability and this many likeliest others; None: none
 
 
 EMPTY_ANSWER_NOTICE = (
@@ -158,6 +159,24 @@ REPETITION_NOTICE = (
 
 
 @dataclass(frozen=True)
+class TokenChoice:
+    """A token and its log-probability where it was chosen: its text (a piece of a character shows as U+FFFD) and
+    its exact bytes."""
+
+    token: str
+    token_bytes: bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token, and the likeliest tokens at its place (as many as asked for, most likely first)."""
+
+    chosen: TokenChoice
+    top: tuple[TokenChoice, ...] = ()
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     text: str
     model_used: ModelUsed
@@ -166,6 +185,7 @@ class GenerationResult:
     finish_reason: FinishReason
     adapters: str = ""  # the adapter key that answered (`sql`, `sql*0.7+code*0.3`), empty when none
     tool_calls: tuple[ToolCall, ...] = ()  # the calls the model made (finish_reason `tool_calls`); text: the rest
+    logprobs: tuple[TokenLogprob, ...] | None = None  # with params.logprobs: one per generated token, in order
 
     @property
     def notice(self) -> str | None:

@@ -27,6 +27,8 @@ from app.llm.base import (
     GenerationParams,
     GenerationResult,
     TextCallback,
+    TokenChoice,
+    TokenLogprob,
     ToolUse,
 )
 from app.llm.engine.jobs import GenerationJob, PredictionJob
@@ -182,6 +184,7 @@ class HFLoraBackend(GenerationBackend):
         except asyncio.CancelledError:
             job.cancelled.set()  # the engine drops the row at its next step
             raise
+        logprobs = await asyncio.to_thread(self._logprobs, job) if params.logprobs is not None else None
         text, calls = read_calls(job.text, tools) if tools else (job.text, ())
         if on_text is not None and tools and text.strip():
             on_text(text.strip())
@@ -193,7 +196,18 @@ class HFLoraBackend(GenerationBackend):
             finish_reason="tool_calls" if calls else job.finish_reason or "stop",
             adapters="" if choice.is_base else choice.key,
             tool_calls=calls,
+            logprobs=logprobs,
         )
+
+    def _logprobs(self, job: GenerationJob) -> tuple[TokenLogprob, ...]:
+        """The engine's per-token records as tokens: text (a piece of a character decodes to U+FFFD) and bytes."""
+
+        def choice(token: int, logprob: float) -> TokenChoice:
+            text = self._tokenizer.decode([token])
+            return TokenChoice(text if isinstance(text, str) else "", self._engine.token_bytes(token), logprob)
+
+        return tuple(TokenLogprob(choice(token, logprob), tuple(choice(*alternative) for alternative in top))
+                     for token, logprob, top in job.logprobs)
 
     def count_tokens(self, text: str) -> int:
         return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])

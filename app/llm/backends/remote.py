@@ -32,6 +32,7 @@ from app.errors import (
     AppError,
     BackendTimeoutError,
     BackendUnavailableError,
+    BadRequestError,
     NotFoundError,
     NotSupportedError,
     UpstreamError,
@@ -152,6 +153,9 @@ class RemoteBackend(GenerationBackend):
         adapters: AdapterSpec | None = None,
         on_text: TextCallback | None = None,
     ) -> GenerationResult:
+        if params.logprobs is not None:
+            raise BadRequestError("logprobs are not read from the remote backend yet: ask the engine's own /v1, or "
+                                  "the local model (backend lora)")
         model, adapter = await self._model_for(adapters)
         body: dict[str, Any] = {
             "model": model,

@@ -85,6 +85,8 @@ class GenerationJob:
     future: concurrent.futures.Future[GenerationJob] = field(default_factory=concurrent.futures.Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     tokens: list[int] = field(default_factory=list)
+    #: with params.logprobs: per generated token, (token, logprob, ((token, logprob) of the likeliest, ...))
+    logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]]] = field(default_factory=list)
     text: str = ""
     finish_reason: FinishReason | None = None
     error: AppError | None = None  # this row failed alone; the batch's other rows go on

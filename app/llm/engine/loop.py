@@ -48,6 +48,7 @@ from app.llm.engine.prefix_cache import KVKey, PrefixCache
 from app.llm.engine.rows.detokenize import IncrementalDetokenizer
 from app.llm.engine.rows.grammar import ConstrainedRow, ConstraintCompiler
 from app.llm.engine.rows.pipeline import (
+    LogprobRecorder,
     NoEmptyAnswer,
     PenaltyShaper,
     RowSteps,
@@ -264,6 +265,11 @@ class GenerationEngine:
             self._submitted += 1
             self._wakeup.notify()
 
+    def token_bytes(self, token: int) -> bytes:
+        """A token's exact bytes (a piece of a UTF-8 character may be one), from llguidance's view of the
+        tokenizer; thread-safe."""
+        return self._constraints.token_bytes(token)
+
     def constrained_row(self, constraint: OutputConstraint) -> ConstrainedRow:
         """What a job held to `constraint` carries (`GenerationJob.constraint`); InvalidOutputConstraintError (400)
         when it cannot be compiled. Blocking (milliseconds; the first one also sets up the tokenizer): call it off
@@ -467,7 +473,8 @@ class GenerationEngine:
             shapers.append(job.constraint)
             watchers.append(job.constraint)
         watchers += [TokenBudget(params.max_new_tokens), self._repetition]
-        return RowSteps(tuple(shapers), tuple(watchers))
+        recorders = (LogprobRecorder(params.logprobs, job.logprobs),) if params.logprobs is not None else ()
+        return RowSteps(tuple(shapers), tuple(watchers), recorders)
 
     def _may_start(self, sequence: int, job: GenerationJob) -> bool:
         """Under the lock: not held back by a waiting drain submitted before it."""
@@ -605,6 +612,7 @@ class GenerationEngine:
         if token in self._eos_ids:
             job.finish_reason = "stop"
         else:
+            row.steps.record(logits, token)
             job.tokens.append(token)
             row.detokenizer.add(token)
             job.finish_reason = row.steps.watch(token, job.tokens)

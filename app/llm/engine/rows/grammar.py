@@ -59,6 +59,10 @@ class ConstraintCompiler:
         loop."""
         return ConstrainedRow(self._compiled(constraint).deep_copy())
 
+    def token_bytes(self, token: int) -> bytes:
+        """`token`'s exact bytes (byte-level tokenizers split UTF-8 characters over tokens)."""
+        return self._llguidance_tokenizer().decode_bytes([token])
+
     def _compile(self, constraint: OutputConstraint) -> llguidance.LLMatcher:
         try:
             if constraint.kind == "tool_calls":
