@@ -208,7 +208,6 @@ def test_text_content_parts_are_read(client: OpenAI) -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"n": 2}, "n=2"),
         ({"max_tokens": 1000}, f"at most {MAX_NEW_TOKENS}"),
         ({"max_completion_tokens": MAX_NEW_TOKENS + 1}, "max_completion_tokens"),
         ({"top_logprobs": 2}, "top_logprobs needs logprobs: true"),
@@ -239,6 +238,7 @@ def test_what_cannot_be_honoured_is_refused_with_400(client: OpenAI, extra: dict
         ({"unknown_field": 1}, "unknown_field"),
         ({"response_format": {"type": "grammar"}}, "response_format"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"n": 9}, "n"),
     ],
 )
 def test_invalid_fields_are_openais_400_naming_the_field(url: str, extra: dict[str, Any], field: str) -> None:
@@ -338,3 +338,19 @@ def test_logprobs_have_openais_shape_streamed_or_not(client: OpenAI) -> None:
     streamed = _stream(client, **request)
     last = [chunk.choices[0].logprobs for chunk in streamed if chunk.choices and chunk.choices[0].logprobs]
     assert [entry.token for entry in last[-1].content or []] == [entry.token for entry in content]
+
+
+def test_n_choices_come_with_their_indexes_streamed_or_not(client: OpenAI) -> None:
+    request: dict[str, Any] = {"model": BASE, "messages": QUESTION, "max_tokens": 8, "temperature": 1.0, "n": 3,
+                               "seed": 11, "logprobs": True}
+    completion = _create(client, **request)
+    texts = [choice.message.content for choice in completion.choices]
+    assert [choice.index for choice in completion.choices] == [0, 1, 2] and all(texts)
+    assert len(set(texts)) > 1  # sampled from seeds 11, 12 and 13
+    tokens = [len(choice.logprobs.content or []) for choice in completion.choices if choice.logprobs]
+    assert completion.usage.completion_tokens == sum(tokens)  # type: ignore[union-attr]  # the prompt counted once
+    by_index: dict[int, str] = {}
+    for chunk in _stream(client, **request):
+        for choice in chunk.choices:
+            by_index[choice.index] = by_index.get(choice.index, "") + (choice.delta.content or "")
+    assert sorted(by_index) == [0, 1, 2] and all(by_index.values())

@@ -91,7 +91,8 @@ async def chat_completions(
     `tools` with `tool_choice` (`auto`, `required`, a named function, `none`) give `message.tool_calls` and
     `finish_reason: "tool_calls"`; a forced call's arguments are valid for its tool's schema. `response_format`
     holds the answer to JSON (an object, or a JSON Schema). `logprobs` / `top_logprobs` give each token's
-    log-probability (in the last chunk when streaming). Only one choice (`n=1`): more is refused with 400.
+    log-probability (in the last chunk when streaming). `n` (up to 8) answers the prompt that many times, as rows
+    of one batch (streamed once all are complete).
     """
     request.refuse_unsupported()
     messages = request.chat_messages()
@@ -100,7 +101,7 @@ async def chat_completions(
     completion = _Completion(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=request.model)
 
     def run(on_text: TextCallback | None) -> Awaitable[ChatResult]:
-        return service.chat(messages, params, adapters, request.rag, on_text, request.collection)
+        return service.chat(messages, params, adapters, request.rag, on_text, request.collection, request.n or 1)
 
     if not request.stream:
         return _response(completion, await watch.run(run(None)), request.rag)
@@ -163,13 +164,13 @@ def _model_list(base_name: str, adapter_names: list[str]) -> ModelList:
 
 
 def _response(completion: _Completion, chat: ChatResult, with_sources: bool) -> ChatCompletionResponse:
-    result = chat.result
     return ChatCompletionResponse(
         id=completion.id,
         created=completion.created,
         model=completion.model,
         choices=[
             ChatCompletionChoice(
+                index=index,
                 message=ChatCompletionMessage(
                     content=result.text if result.text or not result.tool_calls else None,
                     tool_calls=[ChatCompletionMessageToolCall.of(call) for call in result.tool_calls] or None,
@@ -177,54 +178,62 @@ def _response(completion: _Completion, chat: ChatResult, with_sources: bool) -> 
                 finish_reason=_FINISH_REASONS[result.finish_reason],
                 logprobs=ChoiceLogprobs.of(result.logprobs),
             )
+            for index, result in enumerate(chat.choices)
         ],
-        usage=_usage(result),
+        usage=_usage(chat.choices),
         sources=_sources(chat.sources) if with_sources else None,
-        notice=result.notice,
+        notice=chat.result.notice,
     )
 
 
 async def _chunks(
     completion: _Completion, stream: PieceStream[ChatResult], *, with_sources: bool, include_usage: bool
 ) -> AsyncIterator[str]:
-    yield _chunk(completion, ChoiceDelta(role="assistant", content=""))
-    async for piece in stream.pieces():
-        yield _chunk(completion, ChoiceDelta(content=piece))
+    yield _chunk(completion, 0, ChoiceDelta(role="assistant", content=""))
+    async for piece in stream.pieces():  # one choice: its text as it is generated
+        yield _chunk(completion, 0, ChoiceDelta(content=piece))
     try:
         chat = stream.result
     except Exception as error:  # the stream has begun: the error becomes its last event
         yield _sse(OPENAI.body(describe_error(error)))
         yield _DONE
         return
-    # A reply's calls come once it is complete (the engine reads them from the whole reply): the id, type and name
-    # of each first, then its arguments, as OpenAI streams them and its client and LangChain assemble them.
-    for index, call in enumerate(chat.result.tool_calls):
-        yield _chunk(completion, ChoiceDelta(tool_calls=[ChoiceDeltaToolCall(
-            index=index, id=call.id, type="function", function=ChoiceDeltaFunctionCall(name=call.name))]))
-        yield _chunk(completion, ChoiceDelta(tool_calls=[ChoiceDeltaToolCall(
-            index=index, function=ChoiceDeltaFunctionCall(arguments=call.arguments))]))
-    yield _chunk(
-        completion,
-        ChoiceDelta(),
-        finish_reason=_FINISH_REASONS[chat.result.finish_reason],
-        logprobs=ChoiceLogprobs.of(chat.result.logprobs),
-        sources=_sources(chat.sources) if with_sources else None,
-        notice=chat.result.notice,
-    )
+    for index, result in enumerate(chat.choices):
+        last = index == len(chat.choices) - 1
+        if len(chat.choices) > 1:  # several choices are generated whole, then sent one after the other
+            delta = ChoiceDelta(role="assistant", content=result.text) if index else ChoiceDelta(content=result.text)
+            yield _chunk(completion, index, delta)
+        # A reply's calls come once it is complete (the engine reads them from the whole reply): the id, type and
+        # name of each first, then its arguments, as OpenAI streams them and its client and LangChain assemble them.
+        for number, call in enumerate(result.tool_calls):
+            yield _chunk(completion, index, ChoiceDelta(tool_calls=[ChoiceDeltaToolCall(
+                index=number, id=call.id, type="function", function=ChoiceDeltaFunctionCall(name=call.name))]))
+            yield _chunk(completion, index, ChoiceDelta(tool_calls=[ChoiceDeltaToolCall(
+                index=number, function=ChoiceDeltaFunctionCall(arguments=call.arguments))]))
+        yield _chunk(
+            completion,
+            index,
+            ChoiceDelta(),
+            finish_reason=_FINISH_REASONS[result.finish_reason],
+            logprobs=ChoiceLogprobs.of(result.logprobs),
+            sources=_sources(chat.sources) if with_sources and last else None,
+            notice=chat.result.notice if last else None,
+        )
     if include_usage:
-        yield _sse(_base_chunk(completion, choices=[], usage=_usage(chat.result)))
+        yield _sse(_base_chunk(completion, choices=[], usage=_usage(chat.choices)))
     yield _DONE
 
 
 def _chunk(
     completion: _Completion,
+    index: int,
     delta: ChoiceDelta,
     finish_reason: OpenAIFinishReason | None = None,
     sources: list[SourceDocument] | None = None,
     notice: str | None = None,
     logprobs: ChoiceLogprobs | None = None,
 ) -> str:
-    choice = ChatCompletionChunkChoice(delta=delta, finish_reason=finish_reason, logprobs=logprobs)
+    choice = ChatCompletionChunkChoice(index=index, delta=delta, finish_reason=finish_reason, logprobs=logprobs)
     return _sse(_base_chunk(completion, choices=[choice], sources=sources, notice=notice))
 
 
@@ -236,12 +245,10 @@ def _sse(chunk: BaseModel) -> str:
     return f"data: {chunk.model_dump_json()}\n\n"
 
 
-def _usage(result: GenerationResult) -> CompletionUsage:
-    return CompletionUsage(
-        prompt_tokens=result.prompt_tokens,
-        completion_tokens=result.completion_tokens,
-        total_tokens=result.prompt_tokens + result.completion_tokens,
-    )
+def _usage(choices: tuple[GenerationResult, ...]) -> CompletionUsage:
+    """The prompt once (its choices share it), every choice's tokens."""
+    prompt, completion = choices[0].prompt_tokens, sum(result.completion_tokens for result in choices)
+    return CompletionUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 def _sources(hits: list[SearchHit]) -> list[SourceDocument]:

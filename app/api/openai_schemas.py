@@ -6,7 +6,7 @@ LangChain's `ChatOpenAI` read them as they read OpenAI's. Our additions: the ada
 `rag` in the request and `sources` in the answer.
 
 Fields the official clients may send and that change nothing here are accepted and ignored; fields asking
-for something this server cannot do (several choices, audio, logit biases) are refused
+for something this server cannot do (audio, logit biases, predicted outputs) are refused
 with 400 `unsupported_parameter` rather than silently dropped. Unknown fields are refused with 422.
 """
 
@@ -52,6 +52,7 @@ from app.rag.service import is_blank
 
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_CHOICES = 8  # `n`: rows of one request in one batch
 _ROLES: dict[str, Literal["system", "user", "assistant", "tool"]] = {
     "system": "system",
     "developer": "system",  # what OpenAI's newer clients call the system message
@@ -208,7 +209,8 @@ class ChatCompletionRequest(AdapterFields):
     stop: StrictStr | list[StrictStr] | None = Field(None, description=f"up to {MAX_STOP_SEQUENCES} stop strings")
     stream: StrictBool | None = Field(False, description="true: Server-Sent Events chunks ending with `data: [DONE]`")
     stream_options: StreamOptions | None = None
-    n: StrictInt | None = Field(None, description="only 1 is supported")
+    n: StrictInt | None = Field(None, ge=1, le=MAX_CHOICES, description=f"answers to generate, 1 to {MAX_CHOICES}; "
+                                "more than one: streamed once all are complete")
     seed: Seed | None = Field(
         None, description="a 64-bit integer: the same seed and request give the same sampled answer again"
     )
@@ -276,7 +278,6 @@ class ChatCompletionRequest(AdapterFields):
     def refuse_unsupported(self) -> None:
         """Raise `UnsupportedParameterError` naming the first field asking for what this server cannot do."""
         problems = {
-            "n": self.n not in (None, 1) and f"n={self.n}: only one choice per request (n=1) is supported",
             "functions": bool(self.functions) and "functions are not supported: this server does not call functions",
             "function_call": self.function_call not in (None, "none") and 'function_call: only "none" is supported',
             "logit_bias": bool(self.logit_bias) and "logit_bias is not supported",

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import anyio
 import numpy as np
@@ -27,6 +27,7 @@ from app.errors import (
 )
 from app.llm.adapters.inspect import has_adapter_files
 from app.llm.base import (
+    SEED_MAX,
     AdapterSpec,
     ChatMessage,
     ComponentHealth,
@@ -46,6 +47,7 @@ from app.rag.retrieval.base import Retriever
 from app.rag.vector_store import SearchHit
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,12 @@ class AskResult:
 
 @dataclass(frozen=True)
 class ChatResult:
-    result: GenerationResult
+    choices: tuple[GenerationResult, ...]  # one per choice asked for (OpenAI's `n`), the first at least
     sources: list[SearchHit]
+
+    @property
+    def result(self) -> GenerationResult:
+        return self.choices[0]
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,14 @@ def is_blank(text: str) -> bool:
     """Nothing to search or answer: only whitespace, control characters (Cc) and invisible format
     characters (Cf: zero-width space and joiners, the byte-order mark), which `str.strip` keeps."""
     return all(char.isspace() or unicodedata.category(char) in ("Cc", "Cf") for char in text)
+
+
+def _nth_seed(seed: int | None, number: int) -> int | None:
+    """The seed of a request's `number`th choice: its seed + number, kept within the 64-bit range."""
+    if seed is None:
+        return None
+    nth = seed + number
+    return nth - 2**64 if nth > SEED_MAX else nth
 
 
 def _spec_text(spec: AdapterSpec | None) -> str | list[dict[str, str | float]]:
@@ -183,7 +197,7 @@ class RAGService:
             hits = await self._within_budget(await self._retrieve(query, collection), backend, adapters is not None)
             messages = build_messages(query, hits)
             params = replace(self.default_params(), constraint=constraint)
-            result = await self.generate(messages, params, backend, adapters, on_text)
+            (result,) = await self.generate(messages, params, backend, adapters, on_text)
         return AskResult(
             answer=result.text,
             sources=hits,
@@ -204,8 +218,10 @@ class RAGService:
         use_rag: bool,
         on_text: TextCallback | None = None,
         collection: str = DEFAULT_COLLECTION,
+        choices: int = 1,
     ) -> ChatResult:
-        """A chat completion on the local model; with `use_rag`, answered from the vector store."""
+        """A chat completion on the local model; with `use_rag`, answered from the vector store; `choices` answers
+        to the same prompt (streamed only when one)."""
         self._check_messages(messages)
         hits: list[SearchHit] = []
         started = time.perf_counter()
@@ -217,8 +233,9 @@ class RAGService:
                 messages = with_context(messages, hits)
             # The OpenAI routes serve the base model and its adapters: the active backend when it serves adapters
             # (lora, remote), else the local model.
-            result = await self.generate(messages, params, None, adapters, on_text, serves_adapters=True)
-        return ChatResult(result=result, sources=hits)
+            results = await self.generate(messages, params, None, adapters, on_text, serves_adapters=True,
+                                          choices=choices)
+        return ChatResult(choices=results, sources=hits)
 
     @contextmanager
     def _timed_rag_question(self, started: float) -> Iterator[None]:
@@ -279,38 +296,48 @@ class RAGService:
         on_text: TextCallback | None,
         *,
         serves_adapters: bool = False,
-    ) -> GenerationResult:
+        choices: int = 1,
+    ) -> tuple[GenerationResult, ...]:
         """Generate on the chosen backend (by name; None: the active one) within the concurrency bound; log one
         `model_lora_combination` event. Naming adapters (or the base model), or `serves_adapters`, means a
-        backend that serves adapters."""
+        backend that serves adapters. `choices` answers to the one prompt take one place of the bound and decode
+        as rows of one batch (the prompt's KV computed once, then shared through the prefix cache); a seed gives
+        the k-th choice seed + k, so each differs and each comes again."""
         started = time.perf_counter()
         event: dict[str, Any] = {"event": "model_lora_combination", "adapters_requested": _spec_text(adapters)}
         try:
             backend = await self.models.backend_for(backend_name, serves_adapters or adapters is not None)
             event["backend"] = backend.name
             async with self._limiter.place(name for name, _ in adapters or ()):
-                result = await self._within_deadline(backend.generate(messages, params, adapters, on_text))
+                if choices == 1:
+                    results: tuple[GenerationResult, ...] = (
+                        await self._within_deadline(backend.generate(messages, params, adapters, on_text)),)
+                else:
+                    several = [backend.generate(messages, replace(params, seed=_nth_seed(params.seed, number)),
+                                                adapters) for number in range(choices)]
+                    results = tuple(await self._within_deadline(asyncio.gather(*several)))
         except AppError as error:
             event.update(status=error.code, latency_ms=round((time.perf_counter() - started) * 1000, 1))
             logger.info(json.dumps(event, ensure_ascii=False))
             raise
         event.update(
             status="ok",
-            model_used=result.model_used,
-            adapters=result.adapters,
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
+            model_used=results[0].model_used,
+            adapters=results[0].adapters,
+            prompt_tokens=results[0].prompt_tokens,
+            completion_tokens=sum(result.completion_tokens for result in results),
             latency_ms=round((time.perf_counter() - started) * 1000, 1),
         )
         logger.info(json.dumps(event, ensure_ascii=False))
         if self._observer is not None:
-            self._observer.generated(result)
-        return result
+            for result in results:
+                self._observer.generated(result)
+        return results
 
     def queue_state(self) -> QueueState:
         return self._limiter.state()
 
-    async def _within_deadline(self, generation: Awaitable[GenerationResult]) -> GenerationResult:
+    async def _within_deadline(self, generation: Awaitable[T]) -> T:
         """REQUEST_TIMEOUT_SECONDS bounds a generation; cancelling it frees its row in the engine."""
         try:
             return await asyncio.wait_for(generation, timeout=self._settings.request_timeout_seconds)
