@@ -151,7 +151,7 @@ def test_a_schema_that_cannot_compile_is_refused_before_anything_is_generated(
 @pytest.fixture(scope="module")
 def url(tmp_path_factory: pytest.TempPathFactory, corpus_store: Path) -> Iterator[str]:
     settings = make_settings(tmp_path_factory.mktemp("structured-server"), vector_store_path=corpus_store,
-                             max_new_tokens=48, temperature=0.0)
+                             max_new_tokens=96, temperature=0.0)
     with running_server(create_app(settings)) as base_url:
         yield base_url
 
@@ -230,3 +230,20 @@ def test_ask_with_a_response_format_answers_json_from_the_documents(url: str) ->
     refused = httpx.post(f"{url}/ask", json={**body, "response_format": {"type": "json_schema", "json_schema": {
         "name": "reply", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nope"}}}}}}, timeout=TIMEOUT_S)
     assert refused.status_code == 400 and refused.json()["error"] == "invalid_response_format"
+
+
+def test_ask_with_citations_quotes_the_passages_it_names_word_for_word(url: str) -> None:
+    body = {"query": "How many kilograms does a blue basket hold?", "citations": True}
+    reply = httpx.post(f"{url}/ask", json=body, timeout=TIMEOUT_S)
+    assert reply.status_code == 200, reply.text
+    answer = reply.json()
+    sources = [source["content"] for source in answer["source_documents"]]
+    assert answer["answer"] and not answer["answer"].startswith("{")  # the answer, out of its JSON
+    for citation in answer["citations"]:
+        assert citation["quote"] in sources[citation["source_index"] - 1]
+    streamed = httpx.post(f"{url}/ask", json={**body, "stream": True}, timeout=TIMEOUT_S).text
+    done = json.loads(streamed.split("event: done\ndata: ")[1].split("\n")[0])
+    assert done["answer"] == answer["answer"] and done["citations"] == answer["citations"]
+    assert "citations" not in httpx.post(f"{url}/ask", json={"query": body["query"]}, timeout=TIMEOUT_S).json()
+    both = httpx.post(f"{url}/ask", json={**body, "response_format": {"type": "json_object"}}, timeout=TIMEOUT_S)
+    assert both.status_code == 400 and "citations" in both.json()["message"]

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from app.api.deps import get_rag_service
 from app.api.disconnect import Watch
-from app.api.schemas import AskRequest, AskResponse, SourceDocument, Usage, error_responses
+from app.api.schemas import AskRequest, AskResponse, CitationOut, SourceDocument, Usage, error_responses
 from app.api.streaming import PieceStream, start_streaming
 from app.errors import AppError
 from app.rag.service import AskResult, RAGService
@@ -37,7 +37,8 @@ async def ask(
     (null or `"__base__"`: the base model alone). `model_used` says what answered: `lora`, `base`, `ollama` or `remote`.
     `collection` names the document set to answer from (default `default`; unknown: 404 listing the known ones).
     `response_format` (OpenAI's shape) makes the answer JSON: any object, or valid for a JSON Schema; a schema that
-    cannot be used is a 400 naming the problem, before anything is generated.
+    cannot be used is a 400 naming the problem, before anything is generated. `citations: true` returns the
+    passages' sentences the answer used (`citations`: source_index, quote), each quoted word for word.
     With `stream: true` the answer arrives as Server-Sent Events: `delta` events with pieces of text,
     then one `done` event carrying the full response (or an `error` event).
     """
@@ -46,10 +47,9 @@ async def ask(
     constraint = request.constraint()
     if not request.stream:
         return _response(await watch.run(service.ask(request.query, backend, spec, None, request.collection,
-                                                     constraint)))
-    stream = await start_streaming(
-        watch, lambda on_text: service.ask(request.query, backend, spec, on_text, request.collection, constraint)
-    )
+                                                     constraint, request.citations)))
+    stream = await start_streaming(watch, lambda on_text: service.ask(
+        request.query, backend, spec, on_text, request.collection, constraint, request.citations))
     return StreamingResponse(_events(stream), media_type="text/event-stream")
 
 
@@ -76,4 +76,6 @@ def _response(result: AskResult) -> AskResponse:
         usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
         finish_reason=result.finish_reason,
         notice=result.notice,
+        citations=None if result.citations is None else [
+            CitationOut(source_index=citation.source_index, quote=citation.quote) for citation in result.citations],
     )

@@ -234,7 +234,14 @@ class AskRequest(AdapterFields, BackendChoice, OwnRequestModel):
         '{"name": ..., "schema": {...}}}, as OpenAI\'s API takes it; absent: free text'
     )
 
+    citations: StrictBool = Field(
+        False, description="true: the answer comes with the passages' sentences it used (`citations`), each quoted "
+        "word for word from the passage it names"
+    )
+
     def constraint(self) -> OutputConstraint | None:
+        if self.citations and self.response_format is not None:
+            raise BadRequestError("citations and response_format cannot be combined: a cited answer is JSON of its own")
         return self.response_format.constraint() if self.response_format else None
 
 
@@ -259,6 +266,11 @@ class Usage(BaseModel):
     completion_tokens: int
 
 
+class CitationOut(BaseModel):
+    source_index: int = Field(..., description="the cited passage's place in source_documents, from 1")
+    quote: str = Field(..., description="one of that passage's sentences, word for word")
+
+
 class AskResponse(BaseModel):
     answer: str
     source_documents: list[SourceDocument]
@@ -272,6 +284,11 @@ class AskResponse(BaseModel):
     )
     notice: str | None = Field(None, description="set when the answer is blank or was stopped for repeating itself, "
                                "saying so; null otherwise")
+    citations: list[CitationOut] | None = Field(
+        default=None, exclude_if=lambda value: value is None,
+        description="with citations: true, the passages' sentences the answer used: source_index (from 1) is the "
+        "passage's place in source_documents, quote one of its sentences word for word",
+    )
 
 
 class SwitchModelRequest(BackendChoice, OwnRequestModel):

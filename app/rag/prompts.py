@@ -29,11 +29,10 @@ def context_block(hits: list[SearchHit]) -> str:
     return f"Context:\n{passages}"
 
 
-def build_messages(question: str, hits: list[SearchHit]) -> list[ChatMessage]:
-    return [
-        {"role": "system", "content": f"{SYSTEM_PROMPT}\n\n{context_block(hits)}"},
-        {"role": "user", "content": question},
-    ]
+def build_messages(question: str, hits: list[SearchHit], instruction: str = "") -> list[ChatMessage]:
+    """The system prompt with the passages (and `instruction`, said after them), then the question."""
+    system = f"{SYSTEM_PROMPT}\n\n{context_block(hits)}" + (f"\n\n{instruction}" if instruction else "")
+    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
 
 
 def with_context(messages: list[ChatMessage], hits: list[SearchHit]) -> list[ChatMessage]:

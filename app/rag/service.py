@@ -40,6 +40,7 @@ from app.llm.base import (
 )
 from app.llm.manager import LORA, ModelManager
 from app.llm.model_source import default_cache_dir
+from app.rag.citations import CITATIONS_INSTRUCTION, Citation, citation_constraint, read_cited
 from app.rag.collections import DEFAULT_COLLECTION, Collections
 from app.rag.embeddings import Embedder
 from app.rag.prompts import build_messages, fit_to_budget, with_context
@@ -61,6 +62,7 @@ class AskResult:
     adapters: str
     finish_reason: FinishReason
     notice: str | None
+    citations: tuple[Citation, ...] | None = None  # asked for: the passages' sentences the answer quotes
 
 
 @dataclass(frozen=True)
@@ -189,17 +191,23 @@ class RAGService:
         on_text: TextCallback | None = None,
         collection: str = DEFAULT_COLLECTION,
         constraint: OutputConstraint | None = None,
+        citations: bool = False,
     ) -> AskResult:
-        """Answer `query` from `collection`'s passages; with `constraint`, the answer is JSON (for a schema)."""
+        """Answer `query` from `collection`'s passages; with `constraint`, the answer is JSON (for a schema); with
+        `citations`, it cites the passages' sentences it used (`app/rag/citations.py`; streamed whole at its end)."""
         started = time.perf_counter()
         query = self._checked_query(query)
         with self._timed_rag_question(started):
             hits = await self._within_budget(await self._retrieve(query, collection), backend, adapters is not None)
-            messages = build_messages(query, hits)
-            params = replace(self.default_params(), constraint=constraint)
-            (result,) = await self.generate(messages, params, backend, adapters, on_text)
+            messages = build_messages(query, hits, CITATIONS_INSTRUCTION if citations else "")
+            params = replace(self.default_params(), constraint=citation_constraint(hits) if citations else constraint)
+            (result,) = await self.generate(messages, params, backend, adapters, None if citations else on_text)
+        answer, cited = read_cited(result.text) if citations else (result.text, ())
+        if citations and on_text is not None and answer:
+            on_text(answer)
         return AskResult(
-            answer=result.text,
+            citations=cited if citations else None,
+            answer=answer,
             sources=hits,
             model_used=result.model_used,
             processing_time=time.perf_counter() - started,
