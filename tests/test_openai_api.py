@@ -230,7 +230,8 @@ def test_what_cannot_be_honoured_is_refused_with_400(client: OpenAI, extra: dict
     [
         ({"temperature": 2.5}, "temperature"),
         ({"top_p": 0}, "top_p"),
-        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": [f"s{number}" for number in range(17)]}, "stop"),
+        ({"stop": ["x" * 257]}, "stop"),
         ({"stop": ""}, "stop"),
         ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"frequency_penalty": -3}, "frequency_penalty"),

@@ -14,11 +14,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from app.api.schemas import RequestModel, Seed, ToolParam, json_constraint, offered_tools
+from app.api.schemas import (
+    MAX_STOP_CHARS,
+    MAX_STOP_SEQUENCES,
+    RequestModel,
+    Seed,
+    ToolParam,
+    json_constraint,
+    offered_tools,
+)
 from app.errors import BadRequestError
 from app.llm.base import (
     ChatMessage,
@@ -43,7 +51,9 @@ class OllamaOptions(RequestModel):
     )
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False, description="0: greedy")
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    stop: list[StrictStr] | None = Field(None, max_length=4, description="up to 4 stop strings")
+    stop: list[Annotated[StrictStr, Field(max_length=MAX_STOP_CHARS)]] | None = Field(
+        None, max_length=MAX_STOP_SEQUENCES, description=f"up to {MAX_STOP_SEQUENCES} stop strings"
+    )
     seed: Seed | None = Field(
         None, description="a 64-bit integer: the same seed and options give the same answer again"
     )

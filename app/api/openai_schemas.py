@@ -27,6 +27,8 @@ from pydantic import (
 )
 
 from app.api.schemas import (
+    MAX_STOP_CHARS,
+    MAX_STOP_SEQUENCES,
     MAX_TOOLS,
     AdapterFields,
     RequestModel,
@@ -50,7 +52,6 @@ from app.llm.base import (
 from app.rag.collections import DEFAULT_COLLECTION
 from app.rag.service import is_blank
 
-MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 MAX_CHOICES = 8  # `n`: rows of one request in one batch
 _ROLES: dict[str, Literal["system", "user", "assistant", "tool"]] = {
@@ -271,6 +272,8 @@ class ChatCompletionRequest(AdapterFields):
         stops = [stop] if isinstance(stop, str) else stop or []
         if len(stops) > MAX_STOP_SEQUENCES:
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop strings")
+        if any(len(text) > MAX_STOP_CHARS for text in stops):
+            raise ValueError(f"stop strings of at most {MAX_STOP_CHARS} characters")
         if any(not text for text in stops):
             raise ValueError("stop strings must not be empty")
         return stop

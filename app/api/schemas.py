@@ -27,6 +27,9 @@ BASE_ADAPTER = "__base__"
 MAX_SCHEMA_CHARS = 65_536
 #: OpenAI's limit on the tools of one request.
 MAX_TOOLS = 128
+#: Stop strings of one request (OpenAI takes 4, vLLM any number), and the longest one: each is looked for at every
+#: generated token.
+MAX_STOP_SEQUENCES, MAX_STOP_CHARS = 16, 256
 #: A sampling seed as every protocol here takes it: a 64-bit integer (a larger one is a 422/400 naming the field).
 Seed = Annotated[StrictInt, Field(ge=SEED_MIN, le=SEED_MAX)]
 
