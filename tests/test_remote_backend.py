@@ -108,7 +108,7 @@ def test_a_front_end_on_the_remote_engine_answers_with_its_adapters_switches_and
 
 
 @pytest.mark.slow
-def test_response_formats_and_tools_are_passed_to_the_remote_engine_which_holds_its_reply_to_them(
+def test_response_formats_tools_and_logprobs_are_passed_to_the_remote_engine(
     tmp_path: Path, corpus_store: Path
 ) -> None:
     schema = {"type": "object", "properties": {"cost": {"type": "string", "maxLength": 12}}, "required": ["cost"],
@@ -124,6 +124,9 @@ def test_response_formats_and_tools_are_passed_to_the_remote_engine_which_holds_
         called = httpx.post(f"{front}/v1/chat/completions", timeout=180, json={
             "model": "default", "messages": [{"role": "user", "content": "Is it cheap?"}], "tools": [tool],
             "tool_choice": {"type": "function", "function": {"name": "repair_cost"}}, "stream": True})
+        scored = httpx.post(f"{front}/v1/chat/completions", timeout=180, json={
+            "model": "default", "messages": [{"role": "user", "content": "Is it cheap?"}], "max_tokens": 6,
+            "logprobs": True, "top_logprobs": 2})
     assert asked.status_code == 200, asked.text
     assert set(json.loads(asked.json()["answer"])) == {"cost"} and asked.json()["model_used"] == "remote"
     assert chat.status_code == 200, chat.text
@@ -133,6 +136,9 @@ def test_response_formats_and_tools_are_passed_to_the_remote_engine_which_holds_
     assert calls[0]["function"]["name"] == "repair_cost" and calls[0]["id"]  # the engine's own call id
     assert set(json.loads("".join(call["function"]["arguments"] for call in calls))) == {"cost"}
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    scores = scored.json()["choices"][0]["logprobs"]["content"]  # the engine's, read and passed on
+    assert len(scores) == scored.json()["usage"]["completion_tokens"]
+    assert all(entry["logprob"] <= 0 and len(entry["top_logprobs"]) == 2 and entry["bytes"] for entry in scores)
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import httpx
@@ -32,7 +33,6 @@ from app.errors import (
     AppError,
     BackendTimeoutError,
     BackendUnavailableError,
-    BadRequestError,
     NotFoundError,
     NotSupportedError,
     UpstreamError,
@@ -48,6 +48,8 @@ from app.llm.base import (
     GenerationParams,
     GenerationResult,
     TextCallback,
+    TokenChoice,
+    TokenLogprob,
     ToolCall,
     ToolUse,
     openai_response_format,
@@ -84,10 +86,34 @@ class _Message(BaseModel):
     tool_calls: list[_ToolCall] | None = None
 
 
+class _TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+    def choice(self) -> TokenChoice:
+        exact = bytes(self.bytes) if self.bytes is not None else self.token.encode()
+        return TokenChoice(self.token, exact, self.logprob)
+
+
+class _TokenLogprob(_TopLogprob):
+    top_logprobs: list[_TopLogprob] = []
+
+
+class _Logprobs(BaseModel):
+    content: list[_TokenLogprob] | None = None
+
+
 class _Choice(BaseModel):
     message: _Message | None = None  # a reply's
     delta: _Message | None = None  # a streamed chunk's
     finish_reason: str | None = None
+    logprobs: _Logprobs | None = None
+
+    def token_logprobs(self) -> tuple[TokenLogprob, ...]:
+        entries = self.logprobs.content if self.logprobs is not None and self.logprobs.content else []
+        return tuple(TokenLogprob(entry.choice(), tuple(top.choice() for top in entry.top_logprobs))
+                     for entry in entries)
 
 
 class _Usage(BaseModel):
@@ -153,9 +179,6 @@ class RemoteBackend(GenerationBackend):
         adapters: AdapterSpec | None = None,
         on_text: TextCallback | None = None,
     ) -> GenerationResult:
-        if params.logprobs is not None:
-            raise BadRequestError("logprobs are not read from the remote backend yet: ask the engine's own /v1, or "
-                                  "the local model (backend lora)")
         model, adapter = await self._model_for(adapters)
         body: dict[str, Any] = {
             "model": model,
@@ -183,8 +206,11 @@ class RemoteBackend(GenerationBackend):
             body["response_format"] = openai_response_format(params.constraint)
         if params.tools is not None:
             body.update(_openai_tools(params.tools))
+        if params.logprobs is not None:
+            body.update(logprobs=True, top_logprobs=params.logprobs)
         limit = _reply_limit(params.max_new_tokens)
-        if on_text is None or params.tools is not None:  # a reply with calls is taken whole, as on the local model
+        # A reply with calls or log-probabilities is taken whole (then streamed), as on the local model.
+        if on_text is None or params.tools is not None or params.logprobs is not None:
             reply = self._parsed(_Completion, await self._request("POST", "chat/completions", json_body=body,
                                                                    max_bytes=limit))
             choice = reply.choices[0] if reply.choices else _Choice()
@@ -193,7 +219,8 @@ class RemoteBackend(GenerationBackend):
                           for call in message.tool_calls or [])
             if on_text is not None and message.content:
                 on_text(message.content)
-            return self._result(message.content or "", choice.finish_reason, reply.usage, adapter, calls)
+            result = self._result(message.content or "", choice.finish_reason, reply.usage, adapter, calls)
+            return replace(result, logprobs=choice.token_logprobs()) if params.logprobs is not None else result
         body.update(stream=True, stream_options={"include_usage": True})
         pieces: list[str] = []
         finish: str | None = None
