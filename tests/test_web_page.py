@@ -80,7 +80,7 @@ def service_url(
     settings = make_settings(
         home, vector_store_path=store, ollama_base_url=ollama.base_url,
         lora_model_path=REPO_ROOT / "lora_adapters", api_keys=USER_KEY, admin_api_keys=ADMIN_KEY,
-        max_new_tokens=32,
+        max_new_tokens=64,  # room for a cited answer: a quoted sentence, then the answer
     )
     with running_server(create_app(settings)) as url:
         yield url
@@ -344,6 +344,28 @@ def test_switching_adapter_and_mixing_changes_what_answers(browser: Any, service
     answered["mix"] = (meta.get_attribute("data-model-used"), meta.get_attribute("data-adapters"))
     assert answered == {"__base__": ("base", ""), "default": ("lora", "default"), "mix": ("lora", "default*0.5")}
     assert "with default*0.5" in meta.text
+    assert not _script_errors(browser)
+
+
+def test_ticking_citations_marks_the_quoted_sentences_in_their_passages(browser: Any, service_url: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    _open(browser, service_url, USER_KEY)
+    browser.find_element(By.ID, "citations").click()
+    _ask(browser, QUESTION)
+    marked = _js(browser, """return [...document.querySelectorAll('#sources .source-passage')].map(p => ({
+        passage: p.textContent, marks: [...p.querySelectorAll('mark.citation')].map(m => m.textContent)}));""")
+    quotes = [(source["passage"], mark) for source in marked for mark in source["marks"]]
+    assert quotes, f"no citation was marked: {marked}"
+    assert all(mark and mark in passage for passage, mark in quotes)  # a sentence of the passage it is shown in
+    answer = _text(browser, "answer")
+    assert not answer.lstrip().startswith("{")  # the answer, never its JSON
+    # 64 tokens may all go to the quotes: a blank answer then says so.
+    assert answer.strip() or browser.find_element(By.ID, "answer-notice").is_displayed()
+    _screenshot(browser, "03b-citations")
+    browser.find_element(By.ID, "citations").click()  # off again: no marks
+    _ask(browser, QUESTION)
+    assert _js(browser, "return document.querySelectorAll('#sources mark.citation').length") == 0
     assert not _script_errors(browser)
 
 

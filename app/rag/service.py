@@ -202,7 +202,7 @@ class RAGService:
             messages = build_messages(query, hits, CITATIONS_INSTRUCTION if citations else "")
             params = replace(self.default_params(), constraint=citation_constraint(hits) if citations else constraint)
             (result,) = await self.generate(messages, params, backend, adapters, None if citations else on_text)
-        answer, cited = read_cited(result.text) if citations else (result.text, ())
+        answer, cited = read_cited(result.text, hits) if citations else (result.text, ())
         if citations and on_text is not None and answer:
             on_text(answer)
         return AskResult(
@@ -215,7 +215,7 @@ class RAGService:
             completion_tokens=result.completion_tokens,
             adapters=result.adapters,
             finish_reason=result.finish_reason,
-            notice=result.notice,
+            notice=replace(result, text=answer).notice,  # a cited answer's text is its `answer`, not the JSON
         )
 
     async def chat(

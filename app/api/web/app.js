@@ -35,6 +35,8 @@
       "ask.adapter": "Adapter",
       "ask.collection": "Collection",
       "ask.submit": "Ask",
+      "ask.citations": "Cite the passages used",
+      "sources.cited": "cited in the answer",
       "ask.stop": "Stop",
       "ask.waiting": "Searching the documents…",
       "ask.generating": "Writing the answer…",
@@ -125,6 +127,8 @@
       "ask.adapter": "适配器",
       "ask.collection": "文档集",
       "ask.submit": "提问",
+      "ask.citations": "引用所用的片段",
+      "sources.cited": "回答引用了此处",
       "ask.stop": "停止",
       "ask.waiting": "正在检索文档…",
       "ask.generating": "正在生成回答…",
@@ -607,6 +611,7 @@
       } else if (adapter) body.adapter = adapter;
     }
     if (state.collections) body.collection = $("collection").value;
+    if ($("citations").checked) body.citations = true;
     return body;
   }
 
@@ -722,7 +727,8 @@
     const notice = $("answer-notice");
     notice.hidden = !data.notice;
     notice.textContent = data.notice ? String(data.notice) : "";
-    renderSources(Array.isArray(data.source_documents) ? data.source_documents : []);
+    renderSources(Array.isArray(data.source_documents) ? data.source_documents : [],
+                  Array.isArray(data.citations) ? data.citations : []);
   }
 
   function renderMeta(data) {
@@ -738,11 +744,11 @@
     meta.dataset.adapters = String(data.adapters || "");
   }
 
-  function renderSources(sources) {
+  function renderSources(sources, citations = []) {
     const list = $("sources");
     list.replaceChildren();
     $("sources-empty").hidden = sources.length > 0;
-    for (const source of sources) {
+    for (const [position, source] of sources.entries()) {
       const metadata = source.metadata || {};
       const item = document.createElement("li");
       item.className = "source";
@@ -766,10 +772,33 @@
       }
       const passage = document.createElement("blockquote");
       passage.className = "source-passage";
-      passage.textContent = String(source.content || "");
+      const quotes = citations.filter((c) => c.source_index === position + 1).map((c) => String(c.quote || ""));
+      appendMarked(passage, String(source.content || ""), quotes);
       item.append(head, passage);
       list.append(item);
     }
+  }
+
+  // `text` into `parent`, each of `quotes` (verbatim sentences of it) in a <mark>: text nodes only, never HTML.
+  function appendMarked(parent, text, quotes) {
+    let rest = text;
+    for (;;) {
+      let first = -1;
+      let quote = "";
+      for (const candidate of quotes) {
+        const at = candidate ? rest.indexOf(candidate) : -1;
+        if (at >= 0 && (first < 0 || at < first)) [first, quote] = [at, candidate];
+      }
+      if (first < 0) break;
+      parent.append(document.createTextNode(rest.slice(0, first)));
+      const mark = document.createElement("mark");
+      mark.className = "citation";
+      mark.title = t("sources.cited");
+      mark.textContent = quote;
+      parent.append(mark);
+      rest = rest.slice(first + quote.length);
+    }
+    parent.append(document.createTextNode(rest));
   }
 
   // ---- documents -----------------------------------------------------------------------------------------
