@@ -180,6 +180,7 @@ def test_langchain_with_structured_output_by_function_calling_returns_the_object
 
 
 @pytest.mark.slow
+@pytest.mark.numerics  # a fine-tuned adapter's own choice: checked on AVX2 too
 def test_an_adapter_trained_on_the_format_calls_the_tool_when_free_to_choose(client: OpenAI) -> None:
     completion = client.chat.completions.create(model="weather", messages=QUESTION,  # type: ignore[arg-type]
                                                 tools=[WEATHER])  # tool_choice auto: the model decides
@@ -191,6 +192,7 @@ def test_an_adapter_trained_on_the_format_calls_the_tool_when_free_to_choose(cli
 
 
 @pytest.mark.slow
+@pytest.mark.numerics  # a fine-tuned adapter's own choice: checked on AVX2 too
 def test_ollama_tools_give_tool_calls_streamed_or_not_and_results_go_back(url: str) -> None:
     client = ollama.Client(host=url, timeout=TIMEOUT_S)
     reply = client.chat(model="weather", messages=QUESTION, tools=[WEATHER])
@@ -207,6 +209,7 @@ def test_ollama_tools_give_tool_calls_streamed_or_not_and_results_go_back(url: s
 
 
 @pytest.mark.slow
+@pytest.mark.numerics  # a fine-tuned adapter's own choice: checked on AVX2 too
 def test_langchain_chat_ollama_bind_tools_returns_tool_calls(url: str) -> None:
     chat = ChatOllama(base_url=url, model="weather", temperature=0)
     reply = chat.bind_tools([WEATHER]).invoke(QUESTION[0]["content"])
