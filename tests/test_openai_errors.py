@@ -59,7 +59,7 @@ def test_errors_raise_the_clients_typed_errors(url: str) -> None:
 
     for stream in (False, True):  # refused before a stream begins: the same JSON error either way
         with pytest.raises(openai.BadRequestError) as unsupported:
-            _create(client, model=BASE, messages=QUESTION, n=2, stream=stream)
+            _create(client, model=BASE, messages=QUESTION, logit_bias={"1": 5}, stream=stream)
         _assert_envelope(unsupported.value, "unsupported_parameter", "invalid_request_error")
 
     # A schema violation is OpenAI's 400 invalid_request_error (never 422 on /v1), naming the field in `param`.
