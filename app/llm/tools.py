@@ -57,20 +57,20 @@ def conversation(messages: Sequence[ChatMessage], tools: ToolUse | None, native:
     if native:
         return [_native(message) for message in messages]
     shown: list[dict[str, Any]] = []
+    previous = ""  # the role of the message before this one
     for message in messages:
         if message["role"] == "tool":
             result = f"<tool_response>\n{message['content']}\n</tool_response>"
-            if shown and shown[-1].get("tool_results"):  # results of one round of calls go in one user turn
+            if previous == "tool":  # results of one round of calls go in one user turn
                 shown[-1]["content"] += "\n" + result
             else:
-                shown.append({"role": "user", "content": result, "tool_results": True})
+                shown.append({"role": "user", "content": result})
         elif message.get("tool_calls"):
             calls = "\n".join(_call_text(call) for call in message.get("tool_calls", ()))
             shown.append({"role": "assistant", "content": "\n".join(filter(None, [message["content"], calls]))})
         else:
             shown.append({"role": message["role"], "content": message["content"]})
-    for turn in shown:
-        turn.pop("tool_results", None)
+        previous = message["role"]
     if tools is not None and tools.tools:
         listed = _TOOLS_PREAMBLE + "\n".join(json.dumps(openai_tool(t), ensure_ascii=False) for t in tools.tools)
         if shown and shown[0]["role"] == "system":
