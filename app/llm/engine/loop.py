@@ -582,12 +582,13 @@ class GenerationEngine:
         (its constraint, its sampling, its streaming callback) fails alone."""
         logits = logits.float()
         broken = (~torch.isfinite(logits).all(dim=-1)).tolist()
-        failed: dict[int, Exception] = {}
+        shaping_failed: dict[int, AppError] = {}
         for index, row in enumerate(rows):
             try:
                 row.steps.shape(logits[index], row.job.tokens)
             except Exception as error:
-                failed[index] = error
+                _log_unexpected(error, f"row {index} of {len(rows)}")
+                shaping_failed[index] = _as_app_error(error)
         chosen = logits.argmax(dim=-1).tolist()  # greedy rows' tokens, in one pass over the batch
         for index, row in enumerate(rows):
             job = row.job
@@ -598,9 +599,10 @@ class GenerationEngine:
                 )
                 logger.error("row %d of %d: non-finite logits; that row fails alone", index, len(rows))
                 continue
+            if index in shaping_failed:
+                job.error = shaping_failed[index]
+                continue
             try:
-                if index in failed:
-                    raise failed[index]
                 self._take_token(row, logits[index], chosen[index])
             except Exception as error:
                 _log_unexpected(error, f"row {index} of {len(rows)}")
